@@ -1,0 +1,58 @@
+"""Gradient clipping over a model whose parameters are spread across the model-parallel group."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from .initialize import get_model_parallel_group, group_rank, group_world_size
+
+
+def clip_grad_norm(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2,
+    group: dist.ProcessGroup | None = None,
+) -> float:
+    """Scale gradients in place so that the norm of the whole model's gradient is at most ``max_norm``.
+
+    The norm is that of the full (unpartitioned) model: partitioned parameters (tagged
+    ``model_parallel=True`` by their layer) contribute from every rank, replicated ones only from
+    the group's first rank, so each element counts once. ``norm_type`` may be ``inf``. Returns the
+    total norm before clipping, the same on every rank of the group.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    params = [p for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    world_size = group_world_size(group)
+    first_rank = group_rank(group) == 0
+    grads = [p.grad.detach() for p in params]
+    owned = [p.grad.detach() for p in params if getattr(p, "model_parallel", False) or first_rank]
+    device = grads[0].device if grads else torch.device("cpu")
+    pg = get_model_parallel_group() if group is None else group
+
+    if norm_type == math.inf:
+        local = torch.stack([g.abs().max().float() for g in grads]).max() if grads else torch.zeros(())
+        total = local.to(device=device, dtype=torch.float32)
+        if world_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pg)
+        total_norm = total.item()
+    else:
+        if owned:
+            norms = torch._foreach_norm([g.float() for g in owned], norm_type)
+            local = torch.stack(norms).pow(norm_type).sum()
+        else:
+            local = torch.zeros((), device=device)
+        total = local.to(device=device, dtype=torch.float32)
+        if world_size > 1:
+            dist.all_reduce(total, group=pg)
+        total_norm = total.item() ** (1.0 / norm_type)
+
+    clip_coef = max_norm / (total_norm + 1e-6)
+    if clip_coef < 1 and grads:
+        torch._foreach_mul_(grads, clip_coef)
+    return total_norm

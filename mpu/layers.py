@@ -1,0 +1,212 @@
+"""Model-parallel linear and embedding layers.
+
+Every layer builds its full ("master") weight from the default torch generator, then keeps its
+own slice, so that under the same seed the gathered weight is the same for every model-parallel
+size. Each layer tags its own parameters:
+
+* ``model_parallel`` -- ``True`` when the tensor is partitioned over the model-parallel group,
+  ``False`` when every model-parallel rank holds the same copy;
+* ``partition_dim`` / ``partition_stride`` -- how a partitioned tensor was cut, so checkpoint
+  tools can reassemble it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import init
+
+from .initialize import get_model_parallel_rank, get_model_parallel_world_size
+from .mappings import (
+    copy_to_model_parallel_region,
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+    scatter_to_model_parallel_region,
+)
+from .utils import VocabUtility, divide
+
+InitMethod = Callable[[torch.Tensor], object]
+
+
+def set_model_parallel_attributes(
+    param: torch.Tensor, is_parallel: bool, partition_dim: int = -1, stride: int = 1
+) -> None:
+    """Tag ``param`` with how it is laid out over the model-parallel group."""
+    param.model_parallel = is_parallel
+    param.partition_dim = partition_dim
+    param.partition_stride = stride
+
+
+def _initialize_affine_weight(
+    weight: torch.Tensor,
+    full_shape: tuple[int, int],
+    partition_dim: int,
+    init_method: InitMethod,
+    stride: int = 1,
+) -> torch.Tensor:
+    """Initialise this rank's slice of a weight from a full weight drawn identically everywhere.
+
+    With ``stride`` > 1 the partition dimension is cut into ``stride * world_size`` blocks and rank
+    ``r`` keeps blocks ``r, r + world_size, ...``: a fused projection such as ``[Q; K; V]`` then
+    gives every rank its own heads of each of Q, K and V. Returns the full weight.
+    """
+    world_size = get_model_parallel_world_size()
+    rank = get_model_parallel_rank()
+    master_weight = torch.empty(full_shape, dtype=torch.float32)
+    init_method(master_weight)
+    per_partition = weight.size(partition_dim)
+    block = divide(per_partition, stride)
+    blocks = torch.split(master_weight, block, dim=partition_dim)
+    with torch.no_grad():
+        weight.copy_(torch.cat(blocks[rank::world_size], dim=partition_dim))
+    return master_weight
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the vocabulary) are split over the model-parallel group.
+
+    Rank ``r`` owns ids ``[r * V/p, (r + 1) * V/p)``; other ids look up zeros there, and the
+    partial results are summed over the group: ``Y = sum_r E_r[ids]``.
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, init_method: InitMethod = init.xavier_normal_
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        world_size = get_model_parallel_world_size()
+        self.vocab_start_index, self.vocab_end_index = VocabUtility.vocab_range_from_global_vocab_size(
+            num_embeddings, get_model_parallel_rank(), world_size
+        )
+        self.num_embeddings_per_partition = self.vocab_end_index - self.vocab_start_index
+        self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_partition, embedding_dim))
+        set_model_parallel_attributes(self.weight, True, partition_dim=0)
+        _initialize_affine_weight(self.weight, (num_embeddings, embedding_dim), 0, init_method)
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if get_model_parallel_world_size() == 1:
+            return F.embedding(input_, self.weight)
+        out_of_range = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+        local_ids = (input_ - self.vocab_start_index).masked_fill(out_of_range, 0)
+        output_parallel = F.embedding(local_ids, self.weight)
+        output_parallel = output_parallel.masked_fill(out_of_range.unsqueeze(-1), 0.0)
+        return reduce_from_model_parallel_region(output_parallel)
+
+
+class ParallelEmbedding(nn.Module):
+    """Embedding whose columns (the embedding dimension) are split over the model-parallel group.
+
+    ``Y = [E_1[ids], ..., E_p[ids]]``, gathered along the last dimension.
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, init_method: InitMethod = init.xavier_normal_
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.embedding_dim_per_partition = divide(embedding_dim, get_model_parallel_world_size())
+        self.weight = nn.Parameter(torch.empty(num_embeddings, self.embedding_dim_per_partition))
+        set_model_parallel_attributes(self.weight, True, partition_dim=1)
+        _initialize_affine_weight(self.weight, (num_embeddings, embedding_dim), 1, init_method)
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        output_parallel = F.embedding(input_, self.weight)
+        return gather_from_model_parallel_region(output_parallel)
+
+
+class ColumnParallelLinear(nn.Module):
+    """``Y = XA + b`` with ``A`` split by columns: ``A = [A_1, ..., A_p]``, ``Y_i = X A_i + b_i``.
+
+    The input is replicated on every rank. With ``gather_output`` the ``Y_i`` are gathered into
+    ``Y``; without it each rank keeps ``Y_i``, ready for a ``RowParallelLinear`` with
+    ``input_is_parallel=True``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        gather_output: bool = True,
+        init_method: InitMethod = init.xavier_normal_,
+        stride: int = 1,
+        keep_master_weight_for_test: bool = False,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.gather_output = gather_output
+        self.output_size_per_partition = divide(output_size, get_model_parallel_world_size())
+        # torch's linear stores the transpose: (out, in), so columns of A are rows here.
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size))
+        set_model_parallel_attributes(self.weight, True, partition_dim=0, stride=stride)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition))
+            set_model_parallel_attributes(self.bias, True, partition_dim=0, stride=stride)
+        else:
+            self.register_parameter("bias", None)
+        master = _initialize_affine_weight(
+            self.weight, (output_size, input_size), 0, init_method, stride
+        )
+        self.master_weight = master if keep_master_weight_for_test else None
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        input_parallel = copy_to_model_parallel_region(input_)
+        output_parallel = F.linear(input_parallel, self.weight, self.bias)
+        if self.gather_output:
+            return gather_from_model_parallel_region(output_parallel)
+        return output_parallel
+
+
+class RowParallelLinear(nn.Module):
+    """``Y = XA + b`` with ``A`` split by rows and ``X`` by columns::
+
+        A = [A_1; ...; A_p],  X = [X_1, ..., X_p],  Y = sum_i X_i A_i + b
+
+    With ``input_is_parallel`` the input is already this rank's ``X_i`` (the output of a
+    ``ColumnParallelLinear`` without gather); otherwise it is scattered here. The bias is
+    replicated and added once, after the sum.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        input_is_parallel: bool = False,
+        init_method: InitMethod = init.xavier_normal_,
+        stride: int = 1,
+        keep_master_weight_for_test: bool = False,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.input_is_parallel = input_is_parallel
+        self.input_size_per_partition = divide(input_size, get_model_parallel_world_size())
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition))
+        set_model_parallel_attributes(self.weight, True, partition_dim=1, stride=stride)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(output_size))
+            set_model_parallel_attributes(self.bias, False)
+        else:
+            self.register_parameter("bias", None)
+        master = _initialize_affine_weight(
+            self.weight, (output_size, input_size), 1, init_method, stride
+        )
+        self.master_weight = master if keep_master_weight_for_test else None
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.input_is_parallel:
+            input_parallel = input_
+        else:
+            input_parallel = scatter_to_model_parallel_region(input_)
+        output_parallel = F.linear(input_parallel, self.weight)
+        output = reduce_from_model_parallel_region(output_parallel)
+        if self.bias is not None:
+            output = output + self.bias
+        return output
