@@ -39,7 +39,14 @@ from .random import (
     model_parallel_cuda_manual_seed,
     model_parallel_manual_seed,
 )
-from .utils import VocabUtility, divide, ensure_divisibility, split_tensor_along_last_dim
+from .utils import (
+    VocabUtility,
+    divide,
+    ensure_divisibility,
+    merge_partitions,
+    partition_tensor,
+    split_tensor_along_last_dim,
+)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -56,6 +63,8 @@ __all__ = [
     "divide",
     "ensure_divisibility",
     "gather_from_model_parallel_region",
+    "merge_partitions",
+    "partition_tensor",
     "get_cuda_rng_tracker",
     "get_data_parallel_group",
     "get_data_parallel_rank",

@@ -12,7 +12,7 @@ size. Each layer tags its own parameters:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from .mappings import (
     reduce_from_model_parallel_region,
     scatter_to_model_parallel_region,
 )
-from .utils import VocabUtility, divide
+from .utils import VocabUtility, divide, partition_tensor
 
 InitMethod = Callable[[torch.Tensor], object]
 
@@ -53,15 +53,13 @@ def _initialize_affine_weight(
     ``r`` keeps blocks ``r, r + world_size, ...``: a fused projection such as ``[Q; K; V]`` then
     gives every rank its own heads of each of Q, K and V. Returns the full weight.
     """
-    world_size = get_model_parallel_world_size()
-    rank = get_model_parallel_rank()
     master_weight = torch.empty(full_shape, dtype=torch.float32)
     init_method(master_weight)
-    per_partition = weight.size(partition_dim)
-    block = divide(per_partition, stride)
-    blocks = torch.split(master_weight, block, dim=partition_dim)
+    own = partition_tensor(
+        master_weight, get_model_parallel_world_size(), get_model_parallel_rank(), partition_dim, stride
+    )
     with torch.no_grad():
-        weight.copy_(torch.cat(blocks[rank::world_size], dim=partition_dim))
+        weight.copy_(own)
     return master_weight
 
 

@@ -15,7 +15,8 @@ is available, the current CUDA device's generator state, and ``fork`` swaps both
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 

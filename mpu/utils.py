@@ -53,3 +53,24 @@ class VocabUtility:
         return VocabUtility.vocab_range_from_per_partition_vocab_size(
             per_partition_vocab_size, rank, world_size
         )
+
+
+def partition_tensor(
+    full: torch.Tensor, world_size: int, rank: int, dim: int, stride: int = 1
+) -> torch.Tensor:
+    """Rank ``rank``'s partition of ``full`` along ``dim``, the way the parallel layers cut weights.
+
+    ``dim`` is cut into ``stride * world_size`` equal blocks and rank ``r`` keeps blocks
+    ``r, r + world_size, ...`` concatenated: with ``stride=3`` a fused ``[Q; K; V]`` gives each rank
+    ``[Q_r; K_r; V_r]``.
+    """
+    block = divide(full.size(dim), stride * world_size)
+    blocks = torch.split(full, block, dim=dim)
+    return torch.cat(blocks[rank::world_size], dim=dim)
+
+
+def merge_partitions(partitions: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """Inverse of ``partition_tensor``: the full tensor from every rank's partition, in rank order."""
+    world_size = len(partitions)
+    per_rank = [torch.split(p, divide(p.size(dim), stride), dim=dim) for p in partitions]
+    return torch.cat([per_rank[r][j] for j in range(stride) for r in range(world_size)], dim=dim)

@@ -95,3 +95,24 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         codes = {r: procs[r].exitcode for r in missing}
         raise AssertionError(f"ranks {missing} gave no result within {timeout}s (exit codes {codes})")
     return [outcomes[r][1] for r in range(world_size)]
+
+
+def gather_full_parameters(module, grads: bool = False) -> dict:
+    """Every parameter (or its gradient) of ``module`` as the full tensor, gathered over the
+    model-parallel group with each parameter's own partition tags. Call inside a worker."""
+    import torch
+    import torch.distributed as dist
+
+    import mpu
+
+    full = {}
+    group = mpu.get_model_parallel_group()
+    world_size = mpu.get_model_parallel_world_size()
+    for name, param in module.named_parameters():
+        tensor = (param.grad if grads else param).detach()
+        if getattr(param, "model_parallel", False) and world_size > 1:
+            parts = [torch.empty_like(tensor) for _ in range(world_size)]
+            dist.all_gather(parts, tensor.contiguous(), group=group)
+            tensor = mpu.merge_partitions(parts, param.partition_dim, param.partition_stride)
+        full[name] = tensor.clone()
+    return full

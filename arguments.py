@@ -1,0 +1,227 @@
+"""The one argparse definition shared by every entry script, and the values derived from it.
+
+Flag names and meanings follow Megatron-LM (2019) so that its command lines run unchanged.
+``get_args()`` parses, validates and derives (world and data-parallel sizes, device, backend)
+once; nothing changes the result afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+
+class ArgumentError(ValueError):
+    """A command-line mistake; its message is one line naming the flag and the remedy."""
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model", "model shape and regularisation")
+    group.add_argument("--num-layers", type=int, default=24, help="number of transformer layers")
+    group.add_argument("--hidden-size", type=int, default=1024, help="transformer hidden size")
+    group.add_argument("--num-attention-heads", type=int, default=16, help="number of attention heads")
+    group.add_argument("--max-position-embeddings", type=int, default=512,
+                       help="maximum sequence length the position embeddings cover")
+    group.add_argument("--vocab-size", type=int, default=30522,
+                       help="vocabulary size when no tokenizer sets it")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                       help="pad the vocabulary to a multiple of this times the model-parallel size")
+    group.add_argument("--hidden-dropout", type=float, default=0.1, help="dropout on hidden states")
+    group.add_argument("--attention-dropout", type=float, default=0.1, help="dropout on attention probs")
+    group.add_argument("--layernorm-epsilon", type=float, default=1e-5, help="LayerNorm epsilon")
+    group.add_argument("--init-method-std", type=float, default=0.02, help="std of normal initialisation")
+    group.add_argument("--deep-init", action="store_true",
+                       help="BERT: scale residual output init by 1/sqrt(2*num_layers) as GPT2 does")
+    group.add_argument("--checkpoint-activations", action="store_true",
+                       help="recompute activations in backward to save memory")
+    group.add_argument("--checkpoint-num-layers", type=int, default=1,
+                       help="layers per activation-checkpointing chunk")
+
+
+def add_precision_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("precision", "mixed precision")
+    group.add_argument("--fp16", action="store_true", help="train in fp16 with fp32 master weights")
+    group.add_argument("--bf16", action="store_true", help="train in bf16 with fp32 master weights")
+    group.add_argument("--fp32-embedding", action="store_true", help="keep embeddings in fp32 under --fp16")
+    group.add_argument("--fp32-layernorm", action="store_true", help="keep LayerNorm in fp32 under --fp16")
+    group.add_argument("--fp32-tokentypes", action="store_true", help="keep token-type embeddings in fp32")
+    group.add_argument("--fp32-allreduce", action="store_true", help="all-reduce gradients in fp32")
+    group.add_argument("--loss-scale", type=float, default=None,
+                       help="static loss scale; dynamic scaling when not given")
+    group.add_argument("--loss-scale-window", type=float, default=1000,
+                       help="clean iterations before the dynamic scale grows")
+    group.add_argument("--min-scale", type=float, default=1, help="lowest dynamic loss scale")
+    group.add_argument("--hysteresis", type=int, default=2, help="overflows tolerated before the scale drops")
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training", "optimisation and schedule")
+    group.add_argument("--batch-size", type=int, default=4, help="micro-batch size per data-parallel rank")
+    group.add_argument("--train-iters", type=int, default=1000000, help="total training iterations")
+    group.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    group.add_argument("--min-lr", type=float, default=0.0, help="floor of the decayed learning rate")
+    group.add_argument("--lr-decay-style", default="linear",
+                       choices=["constant", "linear", "cosine", "exponential"], help="learning-rate decay")
+    group.add_argument("--lr-decay-iters", type=int, default=None,
+                       help="iterations to decay over (default: --train-iters)")
+    group.add_argument("--warmup", type=float, default=0.01,
+                       help="warmup as a fraction of --lr-decay-iters")
+    group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
+    group.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
+    group.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2")
+    group.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
+    group.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0 disables)")
+    group.add_argument("--seed", type=int, default=1234, help="random seed")
+    group.add_argument("--log-interval", type=int, default=100, help="iterations between log lines")
+    group.add_argument("--log-dir", default=None, help="write metrics.jsonl (and TensorBoard events) here")
+    group.add_argument("--exit-interval", type=int, default=None,
+                       help="save (with --save) and exit when the iteration is a multiple of this")
+    group.add_argument("--eval-interval", type=int, default=1000, help="iterations between evaluations")
+    group.add_argument("--eval-iters", type=int, default=100, help="batches per evaluation")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpoint", "saving and loading")
+    group.add_argument("--save", default=None, help="directory to save checkpoints to")
+    group.add_argument("--save-interval", type=int, default=5000, help="iterations between checkpoints")
+    group.add_argument("--no-save-optim", action="store_true", help="do not save optimizer state")
+    group.add_argument("--no-save-rng", action="store_true", help="do not save RNG state")
+    group.add_argument("--load", default=None, help="directory to load the latest checkpoint from")
+    group.add_argument("--no-load-optim", action="store_true", help="do not load optimizer state")
+    group.add_argument("--no-load-rng", action="store_true", help="do not load RNG state")
+    group.add_argument("--finetune", action="store_true",
+                       help="load model weights only and start at iteration 0")
+    group.add_argument("--resume-dataloader", action="store_true",
+                       help="continue the data order where the checkpoint left it")
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distributed", "parallelism and devices")
+    group.add_argument("--model-parallel-size", type=int, default=1, help="tensor model-parallel size")
+    group.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
+                       help="torch.distributed backend (default: nccl on cuda, gloo on cpu)")
+    group.add_argument("--DDP-impl", default="local", choices=["local", "torch"],
+                       help="data-parallel implementation: all-reduce after backward, or torch's overlapping DDP")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto: cuda when available")
+    group.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                       help="set by torch.distributed.launch (torchrun sets LOCAL_RANK instead)")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data", "corpora and tokenization")
+    group.add_argument("--train-data", nargs="+", default=None,
+                       help="corpus aliases (data_utils/corpora.py) or loose-json paths")
+    group.add_argument("--valid-data", nargs="*", default=None, help="validation corpora")
+    group.add_argument("--test-data", nargs="*", default=None, help="test corpora")
+    group.add_argument("--split", default="1000,1,1", help="train,valid,test proportions of --train-data")
+    group.add_argument("--text-key", default="text", help="json key holding the document text")
+    group.add_argument("--lazy-loader", action="store_true",
+                       help="tokenize once into a memory-mapped cache under --cache-dir")
+    group.add_argument("--cache-dir", default="cache", help="token caches and vocabulary files")
+    group.add_argument("--tokenizer-type", default="GPT2BPETokenizer",
+                       choices=["GPT2BPETokenizer", "BertWordPieceTokenizer", "SentencePieceTokenizer"],
+                       help="tokenizer")
+    group.add_argument("--tokenizer-model-type", default=None, help="e.g. bert-large-uncased")
+    group.add_argument("--tokenizer-path", default="tokenizer.model", help="sentencepiece model path")
+    group.add_argument("--vocab-file", default=None, help="vocabulary file (GPT2 vocab.json or BERT vocab.txt)")
+    group.add_argument("--merge-file", default=None, help="GPT2 BPE merges.txt")
+    group.add_argument("--seq-length", type=int, default=512, help="tokens per training sample")
+    group.add_argument("--max-preds-per-seq", type=int, default=None, help="BERT: masked tokens per sample")
+    group.add_argument("--presplit-sentences", action="store_true", help="BERT: documents are one sentence a line")
+    group.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
+    group.add_argument("--reset-position-ids", action="store_true",
+                       help="GPT2: restart position ids after each end-of-document token")
+    group.add_argument("--reset-attention-mask", action="store_true",
+                       help="GPT2: do not attend across end-of-document tokens")
+    group.add_argument("--eod-mask-loss", action="store_true", help="GPT2: no loss on end-of-document tokens")
+
+
+def build_parser(description: str = "Megatron-LM training") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for add in (add_model_args, add_precision_args, add_training_args, add_checkpoint_args,
+                add_distributed_args, add_data_args):
+        add(parser)
+    return parser
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ArgumentError(message)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject inconsistent settings with one actionable line."""
+    mp = args.model_parallel_size
+    _check(mp >= 1, f"--model-parallel-size must be at least 1, got {mp}")
+    _check(args.world_size % mp == 0,
+           f"world size {args.world_size} is not divisible by --model-parallel-size {mp}")
+    _check(args.num_attention_heads % mp == 0,
+           f"--num-attention-heads {args.num_attention_heads} is not divisible by --model-parallel-size {mp}")
+    _check(args.hidden_size % args.num_attention_heads == 0,
+           f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
+    _check(args.seq_length <= args.max_position_embeddings,
+           f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
+    _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive; pick one")
+    _check(0.0 <= args.warmup <= 1.0, f"--warmup is a fraction of --lr-decay-iters, got {args.warmup}")
+    _check(args.checkpoint_num_layers >= 1, "--checkpoint-num-layers must be at least 1")
+    _check(args.batch_size >= 1, "--batch-size must be at least 1")
+    if args.device == "cuda":
+        _check(torch.cuda.is_available(), "--device cuda but torch sees no CUDA device; use --device cpu")
+    if args.distributed_backend == "nccl":
+        _check(args.device == "cuda", "--distributed-backend nccl needs CUDA; use gloo on cpu")
+
+
+def derive_args(args: argparse.Namespace) -> None:
+    """Fill in the values derived from flags and the launcher's environment (called once)."""
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None:
+        args.local_rank = int(local_rank)
+    elif args.local_rank is None:
+        args.local_rank = 0
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.distributed_backend is None:
+        args.distributed_backend = "nccl" if args.device == "cuda" else "gloo"
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    args.data_parallel_size = max(1, args.world_size // max(1, args.model_parallel_size))
+    args.params_dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int, model_parallel_size: int) -> int:
+    """Round the vocabulary up so that every model-parallel rank holds an equal slice.
+
+    The multiple is ``lcm(divisible_by, model_parallel_size)`` rather than Megatron's product, so
+    that the padded size, and with it the initial weights, are the same for every model-parallel
+    size that divides ``divisible_by`` (GPT-2's 50257 pads to 50304 at sizes 1 to 128).
+    """
+    multiple = math.lcm(max(1, divisible_by), model_parallel_size)
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def get_args(
+    argv: list[str] | None = None,
+    extra_args_provider=None,
+    description: str = "Megatron-LM training",
+) -> argparse.Namespace:
+    """Parse, derive and validate; on a mistake print one line and exit with status 2."""
+    parser = build_parser(description)
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    args = parser.parse_args(argv)
+    derive_args(args)
+    try:
+        validate_args(args)
+    except ArgumentError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return args

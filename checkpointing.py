@@ -1,0 +1,186 @@
+"""Checkpoints in Megatron's layout, written atomically and loaded without running code.
+
+::
+
+    SAVE/latest_checkpointed_iteration.txt        "100" (or "release")
+    SAVE/iter_0000100/mp_rank_00/model_optim_rng.pt
+    SAVE/iter_0000100/mp_rank_01/model_optim_rng.pt
+
+Each model-parallel rank's file holds its model slice, optimizer, loss scaler, lr scheduler,
+rng states (python, numpy, torch, cuda, tracker), iteration, data-loader position and the model
+config, all as plain types so ``torch.load(..., weights_only=True)`` reads it. A file is written to
+a temporary name and renamed; the tracker file is replaced only after every rank has written, so
+a crash never leaves a half-written checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import mpu
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_FILENAME = "model_optim_rng.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message names the file and the mismatch."""
+
+
+def get_checkpoint_name(checkpoints_path: str, iteration: int | str, mp_rank: int | None = None) -> str:
+    """Path of one model-parallel rank's file for ``iteration`` (an int or ``"release"``)."""
+    directory = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+    rank = mpu.get_model_parallel_rank() if mp_rank is None else mp_rank
+    return os.path.join(checkpoints_path, directory, f"mp_rank_{rank:02d}", CHECKPOINT_FILENAME)
+
+
+def get_checkpoint_tracker_filename(checkpoints_path: str) -> str:
+    return os.path.join(checkpoints_path, TRACKER_FILENAME)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every random stream a run draws from, as plain types."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "tracker": mpu.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore streams captured by ``get_rng_state``."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    mpu.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(
+    save_dir: str,
+    iteration: int,
+    model_state: dict[str, torch.Tensor],
+    extra: dict[str, Any],
+    optimizer_state: dict | None = None,
+    rng: bool = True,
+) -> str:
+    """Write this model-parallel rank's file (first data-parallel rank only), then the tracker.
+
+    ``extra`` carries the plain-typed rest: config, scheduler, data position, loss scaler.
+    Returns the path of this rank's file.
+    """
+    path = get_checkpoint_name(save_dir, iteration)
+    if mpu.get_data_parallel_rank() == 0:
+        state: dict[str, Any] = {
+            "iteration": iteration,
+            "model_parallel_size": mpu.get_model_parallel_world_size(),
+            "model": model_state,
+            **extra,
+        }
+        if optimizer_state is not None:
+            state["optimizer"] = optimizer_state
+        if rng:
+            state["rng"] = get_rng_state()
+        _atomic_torch_save(state, path)
+    _barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        _atomic_write_text(get_checkpoint_tracker_filename(save_dir), f"{iteration}\n")
+    _barrier()
+    return path
+
+
+def read_tracker(load_dir: str) -> int | str | None:
+    """The iteration (or ``"release"``) named by the tracker file, ``None`` if there is none."""
+    tracker = get_checkpoint_tracker_filename(load_dir)
+    if not os.path.isfile(tracker):
+        return None
+    text = open(tracker).read().strip()
+    if text == "release":
+        return "release"
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(
+            f"{tracker}: expected an iteration number or 'release', found {text!r}"
+        ) from None
+
+
+def load_checkpoint_state(load_dir: str) -> dict[str, Any] | None:
+    """This model-parallel rank's checkpoint from ``load_dir``, or ``None`` when there is none.
+
+    A directory written with another model-parallel size is a ``CheckpointError`` naming both.
+    """
+    iteration = read_tracker(load_dir)
+    if iteration is None:
+        return None
+    mp_size = mpu.get_model_parallel_world_size()
+    path = get_checkpoint_name(load_dir, iteration)
+    if not os.path.isfile(path):
+        saved = sorted(
+            d for d in os.listdir(os.path.dirname(os.path.dirname(path))) if d.startswith("mp_rank_")
+        ) if os.path.isdir(os.path.dirname(os.path.dirname(path))) else []
+        if saved:
+            raise CheckpointError(
+                f"{load_dir}: checkpoint was saved with model-parallel size {len(saved)}, this run uses "
+                f"--model-parallel-size {mp_size}; reshard it with tools/ or match the size"
+            )
+        raise CheckpointError(f"{path}: missing; the tracker names iteration {iteration} but its file is gone")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved_mp = state.get("model_parallel_size", mp_size)
+    if saved_mp != mp_size:
+        raise CheckpointError(
+            f"{path}: checkpoint was saved with model-parallel size {saved_mp}, this run uses "
+            f"--model-parallel-size {mp_size}; reshard it with tools/ or match the size"
+        )
+    return state
+
+
+def check_config(path: str, saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Raise ``CheckpointError`` naming the first model-shape field that differs."""
+    for key in keys:
+        if key in saved and saved[key] != current[key]:
+            raise CheckpointError(
+                f"{path}: checkpoint has {key}={saved[key]}, this run has {key}={current[key]}; "
+                "pass the flags the checkpoint was trained with"
+            )

@@ -1,0 +1,79 @@
+"""GPT2: learned positions, a pre-LN parallel transformer and a tied vocabulary-parallel output."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import mpu
+
+from .transformer import ParallelTransformer, TransformerConfig, init_method_normal
+
+
+class GPT2Model(nn.Module):
+    """GPT2 language model.
+
+    ``forward(input_ids (b, s), position_ids (b, s), attention_mask)`` returns logits
+    ``(b, s, V/p)`` split over the vocabulary (``parallel_output=True``, the form
+    ``mpu.vocab_parallel_cross_entropy`` takes) or gathered ``(b, s, V)``. ``attention_mask`` is
+    ``None`` for plain causal attention, or a boolean ``(b, 1, s, s)`` where ``True`` may attend.
+    """
+
+    def __init__(self, config: TransformerConfig, parallel_output: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.parallel_output = parallel_output
+        init_method = init_method_normal(config.init_method_std)
+        self.word_embeddings = mpu.VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, init_method=init_method
+        )
+        self.position_embeddings = nn.Embedding(config.max_sequence_length, config.hidden_size)
+        init_method(self.position_embeddings.weight.data)
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.transformer = ParallelTransformer(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (b, s, h)
+        hidden = self.transformer(self.embedding_dropout(embeddings), attention_mask)
+        # Output layer tied to the input embedding: logits_r = H E_r^T for this rank's vocabulary.
+        hidden_parallel = mpu.copy_to_model_parallel_region(hidden)
+        logits_parallel = torch.nn.functional.linear(hidden_parallel, self.word_embeddings.weight)
+        if self.parallel_output:
+            return logits_parallel
+        return mpu.gather_from_model_parallel_region(logits_parallel)
+
+
+def get_masks_and_position_ids(
+    tokens: torch.Tensor, eod_token: int, reset_position_ids: bool, reset_attention_mask: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Attention mask and position ids for a batch of token windows ``(b, s)``.
+
+    By default attention is plainly causal (mask ``None``) and positions run ``0..s-1``. With
+    ``reset_position_ids`` positions restart after each end-of-document token; with
+    ``reset_attention_mask`` tokens do not attend across an end-of-document token (a boolean
+    ``(b, 1, s, s)`` mask, ``True`` where attention is allowed).
+    """
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s).clone()
+    if not (reset_position_ids or reset_attention_mask):
+        return None, position_ids
+    # Document index of each token: the number of eod tokens strictly before it.
+    is_eod = (tokens == eod_token).long()
+    doc_index = torch.cumsum(is_eod, dim=1) - is_eod  # (b, s)
+    attention_mask = None
+    if reset_attention_mask:
+        causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
+        same_doc = doc_index.unsqueeze(2) == doc_index.unsqueeze(1)  # (b, s, s)
+        attention_mask = (causal & same_doc).unsqueeze(1)
+    if reset_position_ids:
+        # Position of the first token of each token's document, subtracted from its index.
+        eod_after = torch.zeros_like(position_ids)
+        eod_after[:, 1:] = (tokens[:, :-1] == eod_token).long() * position_ids[:, 1:]
+        starts = torch.cummax(eod_after, dim=1).values
+        position_ids = position_ids - starts
+    return attention_mask, position_ids

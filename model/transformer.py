@@ -1,0 +1,175 @@
+"""A tensor-model-parallel transformer built from ``mpu`` layers.
+
+Shapes use ``b`` batch, ``s`` sequence, ``h`` hidden, ``p`` model-parallel size, ``n`` heads and
+``d = h / n`` the head size. Activations between layers are replicated on every model-parallel
+rank; inside attention and the MLP each rank holds ``n / p`` heads and ``4h / p`` MLP columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mpu
+
+InitMethod = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and regularisation of a transformer stack (plain types, stored in checkpoints)."""
+
+    num_layers: int
+    """Number of transformer layers."""
+    hidden_size: int
+    """Width of the residual stream."""
+    num_attention_heads: int
+    """Attention heads; must divide by the model-parallel size."""
+    vocab_size: int
+    """Padded vocabulary size (divisible by the model-parallel size)."""
+    max_sequence_length: int
+    """Number of learned position embeddings."""
+    hidden_dropout: float = 0.1
+    """Dropout on embeddings and on each residual branch."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+    layernorm_epsilon: float = 1e-5
+    """LayerNorm epsilon."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation."""
+    scaled_init: bool = True
+    """Scale residual output projections by ``1/sqrt(2 * num_layers)`` (GPT2; BERT's ``--deep-init``)."""
+    checkpoint_activations: bool = False
+    """Recompute layers in backward instead of keeping their activations."""
+    checkpoint_num_layers: int = 1
+    """Layers per checkpointed chunk."""
+
+
+def init_method_normal(std: float) -> InitMethod:
+    """``N(0, std^2)`` initialisation."""
+
+    def init_(tensor: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init_
+
+
+def scaled_init_method(std: float, num_layers: int) -> InitMethod:
+    """``N(0, (std / sqrt(2 * num_layers))^2)``: keeps the residual stream's variance flat with depth."""
+    return init_method_normal(std / math.sqrt(2.0 * num_layers))
+
+
+def output_init_method(config: TransformerConfig) -> InitMethod:
+    if config.scaled_init:
+        return scaled_init_method(config.init_method_std, config.num_layers)
+    return init_method_normal(config.init_method_std)
+
+
+class ParallelSelfAttention(nn.Module):
+    """Multi-head self-attention with heads split over the model-parallel group.
+
+    ``[Q_r; K_r; V_r] = X W_r`` (fused, column-parallel with stride 3, so rank ``r`` owns heads
+    ``r*n/p ... (r+1)*n/p - 1`` of each), attention per head, then ``Y = sum_r ctx_r O_r``
+    (row-parallel).
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        world_size = mpu.get_model_parallel_world_size()
+        self.heads_per_partition = mpu.divide(config.num_attention_heads, world_size)
+        self.head_size = mpu.divide(config.hidden_size, config.num_attention_heads)
+        self.hidden_per_partition = mpu.divide(config.hidden_size, world_size)
+        self.attention_dropout = config.attention_dropout
+        self.query_key_value = mpu.ColumnParallelLinear(
+            config.hidden_size, 3 * config.hidden_size, gather_output=False, stride=3,
+            init_method=init_method_normal(config.init_method_std),
+        )
+        self.dense = mpu.RowParallelLinear(
+            config.hidden_size, config.hidden_size, input_is_parallel=True,
+            init_method=output_init_method(config),
+        )
+        self.output_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = hidden_states.shape
+        mixed = self.query_key_value(hidden_states)  # (b, s, 3h/p)
+        q, k, v = (
+            t.view(b, s, self.heads_per_partition, self.head_size).transpose(1, 2)  # (b, n/p, s, d)
+            for t in mpu.split_tensor_along_last_dim(mixed, 3)
+        )
+        dropout_p = self.attention_dropout if self.training else 0.0
+        # Each rank owns different heads, so their dropout masks must differ: model-parallel stream.
+        with mpu.get_cuda_rng_tracker().fork():
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=attention_mask is None
+            )
+        context = context.transpose(1, 2).reshape(b, s, self.hidden_per_partition)  # (b, s, h/p)
+        return self.output_dropout(self.dense(context))
+
+
+class ParallelMLP(nn.Module):
+    """``Y = GeLU(X A) B``: ``A`` (h -> 4h) column-parallel, ``B`` (4h -> h) row-parallel."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = mpu.ColumnParallelLinear(
+            config.hidden_size, 4 * config.hidden_size, gather_output=False,
+            init_method=init_method_normal(config.init_method_std),
+        )
+        self.dense_4h_to_h = mpu.RowParallelLinear(
+            4 * config.hidden_size, config.hidden_size, input_is_parallel=True,
+            init_method=output_init_method(config),
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        intermediate = F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh")  # (b, s, 4h/p)
+        return self.dropout(self.dense_4h_to_h(intermediate))
+
+
+class ParallelTransformerLayer(nn.Module):
+    """Pre-LayerNorm layer (GPT2): ``x += Attn(LN(x)); x += MLP(LN(x))``."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = ParallelSelfAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = ParallelMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states), attention_mask)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class ParallelTransformer(nn.Module):
+    """A stack of layers and a final LayerNorm, optionally checkpointed in chunks of layers."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.checkpoint_activations = config.checkpoint_activations
+        self.checkpoint_num_layers = config.checkpoint_num_layers
+        self.layers = nn.ModuleList(ParallelTransformerLayer(config) for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+    def _chunk(self, start: int, end: int) -> Callable[..., torch.Tensor]:
+        def run(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+            for layer in self.layers[start:end]:
+                hidden_states = layer(hidden_states, attention_mask)
+            return hidden_states
+
+        return run
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            for start in range(0, len(self.layers), self.checkpoint_num_layers):
+                end = min(start + self.checkpoint_num_layers, len(self.layers))
+                hidden_states = mpu.checkpoint(self._chunk(start, end), hidden_states, attention_mask)
+        else:
+            hidden_states = self._chunk(0, len(self.layers))(hidden_states, attention_mask)
+        return self.final_layernorm(hidden_states)

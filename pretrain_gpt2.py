@@ -1,0 +1,75 @@
+"""Pretrain GPT2: the model, its data and its forward step; the loop lives in training.py."""
+
+from __future__ import annotations
+
+import torch
+
+import mpu
+from arguments import get_args
+from data_utils import build_gpt2_datasets, make_tokenizer
+from model import GPT2Model, TransformerConfig, get_masks_and_position_ids
+from training import pretrain, print_rank_0, run_main
+
+
+def model_provider(args, padded_vocab_size: int) -> GPT2Model:
+    config = TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        vocab_size=padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        layernorm_epsilon=args.layernorm_epsilon,
+        init_method_std=args.init_method_std,
+        scaled_init=True,
+        checkpoint_activations=args.checkpoint_activations,
+        checkpoint_num_layers=args.checkpoint_num_layers,
+    )
+    return GPT2Model(config, parallel_output=True)
+
+
+def data_provider(args):
+    tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir)
+    train, valid, test = build_gpt2_datasets(
+        args.train_data or [], args.valid_data, args.test_data, args.split, args.seq_length, tokenizer,
+        args.lazy_loader, args.cache_dir, args.seed, args.text_key,
+    )
+    return tokenizer, train, valid, test
+
+
+def forward_step_provider(args, tokenizer, device: torch.device):
+    eod = tokenizer.eod
+
+    def forward_step(batch, model):
+        text = mpu.broadcast_data(["text"], batch, torch.int64)["text"].to(device)  # (b, s + 1)
+        tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+        attention_mask, position_ids = get_masks_and_position_ids(
+            tokens, eod, args.reset_position_ids, args.reset_attention_mask
+        )
+        loss_mask = torch.ones(tokens.shape, dtype=torch.float32, device=device)
+        if args.eod_mask_loss:
+            loss_mask[tokens == eod] = 0.0
+        logits = model(tokens, position_ids, attention_mask)  # (b, s, V/p)
+        losses = mpu.vocab_parallel_cross_entropy(logits, labels)
+        loss = (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        return loss, {"lm_loss": loss.detach()}
+
+    return forward_step
+
+
+def main() -> None:
+    args = get_args(description="GPT2 pretraining")
+    results = pretrain(args, model_provider, data_provider, forward_step_provider)
+    summary = [f"trained to iteration {results['iteration']}"]
+    if "valid" in results:
+        summary.append(f"validation perplexity {results['valid']['ppl']:.2f}")
+    if results["save"]:
+        summary.append(f"checkpoint in {results['save']}")
+    if results["metrics"]:
+        summary.append(f"metrics in {results['metrics']}")
+    print_rank_0("done: " + " | ".join(summary))
+
+
+if __name__ == "__main__":
+    run_main(main)

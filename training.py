@@ -1,0 +1,419 @@
+"""The shared training loop: set-up, train, evaluate, checkpoint and log.
+
+An entry script gives ``pretrain`` three things:
+
+* ``model_provider(args, padded_vocab_size) -> nn.Module`` -- the bare model (on CPU);
+* ``data_provider(args) -> (tokenizer, train, valid, test)`` -- datasets (``None`` when empty);
+* ``forward_step(batch, model) -> (loss, metrics)`` -- ``batch`` is the loader's dict on the first
+  rank of each model-parallel group and ``None`` elsewhere (share it with ``mpu.broadcast_data``);
+  ``metrics`` maps names such as ``lm_loss`` to detached scalar tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import mpu
+from arguments import ArgumentError, pad_vocab_size
+from checkpointing import (
+    CheckpointError,
+    check_config,
+    load_checkpoint_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from learning_rates import AnnealingLR
+from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_parallel
+
+ForwardStep = Callable[[Any, nn.Module], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length")
+
+
+def print_rank_0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def initialize_distributed(args) -> torch.device:
+    """Join the launcher's process group (or a group of one) and build the model-parallel groups."""
+    if args.device == "cuda":
+        device = torch.device("cuda", args.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=30)
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(args.distributed_backend, init_method="env://", timeout=timeout)
+        else:  # a plain `python pretrain_gpt2.py`: a group of one, no port needed
+            dist.init_process_group(
+                args.distributed_backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(args.model_parallel_size)
+    return device
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed python, numpy, torch and the model-parallel streams."""
+    random.seed(seed)
+    np.random.seed(seed)
+    mpu.model_parallel_cuda_manual_seed(seed)
+
+
+def get_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """AdamW with weight decay on weight matrices only (not on biases or LayerNorm)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, nn.LayerNorm) or name == "bias":
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = args.device == "cuda"
+    return torch.optim.AdamW(
+        groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+        fused=fused, foreach=None if fused else True,
+    )
+
+
+def get_learning_rate_scheduler(optimizer: torch.optim.Optimizer, args) -> AnnealingLR:
+    return AnnealingLR(
+        optimizer, start_lr=args.lr, warmup_iter=int(args.warmup * args.lr_decay_iters),
+        num_iters=args.lr_decay_iters, decay_style=args.lr_decay_style, min_lr=args.min_lr,
+    )
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Progress that a checkpoint carries forward."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iters: int = 0
+
+
+def _model_config(model: nn.Module) -> dict[str, Any]:
+    config = getattr(unwrap_model(model), "config", None)
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+
+
+def _plain_args(args) -> dict[str, Any]:
+    plain = (str, int, float, bool, type(None))
+    return {k: v for k, v in vars(args).items()
+            if isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v))}
+
+
+def save(args, state: TrainState, model: nn.Module, optimizer, scheduler: AnnealingLR) -> str:
+    extra = {
+        "config": _model_config(model),
+        "lr_scheduler": scheduler.state_dict(),
+        "data": {"consumed_samples": state.consumed_samples},
+        "skipped_iters": state.skipped_iters,
+        "args": _plain_args(args),
+    }
+    path = save_checkpoint(
+        args.save, state.iteration, unwrap_model(model).state_dict(), extra,
+        optimizer_state=None if args.no_save_optim else optimizer.state_dict(),
+        rng=not args.no_save_rng,
+    )
+    print_rank_0(f"saved checkpoint at iteration {state.iteration} to {args.save}")
+    return path
+
+
+def load(args, model: nn.Module, optimizer, scheduler: AnnealingLR) -> TrainState:
+    """Restore from ``--load``; a fresh ``TrainState`` when it holds no checkpoint yet."""
+    ckpt = load_checkpoint_state(args.load)
+    if ckpt is None:
+        print_rank_0(f"no checkpoint found in {args.load}; starting from scratch")
+        return TrainState()
+    check_config(args.load, ckpt.get("config", {}), _model_config(model), SHAPE_KEYS)
+    unwrap_model(model).load_state_dict(ckpt["model"])
+    release = ckpt["iteration"] == "release"
+    if args.finetune or release:
+        print_rank_0(f"loaded model weights from {args.load} (iteration reset to 0)")
+        return TrainState()
+    if not args.no_load_optim and "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if not args.no_load_rng and "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    state = TrainState(
+        iteration=int(ckpt["iteration"]),
+        consumed_samples=int(ckpt["data"]["consumed_samples"]) if args.resume_dataloader else 0,
+        skipped_iters=int(ckpt.get("skipped_iters", 0)),
+    )
+    print_rank_0(f"loaded checkpoint from {args.load} at iteration {state.iteration}")
+    return state
+
+
+class MetricsLogger:
+    """Console lines in Megatron's style, ``metrics.jsonl`` and TensorBoard (rank 0 only)."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.enabled = not dist.is_initialized() or dist.get_rank() == 0
+        self.path = None
+        self.writer = None
+        if log_dir and self.enabled:
+            os.makedirs(log_dir, exist_ok=True)
+            self.path = os.path.join(log_dir, "metrics.jsonl")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=log_dir)
+            except ImportError:
+                self.writer = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("iteration",):
+                    self.writer.add_scalar(f"{record['split']}/{key}", value, record["iteration"])
+            self.writer.flush()
+
+
+def _reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average scalar metrics over the data-parallel group (one collective for all of them)."""
+    if not metrics:
+        return {}
+    keys = sorted(metrics)
+    values = torch.stack([metrics[k].detach().float().reshape(()).cpu() for k in keys])
+    group = mpu.get_data_parallel_group()
+    if mpu.get_data_parallel_world_size() > 1:
+        if dist.get_backend(group) == "nccl":
+            values = values.cuda()
+        dist.all_reduce(values, group=group)
+        values = values / mpu.get_data_parallel_world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+def _next_batch(iterator: Iterator | None) -> Any:
+    return next(iterator) if iterator is not None else None
+
+
+def train_step(
+    forward_step: ForwardStep, iterator: Iterator | None, model: nn.Module, optimizer, scheduler, args
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One iteration: forward, backward, data-parallel reduction, clipping, step. Returns metrics, norm."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss, metrics = forward_step(_next_batch(iterator), model)
+    loss.backward()
+    if isinstance(model, DistributedDataParallel):
+        model.allreduce_gradients()
+    max_norm = args.clip_grad if args.clip_grad > 0 else math.inf
+    grad_norm = mpu.clip_grad_norm(model.parameters(), max_norm)
+    optimizer.step()
+    scheduler.step()
+    return metrics, grad_norm
+
+
+def evaluate(forward_step: ForwardStep, make_iterator: Callable[[], Iterator | None],
+             model: nn.Module, eval_iters: int) -> dict[str, float]:
+    """Average metrics over ``eval_iters`` batches (the same batches every time), without grads."""
+    model.eval()
+    iterator = make_iterator()
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for _ in range(eval_iters):
+            _, metrics = forward_step(_next_batch(iterator), model)
+            for key, value in _reduce_metrics(metrics).items():
+                totals[key] = totals.get(key, 0.0) + value
+    model.train()
+    return {key: value / eval_iters for key, value in totals.items()}
+
+
+def evaluate_and_print(name: str, split: str, forward_step, make_iterator, model, args,
+                       iteration: int, logger: MetricsLogger) -> dict[str, float]:
+    results = evaluate(forward_step, make_iterator, model, args.eval_iters)
+    if "lm_loss" in results:
+        results["ppl"] = math.exp(min(20.0, results["lm_loss"]))
+    text = " | ".join(f"{k.replace('_', ' ')} value: {v:.6E}" for k, v in results.items())
+    print_rank_0("-" * 80 + f"\n {name} at iteration {iteration} | {text}\n" + "-" * 80)
+    logger.write({"iteration": iteration, "split": split, **results})
+    return results
+
+
+class _IntervalStats:
+    """Accumulates training metrics between two log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.grad_norm = 0.0
+        self.start = time.monotonic()
+
+    def add(self, metrics: dict[str, float], grad_norm: float) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.grad_norm += grad_norm
+        self.count += 1
+
+
+def log_training(stats: _IntervalStats, state: TrainState, args, lr: float, logger: MetricsLogger,
+                 train_start: float) -> None:
+    elapsed = time.monotonic() - stats.start
+    n = max(1, stats.count)
+    means = {k: v / n for k, v in stats.sums.items()}
+    tokens = stats.count * args.batch_size * args.data_parallel_size * args.seq_length
+    record = {
+        "iteration": state.iteration, "split": "train", **means, "lr": lr, "loss_scale": 1.0,
+        "grad_norm": stats.grad_norm / n, "skipped_iters": state.skipped_iters,
+        "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": time.monotonic() - train_start,
+    }
+    losses = " | ".join(f"{k.replace('_', ' ')} {v:.6E}" for k, v in means.items())
+    print_rank_0(
+        f" iteration {state.iteration:8d}/{args.train_iters:8d} | elapsed time per iteration (ms): "
+        f"{1000 * elapsed / n:.1f} | learning rate {lr:.3E} | {losses} | loss scale 1.0 | "
+        f"grad norm {record['grad_norm']:.3f} | tokens/s {record['tokens_per_s']:.0f} |"
+    )
+    logger.write(record)
+
+
+def _loaders(args, datasets, state: TrainState):
+    """Train iterator and valid/test iterator factories, on each model-parallel group's first rank."""
+    from data_utils import make_data_loader
+
+    train_ds, valid_ds, test_ds = datasets
+    feeds = mpu.get_model_parallel_rank() == 0
+    dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+
+    def loader(dataset, consumed: int, shuffle: bool):
+        if dataset is None or not feeds:
+            return None
+        return iter(make_data_loader(dataset, args.batch_size, dp_rank, dp_size, args.seed, consumed,
+                                     shuffle, args.num_workers))
+
+    def eval_factory(dataset):
+        if dataset is None:
+            return None
+        return lambda: _cycle(lambda: loader(dataset, 0, False)) if feeds else None
+
+    train = loader(train_ds, state.consumed_samples, True)
+    return train, eval_factory(valid_ds), eval_factory(test_ds)
+
+
+def _cycle(make: Callable[[], Iterator | None]) -> Iterator:
+    """Restart a finite iterator when it runs out, so evaluation always gets ``eval_iters`` batches."""
+    while True:
+        empty = True
+        for batch in make():
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("evaluation data loader yielded no batch; lower --batch-size")
+
+
+def setup_model_and_optimizer(args, model_provider, padded_vocab_size: int, device: torch.device):
+    model = model_provider(args, padded_vocab_size).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}: {n_params}",
+          flush=True) if mpu.get_data_parallel_rank() == 0 else None
+    optimizer = get_optimizer(model, args)
+    model = wrap_data_parallel(model, args.DDP_impl, device, args.fp32_allreduce)
+    scheduler = get_learning_rate_scheduler(optimizer, args)
+    return model, optimizer, scheduler
+
+
+def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory,
+           logger) -> None:
+    stats = _IntervalStats()
+    train_start = time.monotonic()
+    global_batch = args.batch_size * args.data_parallel_size
+    while state.iteration < args.train_iters:
+        metrics, grad_norm = train_step(forward_step, train_iter, model, optimizer, scheduler, args)
+        state.iteration += 1
+        state.consumed_samples += global_batch
+        stats.add(_reduce_metrics(metrics), grad_norm)
+        if state.iteration % args.log_interval == 0:
+            log_training(stats, state, args, optimizer.param_groups[0]["lr"], logger, train_start)
+            stats.reset()
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            save(args, state, model, optimizer, scheduler)
+        if valid_factory and args.eval_interval and state.iteration % args.eval_interval == 0:
+            evaluate_and_print("validation loss", "valid", forward_step, valid_factory, model, args,
+                               state.iteration, logger)
+        if args.exit_interval and state.iteration % args.exit_interval == 0:
+            if args.save and state.iteration % args.save_interval != 0:
+                save(args, state, model, optimizer, scheduler)
+            print_rank_0(f"exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
+            return
+
+
+def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict[str, Any]:
+    """Run a whole training job; returns the final evaluation results and output paths.
+
+    ``forward_step_provider(args, tokenizer, device)`` builds the ``forward_step``.
+    """
+    device = initialize_distributed(args)
+    set_random_seed(args.seed)
+    tokenizer, *datasets = data_provider(args)
+    padded = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                            args.model_parallel_size)
+    print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with {padded - tokenizer.vocab_size} "
+                 f"dummy tokens (new size: {padded})")
+    model, optimizer, scheduler = setup_model_and_optimizer(args, model_provider, padded, device)
+    state = load(args, model, optimizer, scheduler) if args.load else TrainState()
+    forward_step = forward_step_provider(args, tokenizer, device)
+    train_iter, valid_factory, test_factory = _loaders(args, datasets, state)
+    logger = MetricsLogger(args.log_dir)
+    start_iteration = state.iteration
+    if args.train_iters > state.iteration and datasets[0] is None:
+        raise ArgumentError("no training data: give --train-data (and a --split with a train share)")
+    _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory, logger)
+    results: dict[str, Any] = {"iteration": state.iteration}
+    stopped_early = args.exit_interval and state.iteration < args.train_iters
+    if args.save and state.iteration > start_iteration and state.iteration % args.save_interval != 0 \
+            and not stopped_early:
+        save(args, state, model, optimizer, scheduler)
+    if not stopped_early:
+        for name, split, factory in (("validation loss", "valid", valid_factory),
+                                     ("test loss", "test", test_factory)):
+            if factory is not None and args.eval_iters > 0:
+                results[split] = evaluate_and_print(f"{name} at the end of training", split, forward_step,
+                                                    factory, model, args, state.iteration, logger)
+    results["save"] = args.save
+    results["metrics"] = logger.path
+    return results
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ArgumentError, CheckpointError)
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run an entry point, turning a user mistake into one line on stderr and exit status 1."""
+    from data_utils.errors import DataError
+
+    try:
+        main()
+    except (*USER_ERRORS, DataError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            mpu.destroy_model_parallel()
+            dist.destroy_process_group()
