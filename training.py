@@ -340,8 +340,10 @@ def setup_model_and_optimizer(args, model_provider, padded_vocab_size: int, devi
 
 
 def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory,
-           logger) -> None:
+           logger) -> dict[str, float] | None:
+    """Train until ``--train-iters`` (or ``--exit-interval``); returns the last validation results."""
     stats = _IntervalStats()
+    last_valid = None
     train_start = time.monotonic()
     global_batch = args.batch_size * args.data_parallel_size
     while state.iteration < args.train_iters:
@@ -355,13 +357,14 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save(args, state, model, optimizer, scheduler)
         if valid_factory and args.eval_interval and state.iteration % args.eval_interval == 0:
-            evaluate_and_print("validation loss", "valid", forward_step, valid_factory, model, args,
-                               state.iteration, logger)
+            last_valid = evaluate_and_print("validation loss", "valid", forward_step, valid_factory, model,
+                                            args, state.iteration, logger)
         if args.exit_interval and state.iteration % args.exit_interval == 0:
             if args.save and state.iteration % args.save_interval != 0:
                 save(args, state, model, optimizer, scheduler)
             print_rank_0(f"exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
-            return
+            return last_valid
+    return last_valid
 
 
 def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict[str, Any]:
@@ -372,6 +375,8 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
     device = initialize_distributed(args)
     set_random_seed(args.seed)
     tokenizer, *datasets = data_provider(args)
+    if args.train_iters > 0 and datasets[0] is None:
+        raise ArgumentError("no training data: give --train-data (and a --split with a train share)")
     padded = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                             args.model_parallel_size)
     print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with {padded - tokenizer.vocab_size} "
@@ -382,16 +387,19 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
     train_iter, valid_factory, test_factory = _loaders(args, datasets, state)
     logger = MetricsLogger(args.log_dir)
     start_iteration = state.iteration
-    if args.train_iters > state.iteration and datasets[0] is None:
-        raise ArgumentError("no training data: give --train-data (and a --split with a train share)")
-    _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory, logger)
+    last_valid = _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory,
+                        logger)
     results: dict[str, Any] = {"iteration": state.iteration}
     stopped_early = args.exit_interval and state.iteration < args.train_iters
     if args.save and state.iteration > start_iteration and state.iteration % args.save_interval != 0 \
             and not stopped_early:
         save(args, state, model, optimizer, scheduler)
     if not stopped_early:
-        for name, split, factory in (("validation loss", "valid", valid_factory),
+        # Validation at the last iteration has just run when it falls on --eval-interval.
+        valid_done = last_valid is not None and state.iteration % args.eval_interval == 0
+        if valid_done:
+            results["valid"] = last_valid
+        for name, split, factory in (("validation loss", "valid", None if valid_done else valid_factory),
                                      ("test loss", "test", test_factory)):
             if factory is not None and args.eval_iters > 0:
                 results[split] = evaluate_and_print(f"{name} at the end of training", split, forward_step,

@@ -139,6 +139,7 @@ class ColumnParallelLinear(nn.Module):
         self.input_size = input_size
         self.output_size = output_size
         self.gather_output = gather_output
+        self.stride = stride
         self.output_size_per_partition = divide(output_size, get_model_parallel_world_size())
         # torch's linear stores the transpose: (out, in), so columns of A are rows here.
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size))
@@ -156,9 +157,15 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         input_parallel = copy_to_model_parallel_region(input_)
         output_parallel = F.linear(input_parallel, self.weight, self.bias)
-        if self.gather_output:
-            return gather_from_model_parallel_region(output_parallel)
-        return output_parallel
+        if not self.gather_output:
+            return output_parallel
+        output = gather_from_model_parallel_region(output_parallel)  # [..., p * stride * block]
+        if self.stride > 1:
+            # The gather is rank-major (rank r's blocks r, r + p, ...); restore the order of A's columns.
+            *lead, _ = output.shape
+            world_size = get_model_parallel_world_size()
+            output = output.view(*lead, world_size, self.stride, -1).transpose(-3, -2).reshape(*lead, -1)
+        return output
 
 
 class RowParallelLinear(nn.Module):
@@ -185,6 +192,7 @@ class RowParallelLinear(nn.Module):
         self.input_size = input_size
         self.output_size = output_size
         self.input_is_parallel = input_is_parallel
+        self.stride = stride
         self.input_size_per_partition = divide(input_size, get_model_parallel_world_size())
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition))
         set_model_parallel_attributes(self.weight, True, partition_dim=1, stride=stride)
@@ -202,6 +210,11 @@ class RowParallelLinear(nn.Module):
         if self.input_is_parallel:
             input_parallel = input_
         else:
+            if self.stride > 1:
+                # Make rank r's strided blocks r, r + p, ... contiguous so that the scatter cuts them.
+                *lead, _ = input_.shape
+                world_size = get_model_parallel_world_size()
+                input_ = input_.reshape(*lead, self.stride, world_size, -1).transpose(-3, -2).reshape(*lead, -1)
             input_parallel = scatter_to_model_parallel_region(input_)
         output_parallel = F.linear(input_parallel, self.weight)
         output = reduce_from_model_parallel_region(output_parallel)

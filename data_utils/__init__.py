@@ -1,0 +1,24 @@
+"""The data path: tokenizers, corpus aliases, lazily cached corpora, splits, datasets and loaders.
+
+Public surface::
+
+    tokenizer = make_tokenizer("GPT2BPETokenizer", cache_dir="cache")
+    train, valid, test = build_gpt2_datasets(["shakespeare"], None, None, "949,50,1", 1024, tokenizer,
+                                             lazy=True, cache_dir="cache", seed=1234)
+    batches = make_data_loader(train, batch_size=8, dp_rank=0, dp_size=1, seed=1234)
+    next(batches)["text"]  # LongTensor [8, 1025]; batches.state_dict() -> {"consumed_samples": 8}
+
+Every user mistake raises ``DataError`` (a ``ValueError``) with a one-line message.
+"""
+
+from data_utils.corpora import NAMED_CORPORA, read_loose_json, resolve_corpus
+from data_utils.datasets import GPT2Dataset, build_gpt2_datasets, parse_split
+from data_utils.errors import DataError
+from data_utils.samplers import DataIterator, DistributedBatchSampler, SequentialBatchSampler, make_data_loader
+from data_utils.tokenization import Tokenizer, make_tokenizer
+
+__all__ = [
+    "NAMED_CORPORA", "DataError", "DataIterator", "DistributedBatchSampler", "GPT2Dataset", "SequentialBatchSampler",
+    "Tokenizer", "build_gpt2_datasets", "make_data_loader", "make_tokenizer", "parse_split", "read_loose_json",
+    "resolve_corpus",
+]

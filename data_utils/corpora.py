@@ -1,0 +1,156 @@
+"""Corpus aliases and loose json reading.
+
+``--train-data wikipedia`` names a corpus by alias; its files are configured outside the code:
+
+- ``MEGATRON_CORPUS_<ALIAS>=PATH`` (alias upper-cased, other characters as ``_``); several files
+  separated by ``os.pathsep`` (``:`` on Linux);
+- ``MEGATRON_CORPORA=/path/to/corpora.json``, a json object mapping alias -> path or list of paths
+  (relative paths are taken from the json file's folder); it may define new aliases too;
+- built-in defaults: ``shakespeare`` is ``CACHE_DIR/shakespeare.json``, as written by
+  ``tools/fetch_sample_data.py``.
+
+The per-alias variable wins over the json file, which wins over the default. A path to an existing
+file is always accepted as is. Corpora are loose json: one object per line, text under ``text_key``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+
+from data_utils.errors import DataError
+
+CORPORA_ENV = "MEGATRON_CORPORA"
+CORPUS_ENV_PREFIX = "MEGATRON_CORPUS_"
+
+NAMED_CORPORA: dict[str, str] = {
+    "wikipedia": "English Wikipedia as loose json (WikiExtractor --json), cleaned",
+    "webtext": "OpenWebText-style web pages as loose json (see openwebtext/)",
+    "shakespeare": "Project Gutenberg Shakespeare from tools/fetch_sample_data.py (CACHE_DIR/shakespeare.json)",
+}
+_DEFAULT_FILES = {"shakespeare": "shakespeare.json"}  # relative to cache_dir
+
+
+def corpus_env_var(alias: str) -> str:
+    """The environment variable that sets ``alias``'s files."""
+    return CORPUS_ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", alias.upper())
+
+
+def _json_aliases() -> tuple[dict[str, list[str]], str | None]:
+    """Aliases from the json file named by MEGATRON_CORPORA (paths made absolute), and that file."""
+    config = os.environ.get(CORPORA_ENV)
+    if not config:
+        return {}, None
+    try:
+        with open(config, encoding="utf-8") as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{CORPORA_ENV}={config}: no such file; point it at a json object alias -> path(s)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{config}:{exc.lineno}: not valid JSON ({exc.msg}); it must map alias -> path(s)") from None
+    if not isinstance(table, dict):
+        raise DataError(f"{config}: expected a json object mapping alias -> path or list of paths")
+    base = os.path.dirname(os.path.abspath(config))
+    aliases = {}
+    for alias, value in table.items():
+        paths = [value] if isinstance(value, str) else value
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or not paths:
+            raise DataError(f"{config}: alias {alias!r} must map to a path or a non-empty list of paths")
+        aliases[alias.lower()] = [os.path.join(base, os.path.expanduser(p)) for p in paths]
+    return aliases, config
+
+
+def known_corpora() -> list[str]:
+    """Every alias defined right now: built-in, json file and environment."""
+    names = set(NAMED_CORPORA) | set(_json_aliases()[0])
+    names |= {k[len(CORPUS_ENV_PREFIX):].lower() for k in os.environ if k.startswith(CORPUS_ENV_PREFIX)}
+    return sorted(names)
+
+
+def _lookup(alias: str, cache_dir: str | None) -> tuple[list[str], str] | None:
+    """(paths, where they were set) for ``alias``, or None when nothing defines it."""
+    var = corpus_env_var(alias)
+    if os.environ.get(var):
+        return [os.path.expanduser(p) for p in os.environ[var].split(os.pathsep) if p], var
+    table, config = _json_aliases()
+    if alias in table:
+        return table[alias], f"{config} ({CORPORA_ENV})"
+    if alias in _DEFAULT_FILES and cache_dir is not None:
+        return [os.path.join(cache_dir, _DEFAULT_FILES[alias])], "the default under --cache-dir"
+    return None
+
+
+def resolve_corpus(name_or_path: str, cache_dir: str | None = None) -> list[str]:
+    """Files of a corpus: ``name_or_path`` itself if it is a file, else the alias's configured files."""
+    if os.path.isfile(name_or_path):
+        return [name_or_path]
+    alias = name_or_path.lower()
+    how_to = f"set {corpus_env_var(alias)}=PATH or map it in the json file named by {CORPORA_ENV}"
+    found = _lookup(alias, cache_dir)
+    if found is None:
+        if alias in NAMED_CORPORA:
+            raise DataError(f"corpus alias {name_or_path!r} has no files configured; {how_to}")
+        raise DataError(
+            f"{name_or_path!r} is neither an existing file nor a known corpus alias "
+            f"(known: {', '.join(known_corpora())}); {how_to}"
+        )
+    paths, source = found
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        hint = " (run `python tools/fetch_sample_data.py --cache-dir DIR`)" if alias in _DEFAULT_FILES else ""
+        raise DataError(
+            f"corpus alias {name_or_path!r} points to {', '.join(missing)}, which does not exist "
+            f"(set by {source}){hint}; {how_to}"
+        )
+    return paths
+
+
+def resolve_corpora(names: list[str], cache_dir: str | None = None) -> list[str]:
+    """``resolve_corpus`` over several names, in order."""
+    return [path for name in names for path in resolve_corpus(name, cache_dir)]
+
+
+def read_loose_json(path: str, text_key: str = "text",
+                    on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+    """The ``text_key`` string of each json object line of ``path``; blank lines are skipped.
+
+    ``on_bytes(n)`` is called with the size of each line read (for a progress bar).
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise DataError(
+            f"cannot open corpus {path}: {exc.strerror}; check --train-data/--valid-data/--test-data"
+        ) from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            if on_bytes is not None:
+                on_bytes(len(raw))
+            if not raw.strip():
+                continue
+            yield _text_of_line(raw, path, lineno, text_key)
+
+
+def _text_of_line(raw: bytes, path: str, lineno: int, text_key: str) -> str:
+    try:
+        record = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+            "loose json needs one complete json object per line"
+        ) from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{lineno}: expected a json object, got {type(record).__name__}")
+    if text_key not in record:
+        present = ", ".join(repr(k) for k in record) or "none"
+        raise DataError(
+            f"{path}:{lineno}: no key {text_key!r} (keys present: {present}); pass --text-key with the right key"
+        )
+    text = record[text_key]
+    if not isinstance(text, str):
+        raise DataError(f"{path}:{lineno}: key {text_key!r} holds a {type(text).__name__}, expected a string")
+    return text

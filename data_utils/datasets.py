@@ -1,0 +1,185 @@
+"""Deterministic train/valid/test splits and the GPT2 windowed dataset.
+
+``--split 949,50,1`` gives each document of the training corpora to train, valid or test by a hash
+of (``--seed``, the document's index in its corpus) compared with the cumulative fractions. The
+split is the same on every run with the same seed, and appending documents to a corpus never moves
+the earlier ones to another split.
+
+A split's documents form one token stream, each followed by the end-of-document id, cut into
+windows of ``seq_length + 1`` tokens; consecutive windows share one boundary token, so sample ``i``
+holds stream tokens ``[i * seq_length, i * seq_length + seq_length + 1)`` (inputs are
+``text[:-1]``, labels ``text[1:]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_utils.corpora import resolve_corpora
+from data_utils.errors import DataError
+from data_utils.lazy_loader import InMemoryCorpus, LazyCorpus, load_corpus
+from data_utils.tokenization import Tokenizer
+
+logger = logging.getLogger(__name__)
+SPLIT_NAMES = ("train", "valid", "test")
+_MASK64 = (1 << 64) - 1
+
+
+def parse_split(split: str) -> tuple[float, float, float]:
+    """Normalised (train, valid, test) fractions from ``"949,50,1"``, ``"95,5"`` or ``"1"`` (``/`` also separates)."""
+    fields = [f.strip() for f in split.replace("/", ",").split(",")]
+    try:
+        weights = [float(f) for f in fields]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise DataError(
+            f"--split {split!r}: expected 1 to 3 non-negative numbers with a positive sum, e.g. 949,50,1"
+        )
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    return weights[0] / total, weights[1] / total, weights[2] / total
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def document_hashes(num_docs: int, seed: int) -> np.ndarray:
+    """A uniform float in [0, 1) per document index, a pure function of (seed, index)."""
+    seed_key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
+    h = _splitmix64(np.arange(num_docs, dtype=np.uint64) ^ seed_key)
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def assign_splits(num_docs: int, fractions: Sequence[float], seed: int) -> np.ndarray:
+    """Split number (0 train, 1 valid, 2 test) of each of ``num_docs`` documents."""
+    bounds = np.cumsum(np.asarray(fractions, dtype=np.float64))
+    bounds /= bounds[-1]  # trailing zero fractions give bounds of exactly 1.0
+    return np.searchsorted(bounds[:-1], document_hashes(num_docs, seed), side="right").astype(np.int8)
+
+
+class Documents:
+    """Chosen documents of several corpora as one sequence: ``parts`` is ``[(corpus, indices)]``."""
+
+    def __init__(self, parts: list[tuple[Any, np.ndarray]]) -> None:
+        self.parts = [(corpus, np.asarray(idx, dtype=np.int64)) for corpus, idx in parts]
+        counts = [len(idx) for _, idx in self.parts]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.lengths = (np.concatenate([corpus.lengths[idx] for corpus, idx in self.parts])
+                        if self.parts else np.zeros(0, dtype=np.int64)).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        part = int(np.searchsorted(self._starts, i, side="right")) - 1
+        corpus, idx = self.parts[part]
+        return corpus[int(idx[i - self._starts[part]])]
+
+
+class GPT2Dataset(torch.utils.data.Dataset):
+    """Windows of ``seq_length + 1`` tokens over documents joined by ``eod``; ``{'text': int64 array}``.
+
+    ``docs`` is any sequence of 1-D token arrays (with a ``lengths`` array, or it is computed).
+    Only the cumulative lengths are precomputed; a sample reads just the documents it overlaps.
+    """
+
+    def __init__(self, docs: Sequence[np.ndarray], seq_length: int, eod: int, name: str = "train") -> None:
+        if seq_length < 1:
+            raise DataError(f"--seq-length must be positive, got {seq_length}")
+        lengths = getattr(docs, "lengths", None)
+        self.lengths = np.asarray(lengths if lengths is not None else [len(d) for d in docs], dtype=np.int64)
+        self.docs, self.seq_length, self.eod, self.name = docs, seq_length, eod, name
+        self.ends = np.cumsum(self.lengths + 1)  # exclusive end of document j's tokens + its eod
+        self.num_tokens = int(self.ends[-1]) if len(self.ends) else 0
+        self.num_samples = (self.num_tokens - 1) // seq_length if self.num_tokens > seq_length else 0
+        if self.num_samples == 0:
+            raise DataError(
+                f"the {name} split has {self.num_tokens} tokens in {len(self.lengths)} documents, fewer than the "
+                f"{seq_length + 1} one sample needs (--seq-length {seq_length}); use more data, a shorter "
+                f"--seq-length or a larger {name} share in --split"
+            )
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if i < 0:
+            i += self.num_samples
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        need = self.seq_length + 1
+        out = np.empty(need, dtype=np.int64)
+        pos = i * self.seq_length
+        d = int(np.searchsorted(self.ends, pos, side="right"))  # first document ending after pos
+        filled = 0
+        while filled < need:
+            local = pos - (int(self.ends[d]) - int(self.lengths[d]) - 1)
+            if local < self.lengths[d]:
+                take = min(int(self.lengths[d]) - local, need - filled)
+                out[filled:filled + take] = self.docs[d][local:local + take]
+            else:
+                take = 1
+                out[filled] = self.eod
+                d += 1
+            filled += take
+            pos += take
+        return {"text": out}
+
+
+def _split_parts(names: list[str] | None, cache_dir: str | None, load) -> list[tuple[Any, np.ndarray]] | None:
+    """Every document of the named corpora, or None when no names are given."""
+    if not names:
+        return None
+    corpora = [load(path) for path in resolve_corpora(names, cache_dir)]
+    return [(c, np.arange(len(c))) for c in corpora]
+
+
+def build_gpt2_datasets(train_data: list[str] | None, valid_data: list[str] | None, test_data: list[str] | None,
+                        split: str, seq_length: int, tokenizer: Tokenizer, lazy: bool, cache_dir: str | None,
+                        seed: int, text_key: str = "text", group: Any = None
+                        ) -> tuple[GPT2Dataset | None, GPT2Dataset | None, GPT2Dataset | None]:
+    """(train, valid, test) GPT2 datasets; a split without documents is None.
+
+    ``train_data`` (aliases or paths) is split by ``split`` and ``seed``; ``valid_data``/``test_data``,
+    when given, serve whole as those splits instead of the train data's share, which then goes
+    unused. With ``lazy``, each corpus is tokenized once into ``cache_dir`` by the first rank of
+    ``group`` (default: every rank) while the others wait; every rank of that group must call this.
+    """
+    fractions = parse_split(split)
+    loaded: dict[str, InMemoryCorpus | LazyCorpus] = {}
+
+    def load(path: str) -> InMemoryCorpus | LazyCorpus:
+        if path not in loaded:
+            loaded[path] = load_corpus(path, tokenizer, lazy, cache_dir, text_key, group)
+        return loaded[path]
+
+    parts: list[list[tuple[Any, np.ndarray]]] = [[], [], []]
+    for corpus, idx in _split_parts(train_data, cache_dir, load) or []:
+        which = assign_splits(len(idx), fractions, seed)
+        for s in range(3):
+            parts[s].append((corpus, idx[which == s]))
+    for s, names in ((1, valid_data), (2, test_data)):
+        given = _split_parts(names, cache_dir, load)
+        if given is not None:
+            parts[s] = given
+    datasets: list[GPT2Dataset | None] = []
+    for name, split_parts in zip(SPLIT_NAMES, parts, strict=True):
+        docs = Documents(split_parts)
+        dataset = GPT2Dataset(docs, seq_length, tokenizer.eod, name) if len(docs) else None
+        if dataset is not None:
+            logger.info("%s: %d documents, %d tokens, %d samples of %d tokens", name, len(docs),
+                        dataset.num_tokens, len(dataset), seq_length + 1)
+        datasets.append(dataset)
+    return datasets[0], datasets[1], datasets[2]

@@ -1,0 +1,11 @@
+"""The one exception the data path raises for user mistakes."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad data input: a missing file, a malformed line, an unknown alias or tokenizer.
+
+    The message is a single line that names the file, line or key at fault and says what to do,
+    so an entry script can print it and exit non-zero without a traceback.
+    """

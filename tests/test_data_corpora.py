@@ -1,0 +1,121 @@
+"""Corpus aliases set from the environment or a json file, and loose json reading errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from data_utils.corpora import known_corpora, read_loose_json, resolve_corpus
+from data_utils.errors import DataError
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("MEGATRON_CORPUS"):
+            monkeypatch.delenv(key)
+
+
+def touch(path) -> str:
+    path.write_text('{"text": "x"}\n')
+    return str(path)
+
+
+def test_existing_path_is_taken_as_is(tmp_path):
+    path = touch(tmp_path / "wikipedia")  # a file wins over the alias of the same name
+    assert resolve_corpus(path) == [path]
+
+
+def test_alias_from_its_own_variable_with_several_files(tmp_path, monkeypatch):
+    a, b = touch(tmp_path / "a.json"), touch(tmp_path / "b.json")
+    monkeypatch.setenv("MEGATRON_CORPUS_WIKIPEDIA", a + os.pathsep + b)
+    assert resolve_corpus("wikipedia") == [a, b]
+    assert resolve_corpus("Wikipedia") == [a, b]
+
+
+def test_alias_from_json_file_relative_paths_and_new_aliases(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    web = touch(tmp_path / "data" / "web.json")
+    books = touch(tmp_path / "data" / "books.json")
+    config = tmp_path / "corpora.json"
+    config.write_text(json.dumps({"webtext": "data/web.json", "my-books": ["data/books.json", web]}))
+    monkeypatch.setenv("MEGATRON_CORPORA", str(config))
+    assert resolve_corpus("webtext") == [os.path.join(str(tmp_path), "data/web.json")]
+    assert [os.path.realpath(p) for p in resolve_corpus("my-books")] == [books, web]
+    assert "my-books" in known_corpora()
+    other = touch(tmp_path / "other.json")
+    monkeypatch.setenv("MEGATRON_CORPUS_WEBTEXT", other)  # the per-alias variable wins
+    assert resolve_corpus("webtext") == [other]
+
+
+def test_shakespeare_defaults_to_the_fetched_file(tmp_path):
+    path = touch(tmp_path / "shakespeare.json")
+    assert resolve_corpus("shakespeare", cache_dir=str(tmp_path)) == [path]
+    with pytest.raises(DataError, match="fetch_sample_data.py"):
+        resolve_corpus("shakespeare", cache_dir=str(tmp_path / "empty"))
+
+
+def test_unknown_alias_lists_known_ones_and_how_to_set_one():
+    with pytest.raises(DataError) as err:
+        resolve_corpus("bookcorpus2")
+    msg = str(err.value)
+    assert "known: shakespeare, webtext, wikipedia" in msg
+    assert "MEGATRON_CORPUS_BOOKCORPUS2=PATH" in msg and "MEGATRON_CORPORA" in msg
+
+
+def test_builtin_alias_without_files_and_alias_to_missing_file(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="'webtext' has no files configured; set MEGATRON_CORPUS_WEBTEXT"):
+        resolve_corpus("webtext")
+    monkeypatch.setenv("MEGATRON_CORPUS_WEBTEXT", str(tmp_path / "gone.json"))
+    with pytest.raises(DataError, match="gone.json, which does not exist .set by MEGATRON_CORPUS_WEBTEXT"):
+        resolve_corpus("webtext")
+
+
+def test_bad_corpora_json(tmp_path, monkeypatch):
+    config = tmp_path / "corpora.json"
+    config.write_text('{"a": "x.json",\n "b": }')
+    monkeypatch.setenv("MEGATRON_CORPORA", str(config))
+    with pytest.raises(DataError, match=r"corpora.json:2: not valid JSON"):
+        resolve_corpus("a")
+    config.write_text('{"a": 3}')
+    with pytest.raises(DataError, match="alias 'a' must map to a path"):
+        resolve_corpus("a")
+
+
+def test_loose_json_skips_blank_lines(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"text": "one"}\n\n   \n{"text": "two", "title": "t"}\n{"body": "three", "text": ""}')
+    assert list(read_loose_json(str(path))) == ["one", "two", ""]
+    with pytest.raises(DataError, match=r"c.json:1: no key 'title'"):
+        list(read_loose_json(str(path), text_key="title"))
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n')
+    with pytest.raises(DataError) as err:
+        list(read_loose_json(str(path)))
+    assert str(err.value).startswith(f"{path}:3: not valid JSON")
+
+
+def test_missing_key_names_file_line_key_and_keys_present(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"text": "one"}\n{"title": "t", "body": "two"}\n')
+    with pytest.raises(DataError) as err:
+        list(read_loose_json(str(path)))
+    assert str(err.value) == (f"{path}:2: no key 'text' (keys present: 'title', 'body'); "
+                              "pass --text-key with the right key")
+
+
+def test_non_object_and_non_string_values(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('["text"]\n')
+    with pytest.raises(DataError, match=":1: expected a json object, got list"):
+        list(read_loose_json(str(path)))
+    path.write_text('{"text": ["a"]}\n')
+    with pytest.raises(DataError, match=":1: key 'text' holds a list"):
+        list(read_loose_json(str(path)))
+    with pytest.raises(DataError, match="cannot open corpus"):
+        list(read_loose_json(str(tmp_path / "missing.json")))

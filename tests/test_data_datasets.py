@@ -1,0 +1,117 @@
+"""--split parsing and assignment, GPT2Dataset windows, build_gpt2_datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_utils import build_gpt2_datasets, parse_split
+from data_utils.datasets import Documents, GPT2Dataset, assign_splits
+from data_utils.errors import DataError
+from data_utils.lazy_loader import InMemoryCorpus
+from tests.test_data_common import ByteTokenizer, write_jsonl
+
+
+@pytest.mark.parametrize("split, expected", [
+    ("949,50,1", (0.949, 0.05, 0.001)), ("95,5", (0.95, 0.05, 0.0)), ("1", (1.0, 0.0, 0.0)),
+    ("0.8/0.1/0.1", (0.8, 0.1, 0.1)), ("2, 1, 1", (0.5, 0.25, 0.25)),
+])
+def test_parse_split(split, expected):
+    np.testing.assert_allclose(parse_split(split), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("split", ["", "a,b", "1,2,3,4", "-1,2", "0,0", "nan"])
+def test_parse_split_errors(split):
+    with pytest.raises(DataError, match="--split"):
+        parse_split(split)
+
+
+def test_split_deterministic_for_a_seed_and_proportional():
+    fractions = parse_split("949,50,1")
+    a, b = assign_splits(20000, fractions, seed=1234), assign_splits(20000, fractions, seed=1234)
+    np.testing.assert_array_equal(a, b)
+    other = assign_splits(20000, fractions, seed=4321)
+    assert (a != other).sum() > 500  # another seed picks other documents
+    counts = np.bincount(a, minlength=3) / 20000
+    np.testing.assert_allclose(counts, fractions, atol=0.006)
+
+
+def test_split_stable_when_documents_are_appended():
+    fractions = parse_split("80,10,10")
+    small, large = assign_splits(1000, fractions, seed=7), assign_splits(5000, fractions, seed=7)
+    np.testing.assert_array_equal(small, large[:1000])
+    assert set(np.unique(large[1000:]).tolist()) == {0, 1, 2}
+
+
+def test_zero_fractions_get_no_documents():
+    assert np.unique(assign_splits(5000, parse_split("1"), 3)).tolist() == [0]
+    assert np.unique(assign_splits(5000, parse_split("95,5"), 3)).tolist() == [0, 1]
+    assert np.unique(assign_splits(5000, parse_split("0,1"), 3)).tolist() == [1]
+
+
+def _docs(*docs):
+    return [np.array(d, dtype=np.uint16) for d in docs]
+
+
+def test_gpt2_windows_exact_content_with_eod_joins():
+    ds = GPT2Dataset(_docs([1, 2, 3], [4, 5], [6, 7, 8, 9]), seq_length=3, eod=0)
+    # stream: 1 2 3 0 | 4 5 0 | 6 7 8 9 0  (12 tokens) -> (12 - 1) // 3 = 3 windows of 4
+    assert len(ds) == 3
+    assert [ds[i]["text"].tolist() for i in range(3)] == [[1, 2, 3, 0], [0, 4, 5, 0], [0, 6, 7, 8]]
+    assert ds[-1]["text"].dtype == np.int64 and ds[-1]["text"].tolist() == [0, 6, 7, 8]
+    with pytest.raises(IndexError):
+        ds[3]
+
+
+def test_gpt2_windows_match_a_naive_stream():
+    rng = np.random.default_rng(0)
+    docs = _docs(*[rng.integers(1, 300, size=n) for n in [0, 17, 1, 0, 40, 5, 63, 2]])
+    stream = np.concatenate([np.append(d.astype(np.int64), 999) for d in docs])
+    for seq_length in (1, 4, 16, 31):
+        ds = GPT2Dataset(docs, seq_length, eod=999)
+        assert len(ds) == (len(stream) - 1) // seq_length
+        for i in range(len(ds)):
+            np.testing.assert_array_equal(ds[i]["text"], stream[i * seq_length:i * seq_length + seq_length + 1])
+
+
+def test_too_few_tokens_names_the_split():
+    with pytest.raises(DataError, match=r"the valid split has 6 tokens in 2 documents, fewer than the 9"):
+        GPT2Dataset(_docs([1, 2], [3, 4]), seq_length=8, eod=0, name="valid")
+
+
+def test_documents_view_over_several_corpora():
+    a, b = InMemoryCorpus(_docs([1], [2, 2], [3, 3, 3])), InMemoryCorpus(_docs([4], [5, 5]))
+    docs = Documents([(a, np.array([2, 0])), (b, np.array([1]))])
+    assert len(docs) == 3 and docs.lengths.tolist() == [3, 1, 2]
+    assert [docs[i].tolist() for i in range(3)] == [[3, 3, 3], [1], [5, 5]]
+
+
+def _corpus(path, n, tag):
+    return write_jsonl(path, [f"{tag} document {i} " + "w" * (i % 7) for i in range(n)])
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_build_splits_train_data_by_seed(tmp_path, lazy):
+    a, b = _corpus(tmp_path / "a.json", 60, "A"), _corpus(tmp_path / "b.json", 40, "B")
+    tok = ByteTokenizer()
+    train, valid, test = build_gpt2_datasets([a, b], None, None, "70,20,10", 8, tok, lazy, str(tmp_path), seed=5)
+    fa, fb = assign_splits(60, parse_split("70,20,10"), 5), assign_splits(40, parse_split("70,20,10"), 5)
+    for split, ds in enumerate((train, valid, test)):
+        expected = [f"A document {i} " + "w" * (i % 7) for i in np.flatnonzero(fa == split)]
+        expected += [f"B document {i} " + "w" * (i % 7) for i in np.flatnonzero(fb == split)]
+        assert [tok.decode(ds.docs[j]) for j in range(len(ds.docs))] == expected
+        stream = b"".join(t.encode() + b"\x00" for t in expected)  # eod 256 shown as 0 below
+        window = ds[0]["text"].tolist()
+        assert bytes(t if t < 256 else 0 for t in window) == stream[:9]
+
+
+def test_build_uses_given_valid_and_test_data_and_none_for_empty_splits(tmp_path):
+    a = _corpus(tmp_path / "a.json", 50, "A")
+    v, t = _corpus(tmp_path / "v.json", 5, "V"), _corpus(tmp_path / "t.json", 3, "T")
+    tok = ByteTokenizer()
+    train, valid, test = build_gpt2_datasets([a], [v], [t], "949,50,1", 8, tok, True, str(tmp_path), seed=5)
+    assert len(valid.docs) == 5 and tok.decode(valid.docs[4]) == "V document 4 wwww"
+    assert len(test.docs) == 3
+    assert len(train.docs) == int((assign_splits(50, parse_split("949,50,1"), 5) == 0).sum())
+    train, valid, test = build_gpt2_datasets([a], None, None, "1,0,0", 8, tok, False, None, seed=5)
+    assert len(train.docs) == 50 and valid is None and test is None

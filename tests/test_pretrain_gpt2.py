@@ -1,0 +1,166 @@
+"""GPT2 pretraining end to end on CPU: layouts agree, resume is exact, bad input fails clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed import run_distributed
+from tests.test_data_common import write_jsonl, write_tiny_gpt2
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "the cat sat on the mat while the dog ran with other dogs around the world".split()
+
+
+def _corpus(folder) -> str:
+    docs = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(20 + (i % 13))) for i in range(160)]
+    return write_jsonl(os.path.join(folder, "corpus.json"), docs)
+
+
+def _base_args(folder, **overrides) -> list[str]:
+    vocab, merges = write_tiny_gpt2(str(folder))
+    flags = {
+        "--num-layers": 2, "--hidden-size": 32, "--num-attention-heads": 4, "--seq-length": 16,
+        "--max-position-embeddings": 16, "--batch-size": 4, "--train-iters": 20, "--lr": 1e-3,
+        "--warmup": 0.1, "--lr-decay-style": "cosine", "--train-data": _corpus(folder), "--split": "8,1,1",
+        "--vocab-file": vocab, "--merge-file": merges, "--cache-dir": os.path.join(folder, "cache"),
+        "--log-interval": 1, "--eval-interval": 10, "--eval-iters": 2, "--num-workers": 0,
+        "--hidden-dropout": 0.0, "--attention-dropout": 0.0, "--seed": 5,
+    }
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(key)
+        elif value is not None and value is not False:
+            argv += [key, str(value)]
+    return argv
+
+
+def _train(argv: list[str]) -> dict:
+    import pretrain_gpt2
+    from arguments import get_args
+    from training import pretrain
+
+    args = get_args(argv)
+    return pretrain(args, pretrain_gpt2.model_provider, pretrain_gpt2.data_provider,
+                    pretrain_gpt2.forward_step_provider)
+
+
+def _metrics(log_dir, split="train") -> list[dict]:
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def _losses(log_dir) -> dict[int, float]:
+    return {r["iteration"]: r["lm_loss"] for r in _metrics(log_dir)}
+
+
+@pytest.mark.slow
+def test_single_model_data_and_hybrid_parallel_runs_give_the_same_losses(tmp_path):
+    layouts = {  # name: (world size, model-parallel size, per-rank batch) with a global batch of 4
+        "single": (1, 1, 4), "mp2": (2, 2, 4), "dp2": (2, 1, 2), "mp2xdp2": (4, 2, 2),
+    }
+    losses = {}
+    for name, (world, mp, batch) in layouts.items():
+        log_dir = str(tmp_path / name)
+        argv = _base_args(tmp_path, **{"--model-parallel-size": mp, "--batch-size": batch, "--log-dir": log_dir})
+        run_distributed(_train, world, argv)
+        losses[name] = _losses(log_dir)
+    reference = losses["single"]
+    assert sorted(reference) == list(range(1, 21))
+    assert reference[20] < reference[1] - 0.5, "the loss should fall on this repetitive corpus"
+    for name in ("mp2", "dp2", "mp2xdp2"):
+        for iteration, value in reference.items():
+            assert losses[name][iteration] == pytest.approx(value, abs=1e-4), (name, iteration)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,mp", [(1, 1), (2, 2)])
+def test_stopped_and_resumed_run_matches_an_unbroken_one_bitwise(tmp_path, world, mp):
+    common = {"--model-parallel-size": mp, "--hidden-dropout": 0.1, "--attention-dropout": 0.1,
+              "--checkpoint-activations": True, "--resume-dataloader": True}
+    unbroken = str(tmp_path / "unbroken")
+    run_distributed(_train, world, _base_args(tmp_path, **common, **{"--log-dir": unbroken}))
+    ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
+    first = _base_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10, "--log-dir": resumed})
+    run_distributed(_train, world, first)
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip() == "10"
+    second = _base_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt, "--log-dir": resumed})
+    run_distributed(_train, world, second)
+    expected, got = _losses(unbroken), _losses(resumed)
+    assert sorted(got) == list(range(1, 21))
+    for iteration in range(1, 21):
+        assert got[iteration] == expected[iteration], iteration  # bitwise in fp32
+
+
+@pytest.mark.slow
+def test_metrics_file_has_the_documented_fields(tmp_path):
+    log_dir = str(tmp_path / "logs")
+    results = run_distributed(_train, 1, _base_args(tmp_path, **{"--log-dir": log_dir, "--train-iters": 10}))[0]
+    train = _metrics(log_dir)
+    assert [r["iteration"] for r in train] == list(range(1, 11))
+    for record in train:
+        assert {"iteration", "split", "lm_loss", "lr", "loss_scale", "grad_norm", "skipped_iters",
+                "tokens_per_s", "elapsed_s"} <= set(record)
+        assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
+    valid, test = _metrics(log_dir, "valid"), _metrics(log_dir, "test")
+    assert [r["iteration"] for r in valid] == [10] and [r["iteration"] for r in test] == [10]
+    assert valid[0]["ppl"] == pytest.approx(2.718281828 ** valid[0]["lm_loss"], rel=1e-6)
+    assert results["valid"]["lm_loss"] == pytest.approx(valid[0]["lm_loss"])
+
+
+def _run_cli(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pretrain_gpt2.py", *argv], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Non-zero exit, no traceback, and exactly one error line holding every fragment."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    argv = _base_args(tmp_path)
+    corpus = argv[argv.index("--train-data") + 1]
+    with open(corpus, "a") as f:
+        f.write('{"text": "unterminated\n')
+    _assert_one_line_error(_run_cli(argv), corpus, "161")
+
+
+def test_missing_text_key_names_the_key(tmp_path):
+    _assert_one_line_error(_run_cli(_base_args(tmp_path, **{"--text-key": "body"})), "body")
+
+
+def test_unknown_corpus_alias_is_named(tmp_path):
+    _assert_one_line_error(_run_cli(_base_args(tmp_path, **{"--train-data": "no-such-corpus"})), "no-such-corpus")
+
+
+def test_missing_vocabulary_gives_the_fetch_command(tmp_path):
+    argv = _base_args(tmp_path, **{"--vocab-file": None, "--merge-file": None,
+                                   "--cache-dir": str(tmp_path / "empty")})
+    _assert_one_line_error(_run_cli(argv), "tools/fetch_sample_data.py")
+
+
+def test_heads_not_divisible_by_model_parallel_size(tmp_path):
+    argv = _base_args(tmp_path, **{"--num-attention-heads": 3, "--hidden-size": 33, "--model-parallel-size": 2})
+    proc = _run_cli(argv, env={"WORLD_SIZE": "2", "RANK": "0"})
+    _assert_one_line_error(proc, "--num-attention-heads 3 is not divisible by --model-parallel-size 2")
+
+
+def test_checkpoint_of_another_shape_is_refused_naming_both(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_train, 1, _base_args(tmp_path, **{"--save": ckpt, "--train-iters": 2, "--eval-iters": 0}))
+    before = sorted(os.listdir(ckpt))
+    proc = _run_cli(_base_args(tmp_path, **{"--load": ckpt, "--save": ckpt, "--hidden-size": 64}))
+    _assert_one_line_error(proc, "hidden_size=32", "hidden_size=64")
+    assert sorted(os.listdir(ckpt)) == before

