@@ -169,6 +169,9 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(args.seq_length <= args.max_position_embeddings,
            f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive; pick one")
+    half = [flag for flag, on in (("--fp16", args.fp16), ("--bf16", args.bf16)) if on]
+    _check(not half, f"{half[0] if half else ''} is not implemented yet (mixed precision is a pending issue); "
+                     "drop it to train in fp32")
     _check(0.0 <= args.warmup <= 1.0, f"--warmup is a fraction of --lr-decay-iters, got {args.warmup}")
     _check(args.checkpoint_num_layers >= 1, "--checkpoint-num-layers must be at least 1")
     _check(args.batch_size >= 1, "--batch-size must be at least 1")

@@ -344,6 +344,9 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
     """Train until ``--train-iters`` (or ``--exit-interval``); returns the last validation results."""
     stats = _IntervalStats()
     last_valid = None
+    if valid_factory and args.eval_interval and state.iteration == 0:
+        # The starting point, so that a run shows how far its validation loss fell.
+        evaluate_and_print("validation loss", "valid", forward_step, valid_factory, model, args, 0, logger)
     train_start = time.monotonic()
     global_batch = args.batch_size * args.data_parallel_size
     while state.iteration < args.train_iters:

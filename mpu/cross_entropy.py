@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .initialize import get_model_parallel_group, group_rank, group_world_size
 from .utils import VocabUtility
@@ -69,5 +70,13 @@ def vocab_parallel_cross_entropy(
     target: torch.Tensor,
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
-    """Per-token cross entropy of vocabulary-parallel logits ``[..., V/p]`` against ``target [...]``."""
+    """Per-token cross entropy of vocabulary-parallel logits ``[..., V/p]`` against ``target [...]``.
+
+    On a group of one the logits are the whole vocabulary, and torch's fused cross entropy computes
+    the same thing with fewer passes over them.
+    """
+    if group_world_size(group) == 1:
+        logits = vocab_parallel_logits.float()
+        losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
+        return losses.view(target.shape)
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, group)

@@ -15,7 +15,7 @@ def _batch(src):
     """The batch that source rank ``src`` holds; each group's source holds a different one."""
     gen = torch.Generator().manual_seed(src)
     return {
-        "text": torch.randint(0, 50_000, (2, 5), generator=gen) + 2**40,  # beyond float precision
+        "text": torch.randint(-50_000, 50_000, (2, 5), generator=gen) + 2**60,  # beyond float64 precision
         "scalar": torch.tensor(-7 - src),
         "empty": torch.empty(0, 3, dtype=torch.int64),
         "labels": torch.randint(-100, 100, (3,), generator=gen),

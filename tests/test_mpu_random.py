@@ -239,15 +239,21 @@ def _checkpoint_replays_rng():
         x = x0.clone().requires_grad_()
         args = (x, column, row, p_inner, p_outer)
         out = mpu.checkpoint(_block, *args) if use_checkpoint else _block(*args)
+        # Draws between forward and backward must not be undone by the recomputation.
+        between = torch.rand(3)
+        with tracker.fork():
+            between_tracked = torch.rand(3)
         out.backward(grad_out)
-        grads = [x.grad] + [p.grad for p in params]
+        grads = [x.grad, between, between_tracked] + [p.grad for p in params]
         return out.detach(), grads, torch.get_rng_state(), tracker.get_states()
 
     out, grads, rng, states = run(False)
     out_ckpt, grads_ckpt, rng_ckpt, states_ckpt = run(True)
     torch.testing.assert_close(out_ckpt, out, **EXACT)
-    for name, g_ckpt, g in zip(("x", "column.weight", "column.bias", "row.weight", "row.bias"), grads_ckpt, grads):
-        assert torch.equal(g_ckpt, g), f"grad of {name} differs: {(g_ckpt - g).abs().max()}"
+    names = ("x.grad", "draw", "tracked draw", "column.weight.grad", "column.bias.grad", "row.weight.grad",
+             "row.bias.grad")
+    for name, g_ckpt, g in zip(names, grads_ckpt, grads):
+        assert torch.equal(g_ckpt, g), f"{name} differs: {(g_ckpt - g).abs().max()}"
     # Both runs leave the streams at the same, advanced, place.
     assert torch.equal(rng_ckpt, rng) and not torch.equal(rng, rng0)
     assert _states_equal(states_ckpt, states) and not _states_equal(states, tracker0)

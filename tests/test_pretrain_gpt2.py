@@ -109,9 +109,10 @@ def test_metrics_file_has_the_documented_fields(tmp_path):
                 "tokens_per_s", "elapsed_s"} <= set(record)
         assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
     valid, test = _metrics(log_dir, "valid"), _metrics(log_dir, "test")
-    assert [r["iteration"] for r in valid] == [10] and [r["iteration"] for r in test] == [10]
-    assert valid[0]["ppl"] == pytest.approx(2.718281828 ** valid[0]["lm_loss"], rel=1e-6)
-    assert results["valid"]["lm_loss"] == pytest.approx(valid[0]["lm_loss"])
+    assert [r["iteration"] for r in valid] == [0, 10] and [r["iteration"] for r in test] == [10]
+    assert valid[1]["ppl"] == pytest.approx(2.718281828 ** valid[1]["lm_loss"], rel=1e-6)
+    assert results["valid"]["lm_loss"] == pytest.approx(valid[1]["lm_loss"])
+    assert valid[1]["lm_loss"] < valid[0]["lm_loss"]
 
 
 def _run_cli(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
