@@ -52,6 +52,8 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fp32-allreduce", action="store_true", help="all-reduce gradients in fp32")
     group.add_argument("--loss-scale", type=float, default=None,
                        help="static loss scale; dynamic scaling when not given")
+    group.add_argument("--initial-loss-scale", type=float, default=2.0**32,
+                       help="starting dynamic loss scale")
     group.add_argument("--loss-scale-window", type=float, default=1000,
                        help="clean iterations before the dynamic scale grows")
     group.add_argument("--min-scale", type=float, default=1, help="lowest dynamic loss scale")
@@ -169,9 +171,10 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(args.seq_length <= args.max_position_embeddings,
            f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive; pick one")
-    half = [flag for flag, on in (("--fp16", args.fp16), ("--bf16", args.bf16)) if on]
-    _check(not half, f"{half[0] if half else ''} is not implemented yet (mixed precision is a pending issue); "
-                     "drop it to train in fp32")
+    islands = [f for f, on in (("--fp32-embedding", args.fp32_embedding), ("--fp32-layernorm", args.fp32_layernorm),
+                               ("--fp32-tokentypes", args.fp32_tokentypes)) if on]
+    _check(not islands or args.fp16 or args.bf16, f"{islands[0] if islands else ''} only makes sense with --fp16 "
+                                                  "or --bf16")
     _check(0.0 <= args.warmup <= 1.0, f"--warmup is a fraction of --lr-decay-iters, got {args.warmup}")
     _check(args.checkpoint_num_layers >= 1, "--checkpoint-num-layers must be at least 1")
     _check(args.batch_size >= 1, "--batch-size must be at least 1")

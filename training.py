@@ -36,6 +36,8 @@ from checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
+from fp16 import FP16_Module, FP16_Optimizer
+from fp16.loss_scaler import DynamicLossScaler, LossScaler
 from learning_rates import AnnealingLR
 from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_parallel
 
@@ -213,20 +215,23 @@ def _next_batch(iterator: Iterator | None) -> Any:
 
 
 def train_step(
-    forward_step: ForwardStep, iterator: Iterator | None, model: nn.Module, optimizer, scheduler, args
-) -> tuple[dict[str, torch.Tensor], float]:
-    """One iteration: forward, backward, data-parallel reduction, clipping, step. Returns metrics, norm."""
+    forward_step: ForwardStep, iterator: Iterator | None, model: nn.Module, optimizer: FP16_Optimizer, scheduler,
+    args,
+) -> tuple[dict[str, torch.Tensor], float, bool]:
+    """One iteration: forward, scaled backward, data-parallel reduction, clip and step (skipped on overflow).
+
+    Returns the metrics, the gradient norm and whether the step was skipped.
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss, metrics = forward_step(_next_batch(iterator), model)
-    loss.backward()
+    optimizer.backward(loss)
     if isinstance(model, DistributedDataParallel):
         model.allreduce_gradients()
-    max_norm = args.clip_grad if args.clip_grad > 0 else math.inf
-    grad_norm = mpu.clip_grad_norm(model.parameters(), max_norm)
-    optimizer.step()
-    scheduler.step()
-    return metrics, grad_norm
+    grad_norm, skipped = optimizer.step(args.clip_grad if args.clip_grad > 0 else math.inf)
+    if not skipped:
+        scheduler.step()
+    return metrics, grad_norm, skipped
 
 
 def evaluate(forward_step: ForwardStep, make_iterator: Callable[[], Iterator | None],
@@ -264,32 +269,38 @@ class _IntervalStats:
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.count = 0
+        self.stepped = 0
         self.grad_norm = 0.0
         self.start = time.monotonic()
 
-    def add(self, metrics: dict[str, float], grad_norm: float) -> None:
+    def add(self, metrics: dict[str, float], grad_norm: float | None) -> None:
+        """Add one iteration; ``grad_norm`` is ``None`` for a skipped (overflowed) step."""
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
-        self.grad_norm += grad_norm
+        if grad_norm is not None:
+            self.grad_norm += grad_norm
+            self.stepped += 1
         self.count += 1
 
 
-def log_training(stats: _IntervalStats, state: TrainState, args, lr: float, logger: MetricsLogger,
+def log_training(stats: _IntervalStats, state: TrainState, args, optimizer: FP16_Optimizer, logger: MetricsLogger,
                  train_start: float) -> None:
     elapsed = time.monotonic() - stats.start
     n = max(1, stats.count)
     means = {k: v / n for k, v in stats.sums.items()}
     tokens = stats.count * args.batch_size * args.data_parallel_size * args.seq_length
     record = {
-        "iteration": state.iteration, "split": "train", **means, "lr": lr, "loss_scale": 1.0,
-        "grad_norm": stats.grad_norm / n, "skipped_iters": state.skipped_iters,
+        "iteration": state.iteration, "split": "train", **means, "lr": optimizer.param_groups[0]["lr"],
+        "loss_scale": optimizer.loss_scale, "grad_norm": stats.grad_norm / max(1, stats.stepped),
+        "skipped_iters": state.skipped_iters,
         "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": time.monotonic() - train_start,
     }
     losses = " | ".join(f"{k.replace('_', ' ')} {v:.6E}" for k, v in means.items())
     print_rank_0(
         f" iteration {state.iteration:8d}/{args.train_iters:8d} | elapsed time per iteration (ms): "
-        f"{1000 * elapsed / n:.1f} | learning rate {lr:.3E} | {losses} | loss scale 1.0 | "
-        f"grad norm {record['grad_norm']:.3f} | tokens/s {record['tokens_per_s']:.0f} |"
+        f"{1000 * elapsed / n:.1f} | learning rate {record['lr']:.3E} | {losses} | loss scale "
+        f"{record['loss_scale']:.1f} | grad norm {record['grad_norm']:.3f} | skipped iterations "
+        f"{state.skipped_iters} | tokens/s {record['tokens_per_s']:.0f} |"
     )
     logger.write(record)
 
@@ -328,12 +339,39 @@ def _cycle(make: Callable[[], Iterator | None]) -> Iterator:
             raise RuntimeError("evaluation data loader yielded no batch; lower --batch-size")
 
 
+def _fp32_islands(args) -> Callable[[str, nn.Module], bool]:
+    """Which submodules stay fp32 under --fp16/--bf16 (the seed's --fp32-* flags)."""
+    embeddings = (nn.Embedding, mpu.VocabParallelEmbedding, mpu.ParallelEmbedding)
+
+    def keep(name: str, module: nn.Module) -> bool:
+        if isinstance(module, nn.LayerNorm):
+            return args.fp32_layernorm
+        if isinstance(module, embeddings):
+            return args.fp32_tokentypes if "tokentype" in name else args.fp32_embedding
+        return False
+
+    return keep
+
+
+def get_loss_scaler(args) -> LossScaler:
+    """Dynamic scaling under --fp16 unless --loss-scale fixes it; no scaling for fp32 and bf16."""
+    if not args.fp16:
+        return LossScaler(1.0)
+    if args.loss_scale:
+        return LossScaler(args.loss_scale)
+    return DynamicLossScaler(init_scale=args.initial_loss_scale, scale_window=int(args.loss_scale_window),
+                             min_scale=args.min_scale, hysteresis=args.hysteresis)
+
+
 def setup_model_and_optimizer(args, model_provider, padded_vocab_size: int, device: torch.device):
-    model = model_provider(args, padded_vocab_size).to(device)
+    model = model_provider(args, padded_vocab_size)
+    if args.fp16 or args.bf16:
+        model = FP16_Module(model, torch.float16 if args.fp16 else torch.bfloat16, keep_fp32=_fp32_islands(args))
+    model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}: {n_params}",
           flush=True) if mpu.get_data_parallel_rank() == 0 else None
-    optimizer = get_optimizer(model, args)
+    optimizer = FP16_Optimizer(get_optimizer(model, args), get_loss_scaler(args))
     model = wrap_data_parallel(model, args.DDP_impl, device, args.fp32_allreduce)
     scheduler = get_learning_rate_scheduler(optimizer, args)
     return model, optimizer, scheduler
@@ -350,12 +388,13 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
     train_start = time.monotonic()
     global_batch = args.batch_size * args.data_parallel_size
     while state.iteration < args.train_iters:
-        metrics, grad_norm = train_step(forward_step, train_iter, model, optimizer, scheduler, args)
+        metrics, grad_norm, skipped = train_step(forward_step, train_iter, model, optimizer, scheduler, args)
         state.iteration += 1
         state.consumed_samples += global_batch
-        stats.add(_reduce_metrics(metrics), grad_norm)
+        state.skipped_iters += int(skipped)
+        stats.add(_reduce_metrics(metrics), None if skipped else grad_norm)
         if state.iteration % args.log_interval == 0:
-            log_training(stats, state, args, optimizer.param_groups[0]["lr"], logger, train_start)
+            log_training(stats, state, args, optimizer, logger, train_start)
             stats.reset()
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save(args, state, model, optimizer, scheduler)

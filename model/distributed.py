@@ -73,16 +73,33 @@ class DistributedDataParallel(nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict)
 
 
+def _fp32_allreduce_hook(group, bucket):  # unannotated: torch checks annotations, and ours are strings
+    """torch DDP communication hook: average a bucket in fp32 whatever the gradients' dtype."""
+    buffer = bucket.buffer()
+    reduced = buffer.float().div_(dist.get_world_size(group))
+    future = dist.all_reduce(reduced, group=group, async_op=True).get_future()
+
+    def cast_back(fut: torch.futures.Future) -> torch.Tensor:
+        buffer.copy_(fut.value()[0])
+        return buffer
+
+    return future.then(cast_back)
+
+
 def wrap_data_parallel(module: nn.Module, impl: str, device: torch.device, fp32_allreduce: bool) -> nn.Module:
     """Wrap ``module`` for data parallelism with ``--DDP-impl`` ``local`` or ``torch``."""
     if impl == "local":
         return DistributedDataParallel(module, fp32_allreduce=fp32_allreduce)
     if impl == "torch":
         device_ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(
+        group = mpu.get_data_parallel_group()
+        ddp = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=device_ids, output_device=device_ids[0] if device_ids else None,
-            process_group=mpu.get_data_parallel_group(),
+            process_group=group,
         )
+        if fp32_allreduce:
+            ddp.register_comm_hook(group, _fp32_allreduce_hook)
+        return ddp
     raise ValueError(f"unknown --DDP-impl {impl!r}; choose local or torch")
 
 

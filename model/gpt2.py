@@ -41,8 +41,9 @@ class GPT2Model(nn.Module):
         embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (b, s, h)
         hidden = self.transformer(self.embedding_dropout(embeddings), attention_mask)
         # Output layer tied to the input embedding: logits_r = H E_r^T for this rank's vocabulary.
-        hidden_parallel = mpu.copy_to_model_parallel_region(hidden)
-        logits_parallel = torch.nn.functional.linear(hidden_parallel, self.word_embeddings.weight)
+        weight = self.word_embeddings.weight
+        hidden_parallel = mpu.copy_to_model_parallel_region(hidden.to(weight.dtype))
+        logits_parallel = torch.nn.functional.linear(hidden_parallel, weight)
         if self.parallel_output:
             return logits_parallel
         return mpu.gather_from_model_parallel_region(logits_parallel)

@@ -70,6 +70,17 @@ def output_init_method(config: TransformerConfig) -> InitMethod:
     return init_method_normal(config.init_method_std)
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in its parameters' precision, returned in the input's.
+
+    Under ``--fp16 --fp32-layernorm`` its parameters stay fp32 while the activations are fp16.
+    """
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        output = F.layer_norm(input_.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps)
+        return output.to(input_.dtype)
+
+
 class ParallelSelfAttention(nn.Module):
     """Multi-head self-attention with heads split over the model-parallel group.
 
@@ -137,9 +148,9 @@ class ParallelTransformerLayer(nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = ParallelSelfAttention(config)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = ParallelMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -155,7 +166,7 @@ class ParallelTransformer(nn.Module):
         self.checkpoint_activations = config.checkpoint_activations
         self.checkpoint_num_layers = config.checkpoint_num_layers
         self.layers = nn.ModuleList(ParallelTransformerLayer(config) for _ in range(config.num_layers))
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
     def _chunk(self, start: int, end: int) -> Callable[..., torch.Tensor]:
         def run(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -165,7 +176,14 @@ class ParallelTransformer(nn.Module):
 
         return run
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the layers compute in (embeddings may differ under ``--fp32-embedding``)."""
+        return self.final_layernorm.weight.dtype if not self.layers else \
+            self.layers[0].attention.query_key_value.weight.dtype
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        hidden_states = hidden_states.to(self.dtype)
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
             for start in range(0, len(self.layers), self.checkpoint_num_layers):
                 end = min(start + self.checkpoint_num_layers, len(self.layers))

@@ -23,6 +23,7 @@ from .layers import (
     ParallelEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_model_parallel_attributes,
     set_model_parallel_attributes,
 )
 from .mappings import (
@@ -58,6 +59,7 @@ __all__ = [
     "broadcast_data",
     "checkpoint",
     "clip_grad_norm",
+    "copy_model_parallel_attributes",
     "copy_to_model_parallel_region",
     "destroy_model_parallel",
     "divide",

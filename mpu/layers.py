@@ -40,6 +40,16 @@ def set_model_parallel_attributes(
     param.partition_stride = stride
 
 
+def copy_model_parallel_attributes(destination: torch.Tensor, source: torch.Tensor) -> None:
+    """Give ``destination`` (e.g. an fp32 master copy) the layout tags of ``source``."""
+    set_model_parallel_attributes(
+        destination,
+        getattr(source, "model_parallel", False),
+        getattr(source, "partition_dim", -1),
+        getattr(source, "partition_stride", 1),
+    )
+
+
 def _initialize_affine_weight(
     weight: torch.Tensor,
     full_shape: tuple[int, int],

@@ -1,5 +1,8 @@
 import pytest
 import torch
+import torch.distributed as dist
+
+import mpu
 
 
 def pytest_collection_modifyitems(config, items):
@@ -9,3 +12,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def single_process_group():
+    """A gloo group of one (no port needed) with model parallelism of size 1."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mpu.initialize_model_parallel(1)
+    try:
+        yield
+    finally:
+        mpu.destroy_model_parallel()
+        dist.destroy_process_group()

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import mpu
 from checkpointing import (
@@ -20,17 +19,6 @@ from checkpointing import (
     save_checkpoint,
 )
 from tests.distributed import run_distributed
-
-
-@pytest.fixture
-def single_process_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    mpu.initialize_model_parallel(1)
-    try:
-        yield
-    finally:
-        mpu.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def test_layout_and_round_trip(tmp_path, single_process_group):
