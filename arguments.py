@@ -178,6 +178,10 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(0.0 <= args.warmup <= 1.0, f"--warmup is a fraction of --lr-decay-iters, got {args.warmup}")
     _check(args.checkpoint_num_layers >= 1, "--checkpoint-num-layers must be at least 1")
     _check(args.batch_size >= 1, "--batch-size must be at least 1")
+    _check(args.log_interval >= 1, f"--log-interval must be at least 1, got {args.log_interval}")
+    for flag in ("save_interval", "eval_interval", "exit_interval", "eval_iters", "train_iters"):
+        value = getattr(args, flag)
+        _check(value is None or value >= 0, f"--{flag.replace('_', '-')} must not be negative, got {value}")
     if args.device == "cuda":
         _check(torch.cuda.is_available(), "--device cuda but torch sees no CUDA device; use --device cpu")
     if args.distributed_backend == "nccl":

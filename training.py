@@ -368,23 +368,45 @@ def setup_model_and_optimizer(args, model_provider, padded_vocab_size: int, devi
     if args.fp16 or args.bf16:
         model = FP16_Module(model, torch.float16 if args.fp16 else torch.bfloat16, keep_fp32=_fp32_islands(args))
     model = model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}: {n_params}",
-          flush=True) if mpu.get_data_parallel_rank() == 0 else None
+    if mpu.get_data_parallel_rank() == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}: {n_params}",
+              flush=True)
     optimizer = FP16_Optimizer(get_optimizer(model, args), get_loss_scaler(args))
     model = wrap_data_parallel(model, args.DDP_impl, device, args.fp32_allreduce)
     scheduler = get_learning_rate_scheduler(optimizer, args)
     return model, optimizer, scheduler
 
 
+@dataclasses.dataclass
+class _RunOutcome:
+    """How ``_train`` ended: the last validation results (and their iteration), and whether it exited early."""
+
+    valid: dict[str, float] | None = None
+    valid_iteration: int | None = None
+    exited: bool = False
+
+
 def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory,
-           logger) -> dict[str, float] | None:
-    """Train until ``--train-iters`` (or ``--exit-interval``); returns the last validation results."""
-    stats = _IntervalStats()
-    last_valid = None
+           logger) -> _RunOutcome:
+    """Train until ``--train-iters`` or an ``--exit-interval``, saving on schedule and at the end."""
+    outcome = _RunOutcome()
+    saved_at = state.iteration  # what --load gave us is on disk already
+
+    def checkpoint() -> None:
+        nonlocal saved_at
+        if args.save and saved_at != state.iteration:
+            save(args, state, model, optimizer, scheduler)
+            saved_at = state.iteration
+
+    def validate() -> None:
+        outcome.valid = evaluate_and_print("validation loss", "valid", forward_step, valid_factory, model, args,
+                                           state.iteration, logger)
+        outcome.valid_iteration = state.iteration
+
     if valid_factory and args.eval_interval and state.iteration == 0:
-        # The starting point, so that a run shows how far its validation loss fell.
-        evaluate_and_print("validation loss", "valid", forward_step, valid_factory, model, args, 0, logger)
+        validate()  # the starting point, so that a run shows how far its validation loss fell
+    stats = _IntervalStats()
     train_start = time.monotonic()
     global_batch = args.batch_size * args.data_parallel_size
     while state.iteration < args.train_iters:
@@ -396,17 +418,17 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
         if state.iteration % args.log_interval == 0:
             log_training(stats, state, args, optimizer, logger, train_start)
             stats.reset()
-        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
-            save(args, state, model, optimizer, scheduler)
+        if args.save_interval and state.iteration % args.save_interval == 0:
+            checkpoint()
         if valid_factory and args.eval_interval and state.iteration % args.eval_interval == 0:
-            last_valid = evaluate_and_print("validation loss", "valid", forward_step, valid_factory, model,
-                                            args, state.iteration, logger)
-        if args.exit_interval and state.iteration % args.exit_interval == 0:
-            if args.save and state.iteration % args.save_interval != 0:
-                save(args, state, model, optimizer, scheduler)
+            validate()
+        if args.exit_interval and state.iteration % args.exit_interval == 0 and state.iteration < args.train_iters:
+            checkpoint()
             print_rank_0(f"exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
-            return last_valid
-    return last_valid
+            outcome.exited = True
+            return outcome
+    checkpoint()
+    return outcome
 
 
 def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict[str, Any]:
@@ -428,26 +450,18 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
     forward_step = forward_step_provider(args, tokenizer, device)
     train_iter, valid_factory, test_factory = _loaders(args, datasets, state)
     logger = MetricsLogger(args.log_dir)
-    start_iteration = state.iteration
-    last_valid = _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory,
-                        logger)
-    results: dict[str, Any] = {"iteration": state.iteration}
-    stopped_early = args.exit_interval and state.iteration < args.train_iters
-    if args.save and state.iteration > start_iteration and state.iteration % args.save_interval != 0 \
-            and not stopped_early:
-        save(args, state, model, optimizer, scheduler)
-    if not stopped_early:
-        # Validation at the last iteration has just run when it falls on --eval-interval.
-        valid_done = last_valid is not None and state.iteration % args.eval_interval == 0
-        if valid_done:
-            results["valid"] = last_valid
-        for name, split, factory in (("validation loss", "valid", None if valid_done else valid_factory),
-                                     ("test loss", "test", test_factory)):
-            if factory is not None and args.eval_iters > 0:
-                results[split] = evaluate_and_print(f"{name} at the end of training", split, forward_step,
-                                                    factory, model, args, state.iteration, logger)
-    results["save"] = args.save
-    results["metrics"] = logger.path
+    outcome = _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory, logger)
+    results: dict[str, Any] = {"iteration": state.iteration, "save": args.save, "metrics": logger.path}
+    if outcome.exited or args.eval_iters <= 0:
+        return results
+    if outcome.valid_iteration == state.iteration:
+        results["valid"] = outcome.valid  # validation just ran on --eval-interval
+    elif valid_factory is not None:
+        results["valid"] = evaluate_and_print("validation loss at the end of training", "valid", forward_step,
+                                              valid_factory, model, args, state.iteration, logger)
+    if test_factory is not None:
+        results["test"] = evaluate_and_print("test loss at the end of training", "test", forward_step,
+                                             test_factory, model, args, state.iteration, logger)
     return results
 
 

@@ -19,6 +19,7 @@ import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 from data_utils.errors import DataError
 
@@ -90,7 +91,31 @@ def _find_file(explicit: str | None, cache_dir: str | None, default_name: str, w
     )
 
 
-class GPT2BPETokenizer(Tokenizer):
+class _TokenizersBacked(Tokenizer):
+    """The shared half of the tokenizers-library backends: ``self._tok`` and ``self._identity``."""
+
+    _tok: Any
+    _identity: str
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [enc.ids for enc in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+
+class GPT2BPETokenizer(_TokenizersBacked):
     """OpenAI GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt``; same ids as GPT-2."""
 
     name = "GPT2BPETokenizer"
@@ -116,29 +141,12 @@ class GPT2BPETokenizer(Tokenizer):
         self._identity = f"{self.name}:{_hash_files(vocab_file, merge_file)}"
         self.vocab_file, self.merge_file = vocab_file, merge_file
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [enc.ids for enc in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
-
     @property
     def eod(self) -> int:
         return self._eod
 
-    @property
-    def identity(self) -> str:
-        return self._identity
 
-
-class BertWordPieceTokenizer(Tokenizer):
+class BertWordPieceTokenizer(_TokenizersBacked):
     """BERT WordPiece from a ``vocab.txt``; ``eod`` is ``[SEP]``. Special ids: ``cls``, ``sep``, ``mask``, ``pad``."""
 
     name = "BertWordPieceTokenizer"
@@ -157,26 +165,10 @@ class BertWordPieceTokenizer(Tokenizer):
         self.cls, self.sep, self.mask, self.pad = ids["[CLS]"], ids["[SEP]"], ids["[MASK]"], ids["[PAD]"]
         self._identity = f"{self.name}:{'lower' if lower_case else 'cased'}:{_hash_files(vocab_file)}"
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [enc.ids for enc in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
-
     @property
     def eod(self) -> int:
         return self.sep
 
-    @property
-    def identity(self) -> str:
-        return self._identity
 
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "BertWordPieceTokenizer")
