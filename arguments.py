@@ -126,7 +126,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="tokenize once into a memory-mapped cache under --cache-dir")
     group.add_argument("--cache-dir", default="cache", help="token caches and vocabulary files")
     group.add_argument("--tokenizer-type", default="GPT2BPETokenizer",
-                       choices=["GPT2BPETokenizer", "BertWordPieceTokenizer", "SentencePieceTokenizer"],
+                       choices=["GPT2BPETokenizer", "BertWordPieceTokenizer"],
                        help="tokenizer")
     group.add_argument("--tokenizer-model-type", default=None, help="e.g. bert-large-uncased")
     group.add_argument("--tokenizer-path", default="tokenizer.model", help="sentencepiece model path")
@@ -160,6 +160,11 @@ def _check(condition: bool, message: str) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject inconsistent settings with one actionable line."""
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings"):
+        value = getattr(args, flag)
+        _check(value >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    _check(args.num_workers >= 0, f"--num-workers must not be negative, got {args.num_workers}")
+    _check(args.loss_scale is None or args.fp16, "--loss-scale only applies with --fp16")
     mp = args.model_parallel_size
     _check(mp >= 1, f"--model-parallel-size must be at least 1, got {mp}")
     _check(args.world_size % mp == 0,

@@ -16,6 +16,7 @@ a crash never leaves a half-written checkpoint as the latest.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from typing import Any
 
@@ -163,15 +164,21 @@ def load_checkpoint_state(load_dir: str) -> dict[str, Any] | None:
         if saved:
             raise CheckpointError(
                 f"{load_dir}: checkpoint was saved with model-parallel size {len(saved)}, this run uses "
-                f"--model-parallel-size {mp_size}; reshard it with tools/ or match the size"
+                f"--model-parallel-size {mp_size}; run with --model-parallel-size {len(saved)}"
             )
         raise CheckpointError(f"{path}: missing; the tracker names iteration {iteration} but its file is gone")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({str(err).splitlines()[0]}); point "
+            f"{get_checkpoint_tracker_filename(load_dir)} at an earlier iteration"
+        ) from None
     saved_mp = state.get("model_parallel_size", mp_size)
     if saved_mp != mp_size:
         raise CheckpointError(
             f"{path}: checkpoint was saved with model-parallel size {saved_mp}, this run uses "
-            f"--model-parallel-size {mp_size}; reshard it with tools/ or match the size"
+            f"--model-parallel-size {mp_size}; run with --model-parallel-size {saved_mp}"
         )
     return state
 

@@ -147,6 +147,11 @@ def load(args, model: nn.Module, optimizer, scheduler: AnnealingLR) -> TrainStat
         return TrainState()
     check_config(args.load, ckpt.get("config", {}), _model_config(model), SHAPE_KEYS)
     unwrap_model(model).load_state_dict(ckpt["model"])
+    optimizer.reload_model_params()  # fp32 masters follow the loaded weights unless the optimizer state replaces them
+    saved_seed = ckpt.get("args", {}).get("seed")
+    if saved_seed is not None and saved_seed != args.seed:
+        print_rank_0(f"warning: {args.load} was trained with --seed {saved_seed}, this run uses --seed {args.seed}; "
+                     "the train/valid/test split of --train-data changes with the seed")
     release = ckpt["iteration"] == "release"
     if args.finetune or release:
         print_rank_0(f"loaded model weights from {args.load} (iteration reset to 0)")
@@ -324,6 +329,13 @@ def _loaders(args, datasets, state: TrainState):
             return None
         return lambda: _cycle(lambda: loader(dataset, 0, False)) if feeds else None
 
+    global_batch = args.batch_size * dp_size
+    for name, dataset in (("valid", valid_ds), ("test", test_ds)):
+        if dataset is not None and args.eval_iters > 0 and len(dataset) < global_batch:
+            raise ArgumentError(
+                f"the {name} split has {len(dataset)} samples, fewer than one global batch ({global_batch}); "
+                "lower --batch-size or give it a larger share in --split"
+            )
     train = loader(train_ds, state.consumed_samples, True)
     return train, eval_factory(valid_ds), eval_factory(test_ds)
 
@@ -437,6 +449,11 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
     ``forward_step_provider(args, tokenizer, device)`` builds the ``forward_step``.
     """
     device = initialize_distributed(args)
+    if args.save:
+        try:
+            os.makedirs(args.save, exist_ok=True)
+        except OSError as err:
+            raise CheckpointError(f"--save {args.save}: cannot create the directory ({err.strerror})") from None
     set_random_seed(args.seed)
     tokenizer, *datasets = data_provider(args)
     if args.train_iters > 0 and datasets[0] is None:

@@ -151,13 +151,29 @@ class FP16_Optimizer:
                                    if m is not p],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore optimizer, scaler and master weights (and the half weights derived from them)."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loss_scaler.load_state_dict(state["loss_scaler"])
-        saved = iter(state["fp32_master_params"])
+    def reload_model_params(self) -> None:
+        """Refresh the fp32 masters from the model's weights (after loading weights into the model)."""
         with torch.no_grad():
             for param, master in zip(self.model_params, self.master_params):
                 if master is not param:
-                    master.copy_(next(saved))
-                    param.copy_(master)
+                    master.copy_(param)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore optimizer, scaler and master weights (and the half weights derived from them).
+
+        A state saved in another precision still restores the optimizer moments; the masters then
+        come from the model's (already loaded) weights, and the scaler starts afresh when its kind
+        differs (an fp32 run's static scale of 1 must not become an fp16 run's dynamic scale).
+        """
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["loss_scaler"].get("kind") == self.loss_scaler.state_dict()["kind"]:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
+        saved = state["fp32_master_params"]
+        targets = [(p, m) for p, m in zip(self.model_params, self.master_params) if m is not p]
+        if len(saved) != len(targets):
+            self.reload_model_params()
+            return
+        with torch.no_grad():
+            for (param, master), value in zip(targets, saved):
+                master.copy_(value)
+                param.copy_(master)

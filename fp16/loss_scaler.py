@@ -22,7 +22,7 @@ class LossScaler:
         """A static scale never changes."""
 
     def state_dict(self) -> dict:
-        return {"cur_scale": self.cur_scale}
+        return {"kind": "static", "cur_scale": self.cur_scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.cur_scale = float(state["cur_scale"])
@@ -66,6 +66,7 @@ class DynamicLossScaler(LossScaler):
 
     def state_dict(self) -> dict:
         return {
+            "kind": "dynamic",
             "cur_scale": self.cur_scale,
             "hysteresis_left": self.hysteresis_left,
             "clean_steps": self.clean_steps,

@@ -7,7 +7,12 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from .initialize import get_model_parallel_group, get_model_parallel_rank, get_model_parallel_src_rank
+from .initialize import (
+    get_model_parallel_group,
+    get_model_parallel_rank,
+    get_model_parallel_src_rank,
+    get_model_parallel_world_size,
+)
 
 _MAX_DIMS = 8
 
@@ -19,13 +24,31 @@ def _collective_device(group: dist.ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_batch(
+    keys: Sequence[str], data: Mapping[str, torch.Tensor] | None, datatype: torch.dtype
+) -> Exception | None:
+    """The error the source rank's batch deserves, or ``None`` when it can be sent."""
+    if data is None:
+        return ValueError("broadcast_data: the model-parallel source rank must pass the data")
+    for key in keys:
+        if key not in data:
+            return KeyError(f"broadcast_data: key {key!r} missing from the batch (has {sorted(data)})")
+        tensor = data[key]
+        if tensor.dtype != datatype:
+            return TypeError(f"broadcast_data: {key!r} has dtype {tensor.dtype}, expected {datatype}")
+        if tensor.dim() > _MAX_DIMS:
+            return ValueError(f"broadcast_data: {key!r} has {tensor.dim()} dims, at most {_MAX_DIMS}")
+    return None
+
+
 def broadcast_data(
     keys: Sequence[str], data: Mapping[str, torch.Tensor] | None, datatype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Send ``data[key]`` for each key from the model-parallel source rank to its group.
 
     Only the source rank needs ``data``; every tensor there must have dtype ``datatype``. Sizes
-    travel first, then one flattened buffer. Returns the tensors on every rank of the group, on
+    travel first, then one flattened buffer. A batch the source rejects raises there and, instead of
+    a hang, a ``RuntimeError`` on the other ranks. Returns the tensors on every rank of the group, on
     the device the group's backend communicates on.
     """
     group = get_model_parallel_group()
@@ -33,27 +56,25 @@ def broadcast_data(
     device = _collective_device(group)
     is_src = get_model_parallel_rank() == 0
 
-    # Per key: [ndim, d0, d1, ...], padded to a fixed width.
+    # Slot 0: 1 when the source rejected the batch; then per key [ndim, d0, d1, ...], padded.
     width = _MAX_DIMS + 1
-    sizes = torch.zeros(len(keys) * width, dtype=torch.int64, device=device)
-    if is_src:
-        if data is None:
-            raise ValueError("broadcast_data: the model-parallel source rank must pass the data")
+    sizes = torch.zeros(1 + len(keys) * width, dtype=torch.int64, device=device)
+    error = _check_batch(keys, data, datatype) if is_src else None
+    if error is not None:
+        sizes[0] = 1
+    elif is_src:
         for i, key in enumerate(keys):
-            if key not in data:
-                raise KeyError(f"broadcast_data: key {key!r} missing from the batch (has {sorted(data)})")
             tensor = data[key]
-            if tensor.dtype != datatype:
-                raise TypeError(
-                    f"broadcast_data: {key!r} has dtype {tensor.dtype}, expected {datatype}"
-                )
-            if tensor.dim() > _MAX_DIMS:
-                raise ValueError(f"broadcast_data: {key!r} has {tensor.dim()} dims, at most {_MAX_DIMS}")
-            sizes[i * width] = tensor.dim()
-            sizes[i * width + 1 : i * width + 1 + tensor.dim()] = torch.tensor(tensor.shape)
-    dist.broadcast(sizes, src, group=group)
+            sizes[1 + i * width] = tensor.dim()
+            sizes[2 + i * width : 2 + i * width + tensor.dim()] = torch.tensor(tensor.shape)
+    if get_model_parallel_world_size() > 1:
+        dist.broadcast(sizes, src, group=group)
+    if error is not None:
+        raise error
+    if sizes[0].item():
+        raise RuntimeError("broadcast_data: the model-parallel source rank rejected the batch (see its error)")
 
-    table = sizes.view(len(keys), width).tolist()
+    table = sizes[1:].view(len(keys), width).tolist()
     shapes = [row[1 : 1 + row[0]] for row in table]
     numels = [int(torch.Size(s).numel()) for s in shapes]
 
@@ -61,7 +82,8 @@ def broadcast_data(
         flat = torch.cat([data[key].contiguous().view(-1).to(device) for key in keys])
     else:
         flat = torch.empty(sum(numels), dtype=datatype, device=device)
-    dist.broadcast(flat, src, group=group)
+    if get_model_parallel_world_size() > 1:
+        dist.broadcast(flat, src, group=group)
 
     output = {}
     offset = 0

@@ -28,7 +28,6 @@ torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE
        --tokenizer-type GPT2BPETokenizer \
        --cache-dir cache \
        --split 949,50,1 \
-       --distributed-backend nccl \
        --lr 0.00015 \
        --lr-decay-style cosine \
        --weight-decay 1e-2 \

@@ -30,7 +30,6 @@ torchrun --nproc_per_node "$((WORLD_SIZE / NNODES))" --nnodes "$NNODES" --node_r
        --tokenizer-type GPT2BPETokenizer \
        --cache-dir cache \
        --split 949,50,1 \
-       --distributed-backend nccl \
        --lr 0.00015 \
        --lr-decay-style cosine \
        --weight-decay 1e-2 \

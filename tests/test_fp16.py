@@ -216,3 +216,31 @@ def test_fp16_cli_on_cuda_uses_nccl_and_trains(tmp_path):
     assert proc.returncode == 0, proc.stderr
     losses = _losses(log_dir)
     assert losses[20] < losses[1] - 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["--finetune", "--no-load-optim"])
+def test_half_precision_masters_follow_weights_loaded_without_optimizer_state(tmp_path, how):
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_train, 1, _base_args(tmp_path, **{"--fp16": True, "--initial-loss-scale": 2.0**16,
+                                                       "--lr": 3e-3, "--save": ckpt}))
+    log_dir = str(tmp_path / "second")
+    # A negligible learning rate: one step must leave the loaded model's loss where it was.
+    flags = {"--fp16": True, "--initial-loss-scale": 2.0**16, "--lr": 1e-12, "--load": ckpt, how: True,
+             "--train-iters": 1 if how == "--finetune" else 21, "--eval-interval": 1, "--log-dir": log_dir}
+    run_distributed(_train, 1, _base_args(tmp_path, **flags))
+    valid = [r["lm_loss"] for r in _metrics(log_dir, "valid")]
+    assert valid[-1] < 5.0, "the loaded (trained) weights were not used"
+    assert valid[-1] == pytest.approx(valid[0], abs=1e-2)
+
+
+@pytest.mark.slow
+def test_fp32_checkpoint_resumes_under_fp16_with_a_fresh_dynamic_scale(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_train, 1, _base_args(tmp_path, **{"--save": ckpt, "--exit-interval": 10}))
+    log_dir = str(tmp_path / "fp16")
+    run_distributed(_train, 1, _base_args(tmp_path, **{"--fp16": True, "--initial-loss-scale": 2.0**16,
+                                                       "--load": ckpt, "--log-dir": log_dir}))
+    train = _metrics(log_dir)
+    assert [r["iteration"] for r in train] == list(range(11, 21))
+    assert train[0]["loss_scale"] == 2.0**16

@@ -52,7 +52,17 @@ def _all_sizes():
         mpu.initialize_model_parallel(mp)
         scalars[mp] = _check_broadcast()
         mpu.destroy_model_parallel()
-    # Every rank is its own source here, so each raises before any collective: no rank waits.
+    # A bad batch on the source raises there and, instead of a hang, on the rest of its group.
+    mpu.initialize_model_parallel(2)
+    bad = {"text": torch.ones(2, 3)}  # float, not int64
+    if mpu.get_model_parallel_rank() == 0:
+        with pytest.raises(TypeError, match="'text' has dtype torch.float32"):
+            mpu.broadcast_data(["text"], bad, torch.int64)
+    else:
+        with pytest.raises(RuntimeError, match="source rank rejected the batch"):
+            mpu.broadcast_data(["text"], None, torch.int64)
+    scalars["after_error"] = _check_broadcast()  # the group is still usable
+    mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(1)
     _check_errors_on_a_group_of_one()
     return scalars
@@ -61,4 +71,5 @@ def _all_sizes():
 def test_broadcast_data_from_each_source_rank():
     results = run_distributed(_all_sizes, WORLD)
     for rank, scalars in enumerate(results):
-        assert scalars == {2: -7 - (rank - rank % 2), 4: -7}, f"rank {rank}"
+        expected_mp2 = -7 - (rank - rank % 2)
+        assert scalars == {2: expected_mp2, 4: -7, "after_error": expected_mp2}, f"rank {rank}"

@@ -165,3 +165,24 @@ def test_checkpoint_of_another_shape_is_refused_naming_both(tmp_path):
     proc = _run_cli(_base_args(tmp_path, **{"--load": ckpt, "--save": ckpt, "--hidden-size": 64}))
     _assert_one_line_error(proc, "hidden_size=32", "hidden_size=64")
     assert sorted(os.listdir(ckpt)) == before
+
+
+def test_evaluation_split_smaller_than_a_global_batch_is_refused_before_training(tmp_path):
+    proc = _run_cli(_base_args(tmp_path, **{"--batch-size": 90}))
+    _assert_one_line_error(proc, "split has", "fewer than one global batch (90)")
+    assert "iteration        1/" not in proc.stdout
+
+
+def test_unwritable_save_directory_is_refused_up_front(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    _assert_one_line_error(_run_cli(_base_args(tmp_path, **{"--save": str(blocker / "ckpt")})), "--save", "ckpt")
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_train, 1, _base_args(tmp_path, **{"--save": ckpt, "--train-iters": 2, "--eval-iters": 0}))
+    path = os.path.join(ckpt, "iter_0000002", "mp_rank_00", "model_optim_rng.pt")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    _assert_one_line_error(_run_cli(_base_args(tmp_path, **{"--load": ckpt})), path, "unreadable checkpoint")
