@@ -29,7 +29,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vocab-size", type=int, default=30522,
                        help="vocabulary size when no tokenizer sets it")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                       help="pad the vocabulary to a multiple of this times the model-parallel size")
+                       help="pad the vocabulary to a multiple of lcm(this, model-parallel size)")
     group.add_argument("--hidden-dropout", type=float, default=0.1, help="dropout on hidden states")
     group.add_argument("--attention-dropout", type=float, default=0.1, help="dropout on attention probs")
     group.add_argument("--layernorm-epsilon", type=float, default=1e-5, help="LayerNorm epsilon")
@@ -129,7 +129,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        choices=["GPT2BPETokenizer", "BertWordPieceTokenizer"],
                        help="tokenizer")
     group.add_argument("--tokenizer-model-type", default=None, help="e.g. bert-large-uncased")
-    group.add_argument("--tokenizer-path", default="tokenizer.model", help="sentencepiece model path")
+    group.add_argument("--tokenizer-path", default="tokenizer.model",
+                       help="sentencepiece model path (BERT; not yet used)")
     group.add_argument("--vocab-file", default=None, help="vocabulary file (GPT2 vocab.json or BERT vocab.txt)")
     group.add_argument("--merge-file", default=None, help="GPT2 BPE merges.txt")
     group.add_argument("--seq-length", type=int, default=512, help="tokens per training sample")
@@ -145,7 +146,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(description: str = "Megatron-LM training") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description, usage="%(prog)s [options] (see the groups below)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for add in (add_model_args, add_precision_args, add_training_args, add_checkpoint_args,
                 add_distributed_args, add_data_args):
