@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Data-parallel GPT2 (345M) pretraining with torchrun. For several nodes set NNODES, NODE_RANK,
-# MASTER_ADDR and MASTER_PORT on each node (the env:// rendezvous).
+# MASTER_ADDR and MASTER_PORT on each node (the env:// rendezvous). NCCL on GPUs, gloo on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/gpt2_345m_args.sh
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-1}
@@ -12,27 +13,7 @@ MASTER_PORT=${MASTER_PORT:-6000}
 
 torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-       pretrain_gpt2.py \
-       --num-layers 24 \
-       --hidden-size 1024 \
-       --num-attention-heads 16 \
-       --batch-size 8 \
-       --seq-length 1024 \
-       --max-position-embeddings 1024 \
-       --train-iters 320000 \
+       pretrain_gpt2.py "${GPT2_345M_ARGS[@]}" \
        --save checkpoints/gpt2_345m \
        --load checkpoints/gpt2_345m \
-       --resume-dataloader \
-       --train-data "${TRAIN_DATA:-wikipedia}" \
-       --lazy-loader \
-       --tokenizer-type GPT2BPETokenizer \
-       --cache-dir cache \
-       --split 949,50,1 \
-       --lr 0.00015 \
-       --lr-decay-style cosine \
-       --weight-decay 1e-2 \
-       --clip-grad 1.0 \
-       --warmup .01 \
-       --checkpoint-activations \
-       --fp16 \
        "$@"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Model- and data-parallel GPT2 pretraining with torchrun: WORLD_SIZE processes split into
+# Model- and data-parallel GPT2 (345M) pretraining with torchrun: WORLD_SIZE processes split into
 # MP_SIZE-way model parallelism and WORLD_SIZE / MP_SIZE-way data parallelism.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/gpt2_345m_args.sh
 
 WORLD_SIZE=${WORLD_SIZE:-8}
 MP_SIZE=${MP_SIZE:-2}
@@ -13,28 +14,8 @@ MASTER_PORT=${MASTER_PORT:-6000}
 
 torchrun --nproc_per_node "$((WORLD_SIZE / NNODES))" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-       pretrain_gpt2.py \
+       pretrain_gpt2.py "${GPT2_345M_ARGS[@]}" \
        --model-parallel-size "$MP_SIZE" \
-       --num-layers 24 \
-       --hidden-size 1024 \
-       --num-attention-heads 16 \
-       --batch-size 8 \
-       --seq-length 1024 \
-       --max-position-embeddings 1024 \
-       --train-iters 320000 \
        --save checkpoints/gpt2_345m_mp"$MP_SIZE" \
        --load checkpoints/gpt2_345m_mp"$MP_SIZE" \
-       --resume-dataloader \
-       --train-data "${TRAIN_DATA:-wikipedia}" \
-       --lazy-loader \
-       --tokenizer-type GPT2BPETokenizer \
-       --cache-dir cache \
-       --split 949,50,1 \
-       --lr 0.00015 \
-       --lr-decay-style cosine \
-       --weight-decay 1e-2 \
-       --clip-grad 1.0 \
-       --warmup .01 \
-       --checkpoint-activations \
-       --fp16 \
        "$@"
