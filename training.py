@@ -208,8 +208,7 @@ def _reduce_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     values = torch.stack([metrics[k].detach().float().reshape(()).cpu() for k in keys])
     group = mpu.get_data_parallel_group()
     if mpu.get_data_parallel_world_size() > 1:
-        if dist.get_backend(group) == "nccl":
-            values = values.cuda()
+        values = values.to(mpu.collective_device(group))
         dist.all_reduce(values, group=group)
         values = values / mpu.get_data_parallel_world_size()
     return dict(zip(keys, values.tolist()))

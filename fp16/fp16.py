@@ -122,8 +122,7 @@ class FP16_Optimizer:
     def _any_rank_overflowed(self, grad_norm: float) -> bool:
         flag = torch.tensor([0.0 if math.isfinite(grad_norm) else 1.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
+            flag = flag.to(mpu.collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 

@@ -42,6 +42,7 @@ from .random import (
 )
 from .utils import (
     VocabUtility,
+    collective_device,
     divide,
     ensure_divisibility,
     merge_partitions,
@@ -59,6 +60,7 @@ __all__ = [
     "broadcast_data",
     "checkpoint",
     "clip_grad_norm",
+    "collective_device",
     "copy_model_parallel_attributes",
     "copy_to_model_parallel_region",
     "destroy_model_parallel",

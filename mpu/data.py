@@ -13,15 +13,9 @@ from .initialize import (
     get_model_parallel_src_rank,
     get_model_parallel_world_size,
 )
+from .utils import collective_device
 
 _MAX_DIMS = 8
-
-
-def _collective_device(group: dist.ProcessGroup) -> torch.device:
-    """NCCL moves CUDA tensors only; every other backend here works on CPU tensors."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _check_batch(
@@ -53,7 +47,7 @@ def broadcast_data(
     """
     group = get_model_parallel_group()
     src = get_model_parallel_src_rank()
-    device = _collective_device(group)
+    device = collective_device(group)
     is_src = get_model_parallel_rank() == 0
 
     # Slot 0: 1 when the source rejected the batch; then per key [ndim, d0, d1, ...], padded.

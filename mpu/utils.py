@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def ensure_divisibility(numerator: int, denominator: int) -> None:
@@ -74,3 +75,13 @@ def merge_partitions(partitions: list[torch.Tensor], dim: int, stride: int = 1) 
     world_size = len(partitions)
     per_rank = [torch.split(p, divide(p.size(dim), stride), dim=dim) for p in partitions]
     return torch.cat([per_rank[r][j] for j in range(stride) for r in range(world_size)], dim=dim)
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where tensors must live to cross ``group`` (the default group when ``None``).
+
+    NCCL moves CUDA tensors only; every other backend here works on CPU tensors.
+    """
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
