@@ -1,5 +1,6 @@
 """Transformer models built from ``mpu`` layers."""
 
+from .bert import BertModel, bert_config, hf_bert_to_megatron, load_full_state_dict
 from .gpt2 import GPT2Model, get_masks_and_position_ids
 from .transformer import (
     ParallelMLP,
@@ -12,12 +13,16 @@ from .transformer import (
 )
 
 __all__ = [
+    "BertModel",
     "GPT2Model",
     "ParallelMLP",
     "ParallelSelfAttention",
     "ParallelTransformer",
     "ParallelTransformerLayer",
     "TransformerConfig",
+    "bert_config",
+    "hf_bert_to_megatron",
+    "load_full_state_dict",
     "get_masks_and_position_ids",
     "init_method_normal",
     "scaled_init_method",

@@ -48,6 +48,28 @@ class TransformerConfig:
     """Recompute layers in backward instead of keeping their activations."""
     checkpoint_num_layers: int = 1
     """Layers per checkpointed chunk."""
+    intermediate_size: int | None = None
+    """Width of the MLP's hidden layer; ``None`` means ``4 * hidden_size``."""
+    post_layernorm: bool = False
+    """LayerNorm after each residual sum (BERT: ``x = LN(x + F(x))``) instead of before each branch
+    (GPT2: ``x = x + F(LN(x))``, plus a final LayerNorm after the stack)."""
+    exact_gelu: bool = False
+    """GELU through ``erf`` (BERT) instead of its tanh approximation (GPT2)."""
+    causal_attention: bool = True
+    """Without an explicit mask, each token sees only itself and earlier ones (GPT2); ``False``
+    lets every token see every other one (BERT, whose padding comes as an explicit mask)."""
+    num_tokentypes: int = 0
+    """Token-type (segment) embeddings: 0 for none (GPT2), 2 for BERT's sentence A / B."""
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        """The MLP's hidden width."""
+        return self.intermediate_size or 4 * self.hidden_size
+
+    @property
+    def gelu_approximation(self) -> str:
+        """The ``approximate`` argument of ``F.gelu`` for this model."""
+        return "none" if self.exact_gelu else "tanh"
 
 
 def init_method_normal(std: float) -> InitMethod:
@@ -96,6 +118,7 @@ class ParallelSelfAttention(nn.Module):
         self.head_size = mpu.divide(config.hidden_size, config.num_attention_heads)
         self.hidden_per_partition = mpu.divide(config.hidden_size, world_size)
         self.attention_dropout = config.attention_dropout
+        self.causal = config.causal_attention
         self.query_key_value = mpu.ColumnParallelLinear(
             config.hidden_size, 3 * config.hidden_size, gather_output=False, stride=3,
             init_method=init_method_normal(config.init_method_std),
@@ -117,56 +140,71 @@ class ParallelSelfAttention(nn.Module):
         # Each rank owns different heads, so their dropout masks must differ: model-parallel stream.
         with mpu.get_cuda_rng_tracker().fork():
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=attention_mask is None
+                q, k, v, attn_mask=attention_mask, dropout_p=dropout_p,
+                is_causal=self.causal and attention_mask is None,
             )
         context = context.transpose(1, 2).reshape(b, s, self.hidden_per_partition)  # (b, s, h/p)
         return self.output_dropout(self.dense(context))
 
 
 class ParallelMLP(nn.Module):
-    """``Y = GeLU(X A) B``: ``A`` (h -> 4h) column-parallel, ``B`` (4h -> h) row-parallel."""
+    """``Y = GeLU(X A) B``: ``A`` (h -> f) column-parallel, ``B`` (f -> h) row-parallel, ``f = 4h`` by default."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
+        self.approximate = config.gelu_approximation
         self.dense_h_to_4h = mpu.ColumnParallelLinear(
-            config.hidden_size, 4 * config.hidden_size, gather_output=False,
+            config.hidden_size, config.ffn_hidden_size, gather_output=False,
             init_method=init_method_normal(config.init_method_std),
         )
         self.dense_4h_to_h = mpu.RowParallelLinear(
-            4 * config.hidden_size, config.hidden_size, input_is_parallel=True,
+            config.ffn_hidden_size, config.hidden_size, input_is_parallel=True,
             init_method=output_init_method(config),
         )
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        intermediate = F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh")  # (b, s, 4h/p)
+        intermediate = F.gelu(self.dense_h_to_4h(hidden_states), approximate=self.approximate)  # (b, s, f/p)
         return self.dropout(self.dense_4h_to_h(intermediate))
 
 
 class ParallelTransformerLayer(nn.Module):
-    """Pre-LayerNorm layer (GPT2): ``x += Attn(LN(x)); x += MLP(LN(x))``."""
+    """One layer, pre-LayerNorm (GPT2): ``x += Attn(LN1(x)); x += MLP(LN2(x))``, or post-LayerNorm
+    (BERT, ``config.post_layernorm``): ``x = LN1(x + Attn(x)); x = LN2(x + MLP(x))``.
+
+    ``LN1`` is ``input_layernorm`` in the pre form and the attention output's norm in the post form;
+    the parameters are the same two LayerNorms either way.
+    """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
+        self.post_layernorm = config.post_layernorm
         self.input_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = ParallelSelfAttention(config)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = ParallelMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.post_layernorm:
+            hidden_states = self.input_layernorm(hidden_states + self.attention(hidden_states, attention_mask))
+            return self.post_attention_layernorm(hidden_states + self.mlp(hidden_states))
         hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states), attention_mask)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class ParallelTransformer(nn.Module):
-    """A stack of layers and a final LayerNorm, optionally checkpointed in chunks of layers."""
+    """A stack of layers, optionally checkpointed in chunks of layers.
+
+    Pre-LayerNorm stacks end with a final LayerNorm; post-LayerNorm ones (BERT) end normalised already.
+    """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.checkpoint_activations = config.checkpoint_activations
         self.checkpoint_num_layers = config.checkpoint_num_layers
         self.layers = nn.ModuleList(ParallelTransformerLayer(config) for _ in range(config.num_layers))
-        self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.final_layernorm = (None if config.post_layernorm
+                                else LayerNorm(config.hidden_size, eps=config.layernorm_epsilon))
 
     def _chunk(self, start: int, end: int) -> Callable[..., torch.Tensor]:
         def run(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -179,8 +217,7 @@ class ParallelTransformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The precision the layers compute in (embeddings may differ under ``--fp32-embedding``)."""
-        return self.final_layernorm.weight.dtype if not self.layers else \
-            self.layers[0].attention.query_key_value.weight.dtype
+        return self.layers[0].attention.query_key_value.weight.dtype if self.layers else torch.get_default_dtype()
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         hidden_states = hidden_states.to(self.dtype)
@@ -190,4 +227,4 @@ class ParallelTransformer(nn.Module):
                 hidden_states = mpu.checkpoint(self._chunk(start, end), hidden_states, attention_mask)
         else:
             hidden_states = self._chunk(0, len(self.layers))(hidden_states, attention_mask)
-        return self.final_layernorm(hidden_states)
+        return hidden_states if self.final_layernorm is None else self.final_layernorm(hidden_states)

@@ -1,0 +1,181 @@
+"""BERT: word + position + token-type embeddings, a post-LN parallel transformer, pooler, MLM and NSP heads.
+
+Parameter names map one to one onto Hugging Face ``BertForPreTraining`` (see
+``hf_bert_to_megatron``), the fused query/key/value weight being the only tensor built from
+three of theirs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mpu
+
+from .transformer import LayerNorm, ParallelTransformer, TransformerConfig, init_method_normal
+
+
+def bert_config(**kwargs) -> TransformerConfig:
+    """A ``TransformerConfig`` with BERT's defaults: post-LN, exact GELU, bidirectional, two token types,
+    LayerNorm epsilon 1e-12 and no depth-scaled initialisation (``--deep-init`` turns it on)."""
+    defaults = dict(post_layernorm=True, exact_gelu=True, causal_attention=False, num_tokentypes=2,
+                    layernorm_epsilon=1e-12, scaled_init=False)
+    return TransformerConfig(**{**defaults, **kwargs})
+
+
+def _linear(in_features: int, out_features: int, std: float) -> nn.Linear:
+    """A replicated ``nn.Linear`` with weight ``N(0, std^2)`` and a zero bias."""
+    layer = nn.Linear(in_features, out_features)
+    init_method_normal(std)(layer.weight.data)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class BertEmbeddings(nn.Module):
+    """``E = Dropout(LN(W[ids] + P[positions] + T[types]))``, the word table ``W`` split over the vocabulary."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        init_method = init_method_normal(config.init_method_std)
+        self.word_embeddings = mpu.VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                          init_method=init_method)
+        self.position_embeddings = nn.Embedding(config.max_sequence_length, config.hidden_size)
+        init_method(self.position_embeddings.weight.data)
+        self.tokentype_embeddings = nn.Embedding(config.num_tokentypes, config.hidden_size)
+        init_method(self.tokentype_embeddings.weight.data)
+        self.layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor, tokentype_ids: torch.Tensor) -> torch.Tensor:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, s)
+        words = self.word_embeddings(input_ids)  # (b, s, h)
+        # Under --fp32-tokentypes the token-type table is fp32 while the others may be half.
+        embeddings = words + self.position_embeddings(position_ids).to(words.dtype)
+        embeddings = embeddings.float() + self.tokentype_embeddings(tokentype_ids).float()
+        return self.dropout(self.layernorm(embeddings.to(words.dtype)))
+
+
+class BertLMHead(nn.Module):
+    """Masked-LM head: ``logits_r = LN(GeLU(H D)) W_r^T + b_r``, ``W_r`` this rank's slice of the word
+    embedding (tied) and ``b_r`` the matching slice of a per-token bias."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.approximate = config.gelu_approximation
+        self.dense = _linear(config.hidden_size, config.hidden_size, config.init_method_std)
+        self.layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        per_partition = mpu.divide(config.vocab_size, mpu.get_model_parallel_world_size())
+        self.bias = nn.Parameter(torch.zeros(per_partition))
+        mpu.set_model_parallel_attributes(self.bias, True, partition_dim=0, stride=1)
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        hidden = self.layernorm(F.gelu(self.dense(hidden), approximate=self.approximate))
+        hidden_parallel = mpu.copy_to_model_parallel_region(hidden.to(word_embeddings.dtype))
+        return F.linear(hidden_parallel, word_embeddings) + self.bias.to(word_embeddings.dtype)  # (..., V/p)
+
+
+class BertModel(nn.Module):
+    """BERT for pretraining.
+
+    ``forward(input_ids (b, s), tokentype_ids (b, s), attention_mask (b, s), lm_positions=None)``
+    returns ``(lm_logits, nsp_logits)``: ``lm_logits`` split over the vocabulary, ``(b, s, V/p)``, or
+    ``(m, V/p)`` for the ``m`` positions where the boolean ``lm_positions (b, s)`` is true (the
+    masked tokens: the head then runs on those alone), and ``nsp_logits (b, 2)`` from the pooled
+    first token. ``attention_mask`` is 1 (or true) for real tokens and 0 for padding, which no token
+    attends to. ``parallel_output=False`` gathers the vocabulary.
+    """
+
+    def __init__(self, config: TransformerConfig, parallel_output: bool = True) -> None:
+        super().__init__()
+        if config.num_tokentypes < 1:
+            raise ValueError("BertModel needs num_tokentypes >= 1 (BERT uses 2)")
+        self.config = config
+        self.parallel_output = parallel_output
+        self.embeddings = BertEmbeddings(config)
+        self.transformer = ParallelTransformer(config)
+        self.pooler = _linear(config.hidden_size, config.hidden_size, config.init_method_std)
+        self.lm_head = BertLMHead(config)
+        self.nsp_head = _linear(config.hidden_size, 2, config.init_method_std)
+
+    def forward(self, input_ids: torch.Tensor, tokentype_ids: torch.Tensor, attention_mask: torch.Tensor,
+                lm_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = attention_mask.bool()
+        # Keys that may be attended to: (b, 1, 1, s); None when nothing is padding (a faster kernel).
+        mask = None if bool(keep.all()) else keep[:, None, None, :]
+        hidden = self.transformer(self.embeddings(input_ids, tokentype_ids), mask)  # (b, s, h)
+        pooled = torch.tanh(self.pooler(hidden[:, 0]))  # (b, h)
+        nsp_logits = self.nsp_head(pooled)  # (b, 2)
+        lm_hidden = hidden if lm_positions is None else hidden[lm_positions.bool()]
+        lm_logits = self.lm_head(lm_hidden, self.embeddings.word_embeddings.weight)
+        if not self.parallel_output:
+            lm_logits = mpu.gather_from_model_parallel_region(lm_logits)
+        return lm_logits, nsp_logits
+
+
+_HF_LAYER = {
+    "attention.dense.weight": "attention.output.dense.weight",
+    "attention.dense.bias": "attention.output.dense.bias",
+    "input_layernorm.weight": "attention.output.LayerNorm.weight",
+    "input_layernorm.bias": "attention.output.LayerNorm.bias",
+    "mlp.dense_h_to_4h.weight": "intermediate.dense.weight",
+    "mlp.dense_h_to_4h.bias": "intermediate.dense.bias",
+    "mlp.dense_4h_to_h.weight": "output.dense.weight",
+    "mlp.dense_4h_to_h.bias": "output.dense.bias",
+    "post_attention_layernorm.weight": "output.LayerNorm.weight",
+    "post_attention_layernorm.bias": "output.LayerNorm.bias",
+}
+_HF_TOP = {
+    "embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
+    "embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
+    "embeddings.tokentype_embeddings.weight": "bert.embeddings.token_type_embeddings.weight",
+    "embeddings.layernorm.weight": "bert.embeddings.LayerNorm.weight",
+    "embeddings.layernorm.bias": "bert.embeddings.LayerNorm.bias",
+    "pooler.weight": "bert.pooler.dense.weight",
+    "pooler.bias": "bert.pooler.dense.bias",
+    "lm_head.dense.weight": "cls.predictions.transform.dense.weight",
+    "lm_head.dense.bias": "cls.predictions.transform.dense.bias",
+    "lm_head.layernorm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "lm_head.layernorm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "lm_head.bias": "cls.predictions.bias",
+    "nsp_head.weight": "cls.seq_relationship.weight",
+    "nsp_head.bias": "cls.seq_relationship.bias",
+}
+
+
+def hf_bert_to_megatron(hf_state: dict[str, torch.Tensor], num_layers: int,
+                        padded_vocab_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Full (unpartitioned) ``BertModel`` tensors from a Hugging Face ``BertForPreTraining`` state dict.
+
+    Query, key and value are stacked into the fused ``query_key_value`` (``[Q; K; V]`` rows, which
+    is the layout the stride-3 column-parallel split expects). With ``padded_vocab_size`` the word
+    embedding gets zero rows and the LM bias zero entries up to that size.
+    """
+    out = {ours: hf_state[theirs] for ours, theirs in _HF_TOP.items()}
+    for i in range(num_layers):
+        prefix = f"bert.encoder.layer.{i}."
+        for ours, theirs in _HF_LAYER.items():
+            out[f"transformer.layers.{i}.{ours}"] = hf_state[prefix + theirs]
+        for kind in ("weight", "bias"):
+            out[f"transformer.layers.{i}.attention.query_key_value.{kind}"] = torch.cat(
+                [hf_state[f"{prefix}attention.self.{name}.{kind}"] for name in ("query", "key", "value")])
+    if padded_vocab_size is not None:
+        for key in ("embeddings.word_embeddings.weight", "lm_head.bias"):
+            tensor = out[key]
+            extra = padded_vocab_size - tensor.shape[0]
+            out[key] = torch.cat([tensor, tensor.new_zeros((extra, *tensor.shape[1:]))]) if extra > 0 else tensor
+    return out
+
+
+def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Load full tensors into a model-parallel model, each rank keeping its own slice by the
+    parameters' ``partition_dim``/``partition_stride`` tags."""
+    rank, world = mpu.get_model_parallel_rank(), mpu.get_model_parallel_world_size()
+    params = dict(model.named_parameters())
+    local = {}
+    for name, tensor in full.items():
+        param = params.get(name)
+        if param is not None and getattr(param, "model_parallel", False) and world > 1:
+            tensor = mpu.partition_tensor(tensor, world, rank, param.partition_dim, param.partition_stride)
+        local[name] = tensor
+    model.load_state_dict(local)
