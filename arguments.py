@@ -26,13 +26,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-attention-heads", type=int, default=16, help="number of attention heads")
     group.add_argument("--max-position-embeddings", type=int, default=512,
                        help="maximum sequence length the position embeddings cover")
-    group.add_argument("--vocab-size", type=int, default=30522,
-                       help="vocabulary size when no tokenizer sets it")
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="SentencePieceTokenizer: vocabulary size of a model trained from --train-data "
+                            "(default 30522); other tokenizers take it from their vocabulary file")
+    group.add_argument("--intermediate-size", type=int, default=None,
+                       help="width of the MLP's hidden layer (default 4 x --hidden-size)")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                        help="pad the vocabulary to a multiple of lcm(this, model-parallel size)")
     group.add_argument("--hidden-dropout", type=float, default=0.1, help="dropout on hidden states")
     group.add_argument("--attention-dropout", type=float, default=0.1, help="dropout on attention probs")
-    group.add_argument("--layernorm-epsilon", type=float, default=1e-5, help="LayerNorm epsilon")
+    group.add_argument("--layernorm-epsilon", type=float, default=1e-5,
+                       help="LayerNorm epsilon (pretrain_bert.py defaults to BERT's 1e-12)")
     group.add_argument("--init-method-std", type=float, default=0.02, help="std of normal initialisation")
     group.add_argument("--deep-init", action="store_true",
                        help="BERT: scale residual output init by 1/sqrt(2*num_layers) as GPT2 does")
@@ -48,7 +52,8 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bf16", action="store_true", help="train in bf16 with fp32 master weights")
     group.add_argument("--fp32-embedding", action="store_true", help="keep embeddings in fp32 under --fp16")
     group.add_argument("--fp32-layernorm", action="store_true", help="keep LayerNorm in fp32 under --fp16")
-    group.add_argument("--fp32-tokentypes", action="store_true", help="keep token-type embeddings in fp32")
+    group.add_argument("--fp32-tokentypes", action="store_true",
+                       help="BERT: keep the token-type embeddings in fp32 (GPT2 has none)")
     group.add_argument("--fp32-allreduce", action="store_true", help="all-reduce gradients in fp32")
     group.add_argument("--loss-scale", type=float, default=None,
                        help="static loss scale; dynamic scaling when not given")
@@ -126,15 +131,22 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="tokenize once into a memory-mapped cache under --cache-dir")
     group.add_argument("--cache-dir", default="cache", help="token caches and vocabulary files")
     group.add_argument("--tokenizer-type", default="GPT2BPETokenizer",
-                       choices=["GPT2BPETokenizer", "BertWordPieceTokenizer"],
+                       choices=["GPT2BPETokenizer", "BertWordPieceTokenizer", "SentencePieceTokenizer",
+                                "CharacterLevelTokenizer"],
                        help="tokenizer")
-    group.add_argument("--tokenizer-model-type", default=None, help="e.g. bert-large-uncased")
+    group.add_argument("--tokenizer-model-type", default=None,
+                       help="BertWordPieceTokenizer: bert-large-uncased, bert-base-cased, ... (casing follows the "
+                            "name); SentencePieceTokenizer: bpe, unigram, char or word for a model it trains")
     group.add_argument("--tokenizer-path", default="tokenizer.model",
-                       help="sentencepiece model path (BERT; not yet used)")
+                       help="SentencePieceTokenizer: the model file; trained from --train-data when it is absent")
     group.add_argument("--vocab-file", default=None, help="vocabulary file (GPT2 vocab.json or BERT vocab.txt)")
     group.add_argument("--merge-file", default=None, help="GPT2 BPE merges.txt")
     group.add_argument("--seq-length", type=int, default=512, help="tokens per training sample")
-    group.add_argument("--max-preds-per-seq", type=int, default=None, help="BERT: masked tokens per sample")
+    group.add_argument("--max-preds-per-seq", type=int, default=None,
+                       help="BERT: at most this many masked tokens per sample (required with --use-tfrecords)")
+    group.add_argument("--use-tfrecords", action="store_true",
+                       help="BERT: --train-data (and --valid-data/--test-data) are TFRecord files written by "
+                            "Google BERT's create_pretraining_data.py")
     group.add_argument("--presplit-sentences", action="store_true", help="BERT: documents are one sentence a line")
     group.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
     group.add_argument("--reset-position-ids", action="store_true",
@@ -165,6 +177,16 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings"):
         value = getattr(args, flag)
         _check(value >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    _check(args.intermediate_size is None or args.intermediate_size >= 1,
+           f"--intermediate-size must be at least 1, got {args.intermediate_size}")
+    _check(args.vocab_size is None or args.tokenizer_type == "SentencePieceTokenizer",
+           "--vocab-size only applies to --tokenizer-type SentencePieceTokenizer (the size of a model it trains); "
+           "other tokenizers take it from their vocabulary")
+    _check(args.vocab_size is None or args.vocab_size >= 8, f"--vocab-size must be at least 8, got {args.vocab_size}")
+    _check(args.max_preds_per_seq is None or args.max_preds_per_seq >= 1,
+           f"--max-preds-per-seq must be at least 1, got {args.max_preds_per_seq}")
+    _check(not args.use_tfrecords or args.max_preds_per_seq is not None,
+           "--use-tfrecords needs --max-preds-per-seq (the max_predictions_per_seq the records were written with)")
     _check(args.num_workers >= 0, f"--num-workers must not be negative, got {args.num_workers}")
     _check(args.loss_scale is None or args.fp16, "--loss-scale only applies with --fp16")
     mp = args.model_parallel_size
@@ -229,11 +251,17 @@ def get_args(
     argv: list[str] | None = None,
     extra_args_provider=None,
     description: str = "Megatron-LM training",
+    defaults: dict | None = None,
 ) -> argparse.Namespace:
-    """Parse, derive and validate; on a mistake print one line and exit with status 2."""
+    """Parse, derive and validate; on a mistake print one line and exit with status 2.
+
+    ``defaults`` overrides flag defaults for one entry script (BERT's LayerNorm epsilon, say).
+    """
     parser = build_parser(description)
     if extra_args_provider is not None:
         extra_args_provider(parser)
+    if defaults:
+        parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     derive_args(args)
     try:

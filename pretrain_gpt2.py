@@ -23,6 +23,7 @@ def model_provider(args, padded_vocab_size: int) -> GPT2Model:
         layernorm_epsilon=args.layernorm_epsilon,
         init_method_std=args.init_method_std,
         scaled_init=True,
+        intermediate_size=args.intermediate_size,
         checkpoint_activations=args.checkpoint_activations,
         checkpoint_num_layers=args.checkpoint_num_layers,
     )

@@ -42,7 +42,8 @@ from learning_rates import AnnealingLR
 from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_parallel
 
 ForwardStep = Callable[[Any, nn.Module], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length")
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length",
+              "intermediate_size", "num_tokentypes", "post_layernorm")
 
 
 def print_rank_0(message: str) -> None:
@@ -310,7 +311,11 @@ def log_training(stats: _IntervalStats, state: TrainState, args, optimizer: FP16
 
 
 def _loaders(args, datasets, state: TrainState):
-    """Train iterator and valid/test iterator factories, on each model-parallel group's first rank."""
+    """Train iterator and valid/test iterator factories, on each model-parallel group's first rank.
+
+    A dataset with a true ``rank_sharded`` attribute (TFRecords) already holds only this
+    data-parallel rank's share: the rank then draws whole batches from it alone.
+    """
     from data_utils import make_data_loader
 
     train_ds, valid_ds, test_ds = datasets
@@ -320,6 +325,9 @@ def _loaders(args, datasets, state: TrainState):
     def loader(dataset, consumed: int, shuffle: bool):
         if dataset is None or not feeds:
             return None
+        if getattr(dataset, "rank_sharded", False):
+            return iter(make_data_loader(dataset, args.batch_size, 0, 1, args.seed, consumed // dp_size,
+                                         shuffle, args.num_workers))
         return iter(make_data_loader(dataset, args.batch_size, dp_rank, dp_size, args.seed, consumed,
                                      shuffle, args.num_workers))
 
@@ -328,11 +336,11 @@ def _loaders(args, datasets, state: TrainState):
             return None
         return lambda: _cycle(lambda: loader(dataset, 0, False)) if feeds else None
 
-    global_batch = args.batch_size * dp_size
     for name, dataset in (("valid", valid_ds), ("test", test_ds)):
-        if dataset is not None and args.eval_iters > 0 and len(dataset) < global_batch:
+        needed = args.batch_size * (1 if getattr(dataset, "rank_sharded", False) else dp_size)
+        if dataset is not None and args.eval_iters > 0 and len(dataset) < needed:
             raise ArgumentError(
-                f"the {name} split has {len(dataset)} samples, fewer than one global batch ({global_batch}); "
+                f"the {name} split has {len(dataset)} samples, fewer than one global batch ({needed}); "
                 "lower --batch-size or give it a larger share in --split"
             )
     train = loader(train_ds, state.consumed_samples, True)

@@ -160,3 +160,30 @@ def test_post_layernorm_and_exact_gelu_are_options_of_the_shared_layer(single_pr
         y[:, -1] += 1.0
         assert (layer(y, None)[:, 0] - layer(x, None)[:, 0]).abs().max() > 1e-4
     assert layer.mlp.dense_h_to_4h.weight.shape == (48, 32)
+
+
+def test_fp32_islands_and_no_weight_decay_on_the_lm_bias(single_process_group):
+    from types import SimpleNamespace
+
+    from fp16 import FP16_Module
+    from training import _fp32_islands, get_optimizer
+
+    mpu.model_parallel_cuda_manual_seed(0)
+    flags = SimpleNamespace(fp32_embedding=False, fp32_tokentypes=True, fp32_layernorm=True)
+    model = FP16_Module(BertModel(CONFIG), torch.bfloat16, keep_fp32=_fp32_islands(flags))
+    dtypes = {name: p.dtype for name, p in model.module.named_parameters()}
+    assert dtypes["embeddings.tokentype_embeddings.weight"] == torch.float32
+    assert dtypes["embeddings.word_embeddings.weight"] == torch.bfloat16
+    assert dtypes["embeddings.position_embeddings.weight"] == torch.bfloat16
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "layernorm" in n)
+    assert dtypes["transformer.layers.0.attention.query_key_value.weight"] == torch.bfloat16
+    ids, types, keep = _inputs()
+    lm, nsp = model(ids, types, keep, lm_positions=keep)
+    assert lm.dtype == torch.float32 and torch.isfinite(lm).all() and torch.isfinite(nsp).all()
+
+    optimizer = get_optimizer(model, SimpleNamespace(weight_decay=0.01, lr=1e-3, adam_beta1=0.9, adam_beta2=0.999,
+                                                     adam_eps=1e-8, device="cpu"))
+    no_decay = {id(p) for p in optimizer.param_groups[1]["params"]}
+    names = {id(p): n for n, p in model.module.named_parameters()}
+    assert id(model.module.lm_head.bias) in no_decay
+    assert {names[i] for i in no_decay} == {n for n in names.values() if n.endswith("bias") or "layernorm" in n}
