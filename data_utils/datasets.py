@@ -14,7 +14,7 @@ holds stream tokens ``[i * seq_length, i * seq_length + seq_length + 1)`` (input
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,10 +82,15 @@ class Documents:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def locate(self, i: int) -> tuple[Any, int]:
+        """(corpus, index in that corpus) of document ``i``."""
         part = int(np.searchsorted(self._starts, i, side="right")) - 1
         corpus, idx = self.parts[part]
-        return corpus[int(idx[i - self._starts[part]])]
+        return corpus, int(idx[i - self._starts[part]])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        corpus, j = self.locate(i)
+        return corpus[j]
 
 
 class GPT2Dataset(torch.utils.data.Dataset):
@@ -146,6 +151,27 @@ def _split_parts(names: list[str] | None, cache_dir: str | None, load) -> list[t
     return [(c, np.arange(len(c))) for c in corpora]
 
 
+def split_documents(train_data: list[str] | None, valid_data: list[str] | None, test_data: list[str] | None,
+                    split: str, seed: int, cache_dir: str | None, load: Callable[[str], Any]
+                    ) -> list[list[tuple[Any, np.ndarray]]]:
+    """The (train, valid, test) documents as ``[(corpus, indices)]`` lists; ``load(path)`` opens a corpus.
+
+    ``train_data`` (aliases or paths) is split by ``split`` and ``seed``; ``valid_data``/``test_data``,
+    when given, serve whole as those splits instead of the train data's share, which then goes unused.
+    """
+    fractions = parse_split(split)
+    parts: list[list[tuple[Any, np.ndarray]]] = [[], [], []]
+    for corpus, idx in _split_parts(train_data, cache_dir, load) or []:
+        which = assign_splits(len(idx), fractions, seed)
+        for s in range(3):
+            parts[s].append((corpus, idx[which == s]))
+    for s, names in ((1, valid_data), (2, test_data)):
+        given = _split_parts(names, cache_dir, load)
+        if given is not None:
+            parts[s] = given
+    return parts
+
+
 def build_gpt2_datasets(train_data: list[str] | None, valid_data: list[str] | None, test_data: list[str] | None,
                         split: str, seq_length: int, tokenizer: Tokenizer, lazy: bool, cache_dir: str | None,
                         seed: int, text_key: str = "text", group: Any = None
@@ -157,7 +183,6 @@ def build_gpt2_datasets(train_data: list[str] | None, valid_data: list[str] | No
     unused. With ``lazy``, each corpus is tokenized once into ``cache_dir`` by the first rank of
     ``group`` (default: every rank) while the others wait; every rank of that group must call this.
     """
-    fractions = parse_split(split)
     loaded: dict[str, InMemoryCorpus | LazyCorpus] = {}
 
     def load(path: str) -> InMemoryCorpus | LazyCorpus:
@@ -165,15 +190,7 @@ def build_gpt2_datasets(train_data: list[str] | None, valid_data: list[str] | No
             loaded[path] = load_corpus(path, tokenizer, lazy, cache_dir, text_key, group)
         return loaded[path]
 
-    parts: list[list[tuple[Any, np.ndarray]]] = [[], [], []]
-    for corpus, idx in _split_parts(train_data, cache_dir, load) or []:
-        which = assign_splits(len(idx), fractions, seed)
-        for s in range(3):
-            parts[s].append((corpus, idx[which == s]))
-    for s, names in ((1, valid_data), (2, test_data)):
-        given = _split_parts(names, cache_dir, load)
-        if given is not None:
-            parts[s] = given
+    parts = split_documents(train_data, valid_data, test_data, split, seed, cache_dir, load)
     datasets: list[GPT2Dataset | None] = []
     for name, split_parts in zip(SPLIT_NAMES, parts, strict=True):
         docs = Documents(split_parts)

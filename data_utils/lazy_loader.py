@@ -1,16 +1,22 @@
 """Tokenized corpora: in memory, or cached once on disk and memory-mapped (``--lazy-loader``).
 
-Both classes expose the same small interface: ``len(corpus)`` documents, ``corpus[i]`` the 1-D
-numpy token array of document ``i`` (no end-of-document token), ``corpus.lengths`` (int64 tokens
-per document) and ``corpus.num_tokens``.
+Two kinds. A document corpus (GPT2; ``InMemoryCorpus`` and ``LazyCorpus``, same small interface):
+``len(corpus)`` documents, ``corpus[i]`` the 1-D numpy token array of document ``i`` (no
+end-of-document token), ``corpus.lengths`` (int64 tokens per document) and ``corpus.num_tokens``.
+A sentence corpus (BERT; ``SentenceCorpus``, in memory or mapped): each document split into
+sentences by ``data_utils.sentences``, each sentence tokenized on its own, empty ones dropped.
 
 The lazy cache of a corpus ``SRC`` lives in ``CACHE_DIR/tokenized/<name>.<key>/``:
 ``tokens.bin`` (all documents' tokens back to back, uint16 when the vocabulary fits, else uint32),
 ``offsets.npy`` (int64, document ``i`` is ``tokens[offsets[i]:offsets[i+1]]``) and ``meta.json``.
-``key`` hashes SRC's real path, size and mtime, the text key and the tokenizer's identity, so an
-edited source or another tokenizer gets a fresh cache. The folder is built under a temporary name
-and renamed into place, so a crash never leaves a partial cache where a complete one is expected.
-Caches of older versions of a source are not deleted.
+A sentence cache, ``<name>.sentences.<key>/``, holds ``tokens.bin`` (all sentences back to back),
+``sentence_offsets.npy`` and ``doc_offsets.npy`` (document ``d`` is sentences
+``[doc_offsets[d], doc_offsets[d+1])``) instead of ``offsets.npy``.
+``key`` hashes SRC's real path, size and mtime, the text key and the tokenizer's identity (and, for
+sentences, the splitting mode), so an edited source, another tokenizer or another splitting mode gets
+a fresh cache. The folder is built under a temporary name and renamed into place, so a crash never
+leaves a partial cache where a complete one is expected. Caches of older versions of a source are
+not deleted.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from data_utils.corpora import read_loose_json
 from data_utils.errors import DataError
+from data_utils.sentences import split_sentences, splitter_identity
 from data_utils.tokenization import Tokenizer
 
 CACHE_FORMAT = 1
@@ -46,11 +53,10 @@ def _is_first_rank() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _tokenized_chunks(path: str, tokenizer: Tokenizer, text_key: str, dtype: np.dtype) -> Iterator[list[np.ndarray]]:
-    """Lists of per-document token arrays, in file order, with a progress bar over the file's bytes."""
+def _text_chunks(path: str, text_key: str) -> Iterator[list[str]]:
+    """Lists of document texts, in file order, with a progress bar over the file's bytes."""
     from tqdm import tqdm
 
-    limit = np.iinfo(dtype).max
     with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, mininterval=1.0,
               desc=f"tokenizing {os.path.basename(path)}", disable=not _is_first_rank()) as bar:
         texts: list[str] = []
@@ -59,10 +65,35 @@ def _tokenized_chunks(path: str, tokenizer: Tokenizer, text_key: str, dtype: np.
             texts.append(text)
             chars += len(text)
             if len(texts) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
-                yield _encode(tokenizer, texts, dtype, limit)
+                yield texts
                 texts, chars = [], 0
         if texts:
-            yield _encode(tokenizer, texts, dtype, limit)
+            yield texts
+
+
+def _tokenized_chunks(path: str, tokenizer: Tokenizer, text_key: str, dtype: np.dtype) -> Iterator[list[np.ndarray]]:
+    """Lists of per-document token arrays, in file order."""
+    limit = np.iinfo(dtype).max
+    for texts in _text_chunks(path, text_key):
+        yield _encode(tokenizer, texts, dtype, limit)
+
+
+def _sentence_chunks(path: str, tokenizer: Tokenizer, text_key: str, dtype: np.dtype,
+                     presplit: bool) -> Iterator[tuple[list[np.ndarray], list[int]]]:
+    """Per chunk of documents: their sentences' token arrays in order (empty ones dropped), and how many each has."""
+    limit = np.iinfo(dtype).max
+    for texts in _text_chunks(path, text_key):
+        split = [split_sentences(text, presplit) for text in texts]
+        encoded = _encode(tokenizer, [s for doc in split for s in doc], dtype, limit)
+        sentences: list[np.ndarray] = []
+        counts: list[int] = []
+        pos = 0
+        for doc in split:
+            kept = [ids for ids in encoded[pos:pos + len(doc)] if ids.size]
+            pos += len(doc)
+            sentences.extend(kept)
+            counts.append(len(kept))
+        yield sentences, counts
 
 
 def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype, limit: int) -> list[np.ndarray]:
@@ -133,21 +164,31 @@ class LazyCorpus:
         return {**self.__dict__, "_tokens": None}
 
 
-def cache_folder(path: str, tokenizer: Tokenizer, cache_dir: str, text_key: str = "text") -> str:
-    """Where the lazy cache of ``path`` under this tokenizer lives (it may not exist yet)."""
+def cache_folder(path: str, tokenizer: Tokenizer, cache_dir: str, text_key: str = "text",
+                 sentences: str | None = None) -> str:
+    """Where the lazy cache of ``path`` under this tokenizer lives (it may not exist yet).
+
+    ``sentences`` (a ``splitter_identity``) names the cache of a sentence corpus split that way.
+    """
     stat = os.stat(path)
     ident = {
         "format": CACHE_FORMAT, "source": os.path.realpath(path), "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns, "tokenizer": getattr(tokenizer, "identity", tokenizer.name),
         "text_key": text_key,
     }
+    if sentences is not None:
+        ident["sentences"] = sentences
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(path))
-    return os.path.join(cache_dir, "tokenized", f"{stem}.{key}")
+    kind = "" if sentences is None else ".sentences"
+    return os.path.join(cache_dir, "tokenized", f"{stem}{kind}.{key}")
 
 
-def build_cache(path: str, tokenizer: Tokenizer, folder: str, text_key: str = "text") -> None:
-    """Tokenize ``path`` into ``folder`` (temporary folder, then one rename)."""
+def _build_atomically(path: str, folder: str, write: Callable[[str], dict[str, Any]]) -> None:
+    """Fill ``folder`` from source ``path``: ``write(tmp)`` writes the files and returns the meta, then one rename.
+
+    ``meta.json`` is written last; a source that changes meanwhile is an error and leaves no cache.
+    """
     before = os.stat(path)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
@@ -156,19 +197,7 @@ def build_cache(path: str, tokenizer: Tokenizer, folder: str, text_key: str = "t
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a shared cache should be readable by all
-        dtype = token_dtype(tokenizer.vocab_size)
-        lengths: list[int] = []
-        with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
-            for chunk in _tokenized_chunks(path, tokenizer, text_key, dtype):
-                if chunk:
-                    np.concatenate(chunk).tofile(out)
-                lengths.extend(len(d) for d in chunk)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        np.save(os.path.join(tmp, "offsets.npy"), offsets)
-        meta = {"source": os.path.realpath(path), "tokenizer": getattr(tokenizer, "identity", tokenizer.name),
-                "text_key": text_key, "dtype": dtype.name, "num_docs": len(lengths),
-                "num_tokens": int(offsets[-1]), "format": CACHE_FORMAT}
+        meta = write(tmp)
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
         after = os.stat(path)
@@ -185,7 +214,147 @@ def build_cache(path: str, tokenizer: Tokenizer, folder: str, text_key: str = "t
         raise
 
 
-def _once_per_group(ready: Callable[[], bool], build: Callable[[], None], group: Any = None) -> None:
+def _offsets(lengths: list[int]) -> np.ndarray:
+    """int64 ``[0, cumsum(lengths)...]``."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def build_cache(path: str, tokenizer: Tokenizer, folder: str, text_key: str = "text") -> None:
+    """Tokenize ``path`` into ``folder`` (temporary folder, then one rename)."""
+
+    def write(tmp: str) -> dict[str, Any]:
+        dtype = token_dtype(tokenizer.vocab_size)
+        lengths: list[int] = []
+        with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
+            for chunk in _tokenized_chunks(path, tokenizer, text_key, dtype):
+                if chunk:
+                    np.concatenate(chunk).tofile(out)
+                lengths.extend(len(d) for d in chunk)
+        offsets = _offsets(lengths)
+        np.save(os.path.join(tmp, "offsets.npy"), offsets)
+        return {"source": os.path.realpath(path), "tokenizer": getattr(tokenizer, "identity", tokenizer.name),
+                "text_key": text_key, "dtype": dtype.name, "num_docs": len(lengths),
+                "num_tokens": int(offsets[-1]), "format": CACHE_FORMAT}
+
+    _build_atomically(path, folder, write)
+
+
+def _write_sentences(chunks: Iterator[tuple[list[np.ndarray], list[int]]],
+                     write_tokens: Callable[[np.ndarray], None]) -> tuple[np.ndarray, np.ndarray]:
+    """Pass every chunk's sentence tokens to ``write_tokens``; (sentence_offsets, doc_offsets)."""
+    sentence_lengths: list[int] = []
+    doc_counts: list[int] = []
+    for sentences, counts in chunks:
+        if sentences:
+            write_tokens(np.concatenate(sentences))
+        sentence_lengths.extend(len(s) for s in sentences)
+        doc_counts.extend(counts)
+    return _offsets(sentence_lengths), _offsets(doc_counts)
+
+
+class SentenceCorpus:
+    """Documents as runs of non-empty tokenized sentences, in RAM or memory-mapped from a cache folder.
+
+    ``tokens`` holds every sentence back to back: sentence ``s`` is
+    ``tokens[sentence_offsets[s]:sentence_offsets[s + 1]]`` and document ``d`` is sentences
+    ``[doc_offsets[d], doc_offsets[d + 1])``, so any run of a document's sentences is one slice.
+    ``lengths`` (tokens) and ``num_sentences`` are per document.
+    """
+
+    def __init__(self, tokens: np.ndarray | None, sentence_offsets: np.ndarray, doc_offsets: np.ndarray,
+                 path: str = "", folder: str | None = None, meta: dict[str, Any] | None = None) -> None:
+        self._tokens, self.folder, self.path, self.meta = tokens, folder, path, meta or {}
+        self.sentence_offsets = np.asarray(sentence_offsets, dtype=np.int64)
+        self.doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
+        self.lengths = np.diff(self.sentence_offsets[self.doc_offsets])
+        self.num_sentences = np.diff(self.doc_offsets)
+
+    @classmethod
+    def from_documents(cls, docs: Sequence[Sequence[Sequence[int]]], path: str = "") -> SentenceCorpus:
+        """A corpus from per-document lists of sentence token ids (empty sentences dropped)."""
+        kept = [[np.asarray(s, dtype=np.int64) for s in doc if len(s)] for doc in docs]
+        chunks = iter([([s for doc in kept for s in doc], [len(doc) for doc in kept])])
+        parts: list[np.ndarray] = []
+        sentence_offsets, doc_offsets = _write_sentences(chunks, parts.append)
+        return cls(np.concatenate(parts) if parts else np.empty(0, np.int64), sentence_offsets, doc_offsets, path)
+
+    @classmethod
+    def from_loose_json(cls, path: str, tokenizer: Tokenizer, text_key: str = "text",
+                        presplit: bool = False) -> SentenceCorpus:
+        """Split and tokenize every document of ``path`` (loose json) into memory."""
+        dtype = token_dtype(tokenizer.vocab_size)
+        parts: list[np.ndarray] = []
+        chunks = _sentence_chunks(path, tokenizer, text_key, dtype, presplit)
+        sentence_offsets, doc_offsets = _write_sentences(chunks, parts.append)
+        return cls(np.concatenate(parts) if parts else np.empty(0, dtype), sentence_offsets, doc_offsets, path)
+
+    @classmethod
+    def open(cls, folder: str) -> SentenceCorpus:
+        """A built cache folder; its tokens are memory-mapped on first use."""
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        sentence_offsets = np.load(os.path.join(folder, "sentence_offsets.npy"))
+        doc_offsets = np.load(os.path.join(folder, "doc_offsets.npy"))
+        return cls(None, sentence_offsets, doc_offsets, meta["source"], folder, meta)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Every sentence's tokens back to back (memory-mapped read-only for a cache folder)."""
+        if self._tokens is None:
+            dtype, n = np.dtype(self.meta["dtype"]), int(self.meta["num_tokens"])
+            path = os.path.join(self.folder, "tokens.bin")
+            self._tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
+        return self._tokens
+
+    def __len__(self) -> int:
+        return len(self.num_sentences)
+
+    def __getitem__(self, d: int) -> list[np.ndarray]:
+        """Document ``d`` as a list of sentence token arrays."""
+        bounds = self.sentence_offsets[self.doc_offsets[d]:self.doc_offsets[d + 1] + 1]
+        return [self.tokens[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def sentence_lengths(self, d: int) -> np.ndarray:
+        """Tokens in each sentence of document ``d``."""
+        return np.diff(self.sentence_offsets[self.doc_offsets[d]:self.doc_offsets[d + 1] + 1])
+
+    def span(self, d: int, start: int, stop: int) -> np.ndarray:
+        """Tokens of sentences ``[start, stop)`` of document ``d``, as one array."""
+        first = int(self.doc_offsets[d])
+        return self.tokens[self.sentence_offsets[first + start]:self.sentence_offsets[first + stop]]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sentence_offsets[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Data-loader workers reopen the map instead of pickling its contents.
+        return {**self.__dict__, "_tokens": None} if self.folder is not None else self.__dict__
+
+
+def build_sentence_cache(path: str, tokenizer: Tokenizer, folder: str, text_key: str = "text",
+                         presplit: bool = False) -> None:
+    """Split and tokenize ``path`` into ``folder``: ``tokens.bin``, ``sentence_offsets.npy``, ``doc_offsets.npy``."""
+
+    def write(tmp: str) -> dict[str, Any]:
+        dtype = token_dtype(tokenizer.vocab_size)
+        with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
+            chunks = _sentence_chunks(path, tokenizer, text_key, dtype, presplit)
+            sentence_offsets, doc_offsets = _write_sentences(chunks, lambda tokens: tokens.tofile(out))
+        np.save(os.path.join(tmp, "sentence_offsets.npy"), sentence_offsets)
+        np.save(os.path.join(tmp, "doc_offsets.npy"), doc_offsets)
+        return {"source": os.path.realpath(path), "tokenizer": getattr(tokenizer, "identity", tokenizer.name),
+                "text_key": text_key, "sentences": splitter_identity(presplit), "dtype": dtype.name,
+                "num_docs": len(doc_offsets) - 1, "num_sentences": len(sentence_offsets) - 1,
+                "num_tokens": int(sentence_offsets[-1]), "format": CACHE_FORMAT}
+
+    _build_atomically(path, folder, write)
+
+
+def _once_per_group(ready: Callable[[], bool], build: Callable[[], None], group: Any = None,
+                    what: str = "the cache") -> None:
     """Run ``build`` on the group's first rank while the others wait; then on any rank still not ready.
 
     Without torch.distributed (or in a group of one) it just builds when not ready. The second
@@ -209,21 +378,43 @@ def _once_per_group(ready: Callable[[], bool], build: Callable[[], None], group:
     dist.broadcast_object_list(failure, src=first, group=group)  # doubles as the barrier
     if failure[0] is not None:
         is_data_error, message = failure[0]
-        raise (DataError if is_data_error else RuntimeError)(f"rank {first} failed to build the cache: {message}")
+        raise (DataError if is_data_error else RuntimeError)(f"rank {first} failed to build {what}: {message}")
     if not ready():
         build()
+
+
+def _check_source(path: str, lazy: bool, cache_dir: str | None) -> None:
+    if not os.path.isfile(path):
+        raise DataError(f"cannot open corpus {path}: no such file; check --train-data/--valid-data/--test-data")
+    if lazy and cache_dir is None:
+        raise DataError("--lazy-loader needs --cache-dir DIR to keep the tokenized corpus in")
+
+
+def _ensure_built(folder: str, build: Callable[[], None], group: Any) -> None:
+    """``folder`` built by the group's first rank (or by any rank that still lacks it)."""
+    _once_per_group(lambda: os.path.isfile(os.path.join(folder, "meta.json")), build, group)
 
 
 def load_corpus(path: str, tokenizer: Tokenizer, lazy: bool, cache_dir: str | None = None,
                 text_key: str = "text", group: Any = None) -> InMemoryCorpus | LazyCorpus:
     """Tokenized ``path``: the lazy cache (built once, by the group's first rank) or in memory."""
-    if not os.path.isfile(path):
-        raise DataError(f"cannot open corpus {path}: no such file; check --train-data/--valid-data/--test-data")
+    _check_source(path, lazy, cache_dir)
     if not lazy:
         return InMemoryCorpus.from_loose_json(path, tokenizer, text_key)
-    if cache_dir is None:
-        raise DataError("--lazy-loader needs --cache-dir DIR to keep the tokenized corpus in")
     folder = cache_folder(path, tokenizer, cache_dir, text_key)
-    ready = lambda: os.path.isfile(os.path.join(folder, "meta.json"))
-    _once_per_group(ready, lambda: build_cache(path, tokenizer, folder, text_key), group)
+    _ensure_built(folder, lambda: build_cache(path, tokenizer, folder, text_key), group)
     return LazyCorpus(folder)
+
+
+def load_sentence_corpus(path: str, tokenizer: Tokenizer, lazy: bool, cache_dir: str | None = None,
+                         text_key: str = "text", presplit: bool = False, group: Any = None) -> SentenceCorpus:
+    """``path`` split into sentences and tokenized: the lazy cache (built once per group) or in memory.
+
+    The cache is keyed by the splitting mode too, so ``presplit`` on and off never share one.
+    """
+    _check_source(path, lazy, cache_dir)
+    if not lazy:
+        return SentenceCorpus.from_loose_json(path, tokenizer, text_key, presplit)
+    folder = cache_folder(path, tokenizer, cache_dir, text_key, sentences=splitter_identity(presplit))
+    _ensure_built(folder, lambda: build_sentence_cache(path, tokenizer, folder, text_key, presplit), group)
+    return SentenceCorpus.open(folder)

@@ -339,7 +339,7 @@ def _train_on_rank_0(model_file: str, train: Callable[[], None]) -> None:
                             "it; put --tokenizer-path on a filesystem every node shares")
         train()
 
-    _once_per_group(lambda: os.path.isfile(model_file), build)
+    _once_per_group(lambda: os.path.isfile(model_file), build, what=f"SentencePiece model {model_file}")
 
 
 def _sentencepiece() -> Any:
