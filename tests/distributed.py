@@ -56,8 +56,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
+    # Not daemonic, so a worker may start data-loader processes; the ``finally`` below kills stragglers.
     procs = [
-        ctx.Process(target=_child, args=(fn, rank, world_size, port, results, args), daemon=True)
+        ctx.Process(target=_child, args=(fn, rank, world_size, port, results, args), daemon=False)
         for rank in range(world_size)
     ]
     for proc in procs:

@@ -1,0 +1,102 @@
+"""Pretrain BERT: the model, its data and its forward step; the loop lives in training.py."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import mpu
+from arguments import get_args
+from data_utils import build_bert_datasets, build_tfrecord_datasets, make_tokenizer, resolve_corpora
+from model import BertModel, bert_config
+from training import pretrain, print_rank_0, run_main
+
+BATCH_KEYS = ["text", "types", "is_random", "mask", "mask_labels", "pad_mask"]
+BERT_DEFAULTS = {"layernorm_epsilon": 1e-12, "tokenizer_type": "BertWordPieceTokenizer"}
+
+
+def model_provider(args, padded_vocab_size: int) -> BertModel:
+    config = bert_config(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        vocab_size=padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        intermediate_size=args.intermediate_size,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        layernorm_epsilon=args.layernorm_epsilon,
+        init_method_std=args.init_method_std,
+        scaled_init=args.deep_init,
+        checkpoint_activations=args.checkpoint_activations,
+        checkpoint_num_layers=args.checkpoint_num_layers,
+    )
+    return BertModel(config, parallel_output=True)
+
+
+def data_provider(args):
+    sentencepiece_corpus = None
+    if args.tokenizer_type == "SentencePieceTokenizer" and not args.use_tfrecords:
+        sentencepiece_corpus = resolve_corpora(args.train_data or [], args.cache_dir)  # trained on when absent
+    tokenizer = make_tokenizer(
+        args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir, model_type=args.tokenizer_model_type,
+        tokenizer_path=args.tokenizer_path, vocab_size=args.vocab_size, train_files=sentencepiece_corpus,
+        text_key=args.text_key,
+    )
+    if args.use_tfrecords:
+        datasets = build_tfrecord_datasets(
+            args.train_data or [], args.valid_data, args.test_data, args.seq_length, args.max_preds_per_seq,
+            mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size(),
+        )
+    else:
+        datasets = build_bert_datasets(
+            args.train_data or [], args.valid_data, args.test_data, args.split, args.seq_length,
+            args.max_preds_per_seq, tokenizer, args.lazy_loader, args.cache_dir, args.seed, args.text_key,
+            args.presplit_sentences,
+        )
+    return (tokenizer, *datasets)
+
+
+def _global_count(count: torch.Tensor) -> torch.Tensor:
+    """``count`` summed over the data-parallel group."""
+    if mpu.get_data_parallel_world_size() == 1:
+        return count
+    group = mpu.get_data_parallel_group()
+    total = count.to(mpu.collective_device(group), torch.float32)
+    dist.all_reduce(total, group=group)
+    return total.to(count.device)
+
+
+def forward_step_provider(args, tokenizer, device: torch.device):
+    def forward_step(batch, model):
+        data = {k: v.to(device) for k, v in mpu.broadcast_data(BATCH_KEYS, batch, torch.int64).items()}
+        lm_positions = data["mask"].bool()  # (b, s): the tokens to predict
+        lm_logits, nsp_logits = model(data["text"], data["types"], 1 - data["pad_mask"], lm_positions)
+        losses = mpu.vocab_parallel_cross_entropy(lm_logits, data["mask_labels"][lm_positions])  # (m,)
+        # The mean over every predicted token of the global batch, whatever the data-parallel split: data
+        # parallelism averages gradients over ranks, so each rank divides its sum by (global count / ranks).
+        count = _global_count(lm_positions.sum().float()).clamp(min=1.0)
+        lm_loss = losses.sum() * mpu.get_data_parallel_world_size() / count
+        nsp_loss = F.cross_entropy(nsp_logits.float(), data["is_random"])
+        return lm_loss + nsp_loss, {"lm_loss": lm_loss.detach(), "nsp_loss": nsp_loss.detach()}
+
+    return forward_step
+
+
+def main() -> None:
+    args = get_args(description="BERT pretraining", defaults=BERT_DEFAULTS)
+    results = pretrain(args, model_provider, data_provider, forward_step_provider)
+    summary = [f"trained to iteration {results['iteration']}"]
+    if "valid" in results:
+        valid = results["valid"]
+        summary.append(f"validation lm loss {valid['lm_loss']:.4f}, nsp loss {valid['nsp_loss']:.4f}")
+    if results["save"]:
+        summary.append(f"checkpoint in {results['save']}")
+    if results["metrics"]:
+        summary.append(f"metrics in {results['metrics']}")
+    print_rank_0("done: " + " | ".join(summary))
+
+
+if __name__ == "__main__":
+    run_main(main)

