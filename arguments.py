@@ -247,6 +247,23 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, model_parallel_size: int)
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+def transformer_kwargs(args: argparse.Namespace) -> dict:
+    """The ``TransformerConfig`` fields the model flags set, shared by every entry point's model provider."""
+    return dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        max_sequence_length=args.max_position_embeddings,
+        intermediate_size=args.intermediate_size,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        layernorm_epsilon=args.layernorm_epsilon,
+        init_method_std=args.init_method_std,
+        checkpoint_activations=args.checkpoint_activations,
+        checkpoint_num_layers=args.checkpoint_num_layers,
+    )
+
+
 def get_args(
     argv: list[str] | None = None,
     extra_args_provider=None,

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mpu
-from arguments import get_args
+from arguments import get_args, transformer_kwargs
 from data_utils import build_bert_datasets, build_tfrecord_datasets, make_tokenizer, resolve_corpora
 from model import BertModel, bert_config
 from training import pretrain, print_rank_0, run_main
@@ -17,21 +17,7 @@ BERT_DEFAULTS = {"layernorm_epsilon": 1e-12, "tokenizer_type": "BertWordPieceTok
 
 
 def model_provider(args, padded_vocab_size: int) -> BertModel:
-    config = bert_config(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        vocab_size=padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        intermediate_size=args.intermediate_size,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        layernorm_epsilon=args.layernorm_epsilon,
-        init_method_std=args.init_method_std,
-        scaled_init=args.deep_init,
-        checkpoint_activations=args.checkpoint_activations,
-        checkpoint_num_layers=args.checkpoint_num_layers,
-    )
+    config = bert_config(vocab_size=padded_vocab_size, scaled_init=args.deep_init, **transformer_kwargs(args))
     return BertModel(config, parallel_output=True)
 
 

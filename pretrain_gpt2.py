@@ -5,28 +5,15 @@ from __future__ import annotations
 import torch
 
 import mpu
-from arguments import get_args
+from arguments import get_args, transformer_kwargs
 from data_utils import build_gpt2_datasets, make_tokenizer
 from model import GPT2Model, TransformerConfig, get_masks_and_position_ids
 from training import pretrain, print_rank_0, run_main
 
 
 def model_provider(args, padded_vocab_size: int) -> GPT2Model:
-    config = TransformerConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        vocab_size=padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        layernorm_epsilon=args.layernorm_epsilon,
-        init_method_std=args.init_method_std,
-        scaled_init=True,
-        intermediate_size=args.intermediate_size,
-        checkpoint_activations=args.checkpoint_activations,
-        checkpoint_num_layers=args.checkpoint_num_layers,
-    )
+    # GPT2 always scales the residual output projections by 1/sqrt(2L).
+    config = TransformerConfig(vocab_size=padded_vocab_size, scaled_init=True, **transformer_kwargs(args))
     return GPT2Model(config, parallel_output=True)
 
 

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_utils.datasets import SPLIT_NAMES, Documents, split_documents
+from data_utils.datasets import SPLIT_NAMES, Documents, sample_index, split_documents
 from data_utils.errors import DataError
 from data_utils.lazy_loader import SentenceCorpus, load_sentence_corpus
 from data_utils.tokenization import Tokenizer
@@ -148,10 +148,7 @@ class BertSentencePairDataset(torch.utils.data.Dataset):
         return self.num_samples
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        if i < 0:
-            i += self.num_samples
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        i = sample_index(i, self.num_samples)
         rng = np.random.default_rng([self.stream, self.seed, i])
         budget = self.seq_length - 3
         if rng.random() < SHORT_SEQ_PROB:

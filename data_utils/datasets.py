@@ -93,6 +93,15 @@ class Documents:
         return corpus[j]
 
 
+def sample_index(i: int, num_samples: int) -> int:
+    """``i`` as an index into ``num_samples`` samples (negative counts from the end); IndexError past them."""
+    if i < 0:
+        i += num_samples
+    if not 0 <= i < num_samples:
+        raise IndexError(f"sample {i} out of range for {num_samples} samples")
+    return i
+
+
 class GPT2Dataset(torch.utils.data.Dataset):
     """Windows of ``seq_length + 1`` tokens over documents joined by ``eod``; ``{'text': int64 array}``.
 
@@ -120,10 +129,7 @@ class GPT2Dataset(torch.utils.data.Dataset):
         return self.num_samples
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        if i < 0:
-            i += self.num_samples
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
+        i = sample_index(i, self.num_samples)
         need = self.seq_length + 1
         out = np.empty(need, dtype=np.int64)
         pos = i * self.seq_length

@@ -103,6 +103,13 @@ def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype, limit: int)
     return [d.astype(dtype) for d in docs]
 
 
+def _map_tokens(folder: str, meta: dict[str, Any]) -> np.ndarray:
+    """A cache folder's ``tokens.bin``, memory-mapped read-only with the dtype and length ``meta`` records."""
+    dtype, n = np.dtype(meta["dtype"]), int(meta["num_tokens"])
+    path = os.path.join(folder, "tokens.bin")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
+
+
 class InMemoryCorpus:
     """A list of per-document token arrays held in RAM (the default without ``--lazy-loader``)."""
 
@@ -144,9 +151,7 @@ class LazyCorpus:
     def tokens(self) -> np.ndarray:
         """The whole flat token array, memory-mapped read-only (opened on first use, per process)."""
         if self._tokens is None:
-            dtype, n = np.dtype(self.meta["dtype"]), int(self.meta["num_tokens"])
-            path = os.path.join(self.folder, "tokens.bin")
-            self._tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
+            self._tokens = _map_tokens(self.folder, self.meta)
         return self._tokens
 
     def __len__(self) -> int:
@@ -303,9 +308,7 @@ class SentenceCorpus:
     def tokens(self) -> np.ndarray:
         """Every sentence's tokens back to back (memory-mapped read-only for a cache folder)."""
         if self._tokens is None:
-            dtype, n = np.dtype(self.meta["dtype"]), int(self.meta["num_tokens"])
-            path = os.path.join(self.folder, "tokens.bin")
-            self._tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
+            self._tokens = _map_tokens(self.folder, self.meta)
         return self._tokens
 
     def __len__(self) -> int:
