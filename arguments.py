@@ -8,6 +8,7 @@ once; nothing changes the result afterwards.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -156,13 +157,47 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eod-mask-loss", action="store_true", help="GPT2: no loss on end-of-document tokens")
 
 
+def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation", "evaluate_gpt2.py: wikitext, LAMBADA, loose-json perplexity")
+    group.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default --batch-size)")
+    group.add_argument("--eval-seq-length", type=int, default=None,
+                       help="evaluation window length (default --seq-length)")
+    group.add_argument("--overlapping-eval", type=int, default=32,
+                       help="wikitext: stride between windows; later windows score only their last this-many targets")
+    group.add_argument("--cloze-eval", action="store_true", help="LAMBADA cloze accuracy on --valid-data")
+    group.add_argument("--strict-lambada", action="store_true",
+                       help="LAMBADA: a passage counts only if every token of its last word is predicted")
+    group.add_argument("--webtext-eval", action="store_true",
+                       help="perplexity over --eval-iters batches of a loose-json file")
+    group.add_argument("--loose-json", action="store_true", help="accepted for the 2019 command lines: corpora are "
+                       "always loose json")
+    group.add_argument("--eval-text-key", default=None, help="json key of the text in evaluation data (default "
+                       "--text-key)")
+    group.add_argument("--results-file", default=None, help="write the evaluation results here as one JSON object")
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation", "generate_samples.py: sampling")
+    group.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    group.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this before sampling")
+    group.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    group.add_argument("--top_p", type=float, default=0.0,
+                       help="sample among the fewest tokens whose probability reaches p (0: off)")
+    group.add_argument("--out-seq-length", type=int, default=256, help="most tokens to generate per sample")
+    group.add_argument("--sample-input-file", default=None, help="one prompt per line; generate for each")
+    group.add_argument("--sample-output-file", default=None,
+                       help="write one JSON object per sample (prompt, text, token_ids) here")
+    group.add_argument("--num-samples", type=int, default=0,
+                       help="unconditional samples to generate (without --sample-input-file)")
+
+
 def build_parser(description: str = "Megatron-LM training") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description, usage="%(prog)s [options] (see the groups below)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for add in (add_model_args, add_precision_args, add_training_args, add_checkpoint_args,
-                add_distributed_args, add_data_args):
+                add_distributed_args, add_data_args, add_evaluation_args, add_generation_args):
         add(parser)
     return parser
 
@@ -264,6 +299,15 @@ def transformer_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> frozenset[str]:
+    """The destinations of the flags given on the command line (not left at their defaults)."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    probe._defaults.clear()
+    return frozenset(vars(probe.parse_args(argv)))
+
+
 def get_args(
     argv: list[str] | None = None,
     extra_args_provider=None,
@@ -280,6 +324,7 @@ def get_args(
     if defaults:
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    args.explicit_flags = _explicit_flags(parser, argv)
     derive_args(args)
     try:
         validate_args(args)
