@@ -3,6 +3,7 @@
 from .bert import BertModel, bert_config, hf_bert_to_megatron, load_full_state_dict
 from .gpt2 import GPT2Model, get_masks_and_position_ids
 from .transformer import (
+    KVCache,
     ParallelMLP,
     ParallelSelfAttention,
     ParallelTransformer,
@@ -14,6 +15,7 @@ from .transformer import (
 
 __all__ = [
     "BertModel",
+    "KVCache",
     "GPT2Model",
     "ParallelMLP",
     "ParallelSelfAttention",

@@ -7,7 +7,7 @@ from torch import nn
 
 import mpu
 
-from .transformer import ParallelTransformer, TransformerConfig, init_method_normal
+from .transformer import KVCache, ParallelTransformer, TransformerConfig, init_method_normal
 
 
 class GPT2Model(nn.Module):
@@ -17,6 +17,11 @@ class GPT2Model(nn.Module):
     ``(b, s, V/p)`` split over the vocabulary (``parallel_output=True``, the form
     ``mpu.vocab_parallel_cross_entropy`` takes) or gathered ``(b, s, V)``. ``attention_mask`` is
     ``None`` for plain causal attention, or a boolean ``(b, 1, s, s)`` where ``True`` may attend.
+
+    With ``kv_cache`` (from ``allocate_kv_cache``) the call feeds only new tokens: they attend to
+    the cached ones and causally among themselves, their keys and values join the cache, and the
+    logits of the new positions come back. ``position_ids`` are then their absolute positions, and
+    an explicit ``attention_mask`` is ``(b, 1, s_new, cached + s_new)`` (e.g. to hide left padding).
     """
 
     def __init__(self, config: TransformerConfig, parallel_output: bool = True) -> None:
@@ -32,14 +37,23 @@ class GPT2Model(nn.Module):
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
         self.transformer = ParallelTransformer(config)
 
+    def allocate_kv_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """An empty key/value cache for ``batch_size`` sequences of up to ``max_length`` tokens
+        (default: the position embeddings' length), in the attention layers' dtype and device."""
+        attention = self.transformer.layers[0].attention
+        weight = attention.query_key_value.weight
+        return KVCache(len(self.transformer.layers), batch_size, max_length or self.config.max_sequence_length,
+                       attention.heads_per_partition, attention.head_size, weight.dtype, weight.device)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (b, s, h)
-        hidden = self.transformer(self.embedding_dropout(embeddings), attention_mask)
+        hidden = self.transformer(self.embedding_dropout(embeddings), attention_mask, kv_cache)
         # Output layer tied to the input embedding: logits_r = H E_r^T for this rank's vocabulary.
         weight = self.word_embeddings.weight
         hidden_parallel = mpu.copy_to_model_parallel_region(hidden.to(weight.dtype))

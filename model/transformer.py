@@ -103,6 +103,43 @@ class LayerNorm(nn.LayerNorm):
         return output.to(input_.dtype)
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding.
+
+    Buffers are ``(b, n/p, max_length, d)`` per layer, allocated once; ``length`` tokens are filled.
+    A forward pass with a cache attends its new tokens to the cached ones plus themselves, writes
+    their keys and values after the cached ones, and ``GPT2Model`` advances ``length`` once every
+    layer has run. Build one with ``GPT2Model.allocate_kv_cache``.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_length: int, heads_per_partition: int,
+                 head_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch_size, heads_per_partition, max_length, head_size)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.batch_size, self.max_length, self.length = batch_size, max_length, 0
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``key``/``value`` ``(b, n/p, s, d)`` after the cached ones; return all of them so far."""
+        end = self.length + key.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} positions; {end} were asked for")
+        if key.shape[0] != self.batch_size:
+            raise ValueError(f"the KV cache was allocated for batch {self.batch_size}, got {key.shape[0]}")
+        self.keys[layer][:, :, self.length:end] = key
+        self.values[layer][:, :, self.length:end] = value
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (in that order), e.g. to drop finished sequences."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.batch_size = len(index)
+
+
 class ParallelSelfAttention(nn.Module):
     """Multi-head self-attention with heads split over the model-parallel group.
 
@@ -129,19 +166,26 @@ class ParallelSelfAttention(nn.Module):
         )
         self.output_dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                kv_cache: KVCache | None = None, layer_number: int = 0) -> torch.Tensor:
         b, s, _ = hidden_states.shape
         mixed = self.query_key_value(hidden_states)  # (b, s, 3h/p)
         q, k, v = (
             t.view(b, s, self.heads_per_partition, self.head_size).transpose(1, 2)  # (b, n/p, s, d)
             for t in mpu.split_tensor_along_last_dim(mixed, 3)
         )
+        is_causal = self.causal and attention_mask is None
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.append(layer_number, k, v)  # (b, n/p, past + s, d)
+            if is_causal and past and s > 1:  # new token i sees the cache and new tokens 0..i
+                attention_mask = torch.ones(s, past + s, dtype=torch.bool, device=q.device).tril(past)
+            is_causal = is_causal and not past  # one new token after a cache sees everything
         dropout_p = self.attention_dropout if self.training else 0.0
         # Each rank owns different heads, so their dropout masks must differ: model-parallel stream.
         with mpu.get_cuda_rng_tracker().fork():
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attention_mask, dropout_p=dropout_p,
-                is_causal=self.causal and attention_mask is None,
+                q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=is_causal,
             )
         context = context.transpose(1, 2).reshape(b, s, self.hidden_per_partition)  # (b, s, h/p)
         return self.output_dropout(self.dense(context))
@@ -184,11 +228,14 @@ class ParallelTransformerLayer(nn.Module):
         self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = ParallelMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                kv_cache: KVCache | None = None, layer_number: int = 0) -> torch.Tensor:
         if self.post_layernorm:
-            hidden_states = self.input_layernorm(hidden_states + self.attention(hidden_states, attention_mask))
+            attention = self.attention(hidden_states, attention_mask, kv_cache, layer_number)
+            hidden_states = self.input_layernorm(hidden_states + attention)
             return self.post_attention_layernorm(hidden_states + self.mlp(hidden_states))
-        hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states), attention_mask)
+        attention = self.attention(self.input_layernorm(hidden_states), attention_mask, kv_cache, layer_number)
+        hidden_states = hidden_states + attention
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -219,9 +266,14 @@ class ParallelTransformer(nn.Module):
         """The precision the layers compute in (embeddings may differ under ``--fp32-embedding``)."""
         return self.layers[0].attention.query_key_value.weight.dtype if self.layers else torch.get_default_dtype()
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         hidden_states = hidden_states.to(self.dtype)
-        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+        if kv_cache is not None:
+            for number, layer in enumerate(self.layers):
+                hidden_states = layer(hidden_states, attention_mask, kv_cache, number)
+            kv_cache.advance(hidden_states.shape[1])
+        elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
             for start in range(0, len(self.layers), self.checkpoint_num_layers):
                 end = min(start + self.checkpoint_num_layers, len(self.layers))
                 hidden_states = mpu.checkpoint(self._chunk(start, end), hidden_states, attention_mask)
