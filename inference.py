@@ -97,4 +97,6 @@ def load_gpt2_for_inference(args, tokenizer, device: torch.device,
             from None
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
+    if not mpu.get_cuda_rng_tracker().get_states():  # attention forks the model-parallel stream
+        mpu.model_parallel_cuda_manual_seed(args.seed)
     return model, LoadedCheckpoint(args.load, ckpt["iteration"], config, ckpt.get("args", {}))

@@ -1,0 +1,69 @@
+"""Loading a trained GPT2 checkpoint for inference: the shape comes from the checkpoint, mismatches fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.test_pretrain_gpt2 import _base_args, _train
+
+
+def _load_each(argvs: list[list[str]]) -> list[tuple[str, object]]:
+    """Load ``--load`` with each argv in turn; ("ok", what came back) or ("error", the message)."""
+    from arguments import get_args
+    from checkpointing import CheckpointError
+    from data_utils import make_tokenizer
+    from inference import load_gpt2_for_inference
+    from training import initialize_distributed
+
+    results = []
+    for argv in argvs:
+        args = get_args(argv)
+        device = initialize_distributed(args)
+        tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir)
+        try:
+            model, loaded = load_gpt2_for_inference(args, tokenizer, device)
+        except CheckpointError as err:
+            results.append(("error", str(err)))
+            continue
+        tokens = torch.arange(8).unsqueeze(0) % tokenizer.vocab_size
+        with torch.no_grad():
+            logits = model(tokens, torch.arange(8).unsqueeze(0))
+        results.append(("ok", (loaded.iteration, args.num_layers, args.hidden_size, model.training, logits)))
+    return results
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inference")
+    save = str(folder / "ckpt")
+    run_distributed(_train, 1, _base_args(folder, **{"--train-iters": 3, "--eval-iters": 0, "--save": save}))
+    return folder, save
+
+
+def _argv(folder, save, **overrides):
+    flags = {"--load": save, "--num-layers": None, "--hidden-size": None, "--num-attention-heads": None,
+             "--max-position-embeddings": None, **overrides}
+    return _base_args(folder, **flags)
+
+
+def test_shape_comes_from_the_checkpoint_and_mismatches_are_one_clear_error(checkpoint):
+    folder, save = checkpoint
+    errors = [
+        ({"--num-layers": 3}, ["--num-layers 3", "--num-layers 2"]),
+        ({"--max-position-embeddings": 32}, ["--max-position-embeddings 32", "16"]),
+        ({"--make-vocab-size-divisible-by": 1000}, ["vocabulary"]),
+        ({"--load": "/nonexistent/ckpt"}, ["/nonexistent/ckpt", "no checkpoint"]),
+    ]
+    argvs = [_argv(folder, save), _argv(folder, save, **{"--num-layers": 2, "--hidden-size": 32})]
+    argvs += [_argv(folder, save, **overrides) for overrides, _ in errors]
+    results = run_distributed(_load_each, 1, argvs)[0]
+    status, (iteration, layers, hidden, training, logits) = results[0]
+    assert status == "ok" and iteration == 3 and (layers, hidden) == (2, 32) and not training
+    assert results[1][0] == "ok"  # the checkpoint's own values may be given too, and build the same model
+    torch.testing.assert_close(results[1][1][4], logits)
+    for (status, message), (_, fragments) in zip(results[2:], errors, strict=True):
+        assert status == "error" and "\n" not in message, message
+        for fragment in fragments:
+            assert fragment in message, message
