@@ -7,6 +7,7 @@ rank; inside attention and the MLP each rank holds ``n / p`` heads and ``4h / p`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,7 +184,8 @@ class ParallelSelfAttention(nn.Module):
             is_causal = is_causal and not past  # one new token after a cache sees everything
         dropout_p = self.attention_dropout if self.training else 0.0
         # Each rank owns different heads, so their dropout masks must differ: model-parallel stream.
-        with mpu.get_cuda_rng_tracker().fork():
+        # Without dropout nothing is drawn, and decoding skips the fork's state swaps.
+        with mpu.get_cuda_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext():
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=is_causal,
             )
