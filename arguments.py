@@ -252,8 +252,41 @@ def validate_args(args: argparse.Namespace) -> None:
         _check(args.device == "cuda", "--distributed-backend nccl needs CUDA; use gloo on cpu")
 
 
+# Launchers other than torchrun: (rank, world size, local rank) variables, as the 2019 code read OpenMPI's.
+LAUNCHER_VARIABLES = {
+    "OpenMPI (mpirun)": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    "SLURM (srun)": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+}
+
+
+def adopt_launcher_environment(environ: dict[str, str] | None = None) -> str | None:
+    """Without torchrun's ``RANK``/``WORLD_SIZE``, take them from OpenMPI's or SLURM's variables.
+
+    Sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in ``environ`` (default ``os.environ``) for the
+    ``env://`` initialisation and returns the launcher's name (``None`` when torchrun's are there or
+    no launcher is). A multi-process launch also needs ``MASTER_ADDR`` and ``MASTER_PORT``.
+    """
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env:
+        return None
+    for name, (rank, size, local) in LAUNCHER_VARIABLES.items():
+        if rank in env and size in env:
+            values = {"RANK": env[rank], "WORLD_SIZE": env[size], "LOCAL_RANK": env.get(local, "0")}
+            for key, value in values.items():
+                _check(value.isdigit(), f"{name}: {key} from the launcher is {value!r}, not a number")
+            if int(values["WORLD_SIZE"]) > 1:
+                missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not env.get(key)]
+                _check(not missing, f"launched by {name} with {values['WORLD_SIZE']} processes but "
+                                    f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; export "
+                                    "MASTER_ADDR (the first node's host name) and MASTER_PORT (a free port)")
+            env.update(values)
+            return name
+    return None
+
+
 def derive_args(args: argparse.Namespace) -> None:
     """Fill in the values derived from flags and the launcher's environment (called once)."""
+    adopt_launcher_environment()
     args.rank = int(os.environ.get("RANK", "0"))
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = os.environ.get("LOCAL_RANK")
@@ -325,8 +358,8 @@ def get_args(
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     args.explicit_flags = _explicit_flags(parser, argv)
-    derive_args(args)
     try:
+        derive_args(args)
         validate_args(args)
     except ArgumentError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)

@@ -126,11 +126,12 @@ def _plain_args(args) -> dict[str, Any]:
 def save(args, state: TrainState, model: nn.Module, optimizer, scheduler: AnnealingLR) -> str:
     extra = {
         "config": _model_config(model),
-        "lr_scheduler": scheduler.state_dict(),
         "data": {"consumed_samples": state.consumed_samples},
         "skipped_iters": state.skipped_iters,
         "args": _plain_args(args),
     }
+    if not args.no_save_optim:  # as in Megatron, --no-save-optim leaves out the lr schedule too
+        extra["lr_scheduler"] = scheduler.state_dict()
     path = save_checkpoint(
         args.save, state.iteration, unwrap_model(model).state_dict(), extra,
         optimizer_state=None if args.no_save_optim else optimizer.state_dict(),
@@ -138,6 +139,23 @@ def save(args, state: TrainState, model: nn.Module, optimizer, scheduler: Anneal
     )
     print_rank_0(f"saved checkpoint at iteration {state.iteration} to {args.save}")
     return path
+
+
+def _load_schedule(args, saved: dict[str, Any] | None, scheduler: AnnealingLR, iteration: int) -> None:
+    """Continue the lr schedule at ``iteration``. Its shape always comes from the flags (a user who
+    changes them on resume means it); one line says when they differ from the checkpoint's, or when
+    the checkpoint's state is not used (``--no-load-optim``, or saved with ``--no-save-optim``)."""
+    if saved is None or args.no_load_optim:
+        why = "--no-load-optim" if args.no_load_optim else "the checkpoint holds no lr-scheduler state"
+        print_rank_0(f"note: {why}; the lr schedule follows the flags from iteration {iteration}")
+        scheduler.load_state_dict({"num_iters": iteration})
+        return
+    current = scheduler.state_dict()
+    shape = ("start_lr", "min_lr", "warmup_iter", "end_iter", "decay_style")
+    changed = [f"{key} {saved[key]} -> {current[key]}" for key in shape if key in saved and saved[key] != current[key]]
+    if changed:
+        print_rank_0(f"note: the lr schedule differs from the checkpoint's ({', '.join(changed)}); using the flags'")
+    scheduler.load_state_dict(saved)
 
 
 def load(args, model: nn.Module, optimizer, scheduler: AnnealingLR) -> TrainState:
@@ -159,12 +177,16 @@ def load(args, model: nn.Module, optimizer, scheduler: AnnealingLR) -> TrainStat
         return TrainState()
     if not args.no_load_optim and "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["lr_scheduler"])
+    iteration = int(ckpt["iteration"])
+    _load_schedule(args, ckpt.get("lr_scheduler"), scheduler, iteration)
     if not args.no_load_rng and "rng" in ckpt:
         set_rng_state(ckpt["rng"])
+    consumed = ckpt.get("data", {}).get("consumed_samples")
+    if args.resume_dataloader and consumed is None:
+        print_rank_0(f"note: {args.load} holds no data-loader position; data starts from the first sample")
     state = TrainState(
-        iteration=int(ckpt["iteration"]),
-        consumed_samples=int(ckpt["data"]["consumed_samples"]) if args.resume_dataloader else 0,
+        iteration=iteration,
+        consumed_samples=int(consumed) if args.resume_dataloader and consumed is not None else 0,
         skipped_iters=int(ckpt.get("skipped_iters", 0)),
     )
     print_rank_0(f"loaded checkpoint from {args.load} at iteration {state.iteration}")
@@ -384,6 +406,8 @@ def get_loss_scaler(args) -> LossScaler:
 
 def setup_model_and_optimizer(args, model_provider, padded_vocab_size: int, device: torch.device):
     model = model_provider(args, padded_vocab_size)
+    if args.fp32_tokentypes and not any("tokentype" in name for name, _ in model.named_modules()):
+        print_rank_0("note: --fp32-tokentypes has no effect: this model has no token-type embeddings (BERT has)")
     if args.fp16 or args.bf16:
         model = FP16_Module(model, torch.float16 if args.fp16 else torch.bfloat16, keep_fp32=_fp32_islands(args))
     model = model.to(device)

@@ -99,6 +99,44 @@ def test_stopped_and_resumed_run_matches_an_unbroken_one_bitwise(tmp_path, world
 
 
 @pytest.mark.slow
+def test_checkpoints_without_optimizer_schedule_or_data_state_resume_on_the_flags_schedule(tmp_path, capfd):
+    import torch
+
+    unbroken, ckpt, resumed = str(tmp_path / "unbroken"), str(tmp_path / "ckpt"), str(tmp_path / "resumed")
+    run_distributed(_train, 1, _base_args(tmp_path, **{"--log-dir": unbroken}))
+    run_distributed(_train, 1, _base_args(tmp_path, **{"--save": ckpt, "--exit-interval": 10, "--no-save-optim": True}))
+    path = os.path.join(ckpt, "iter_0000010", "mp_rank_00", "model_optim_rng.pt")
+    state = torch.load(path, weights_only=True)
+    assert "optimizer" not in state and "lr_scheduler" not in state  # Megatron: --no-save-optim drops both
+    del state["data"]  # as an older checkpoint would be
+    torch.save(state, path)
+    capfd.readouterr()
+    run_distributed(_train, 1, _base_args(tmp_path, **{"--load": ckpt, "--log-dir": resumed,
+                                                       "--resume-dataloader": True, "--lr": 2e-3}))
+    out = capfd.readouterr().out
+    assert out.count("holds no lr-scheduler state; the lr schedule follows the flags from iteration 10") == 1, out
+    assert out.count("holds no data-loader position") == 1, out
+    expected = {r["iteration"]: r["lr"] for r in _metrics(unbroken)}
+    got = {r["iteration"]: r["lr"] for r in _metrics(resumed)}
+    assert sorted(got) == list(range(11, 21))
+    for iteration in got:  # the cosine schedule continues at iteration 10 with the new peak
+        assert got[iteration] == pytest.approx(expected[iteration] * 2, rel=1e-6), iteration
+    # A checkpoint with its schedule, resumed with other schedule flags, says what changed once.
+    run_distributed(_train, 1, _base_args(tmp_path, **{"--save": ckpt, "--load": ckpt, "--train-iters": 30,
+                                                       "--lr": 1e-3}))
+    capfd.readouterr()
+    run_distributed(_train, 1, _base_args(tmp_path, **{"--load": ckpt, "--train-iters": 32, "--lr": 5e-4}))
+    out = capfd.readouterr().out
+    assert out.count("differs from the checkpoint's (start_lr 0.001 -> 0.0005") == 1, out
+
+
+def test_a_bert_only_precision_flag_on_gpt2_says_it_does_nothing(tmp_path, capfd):
+    argv = _base_args(tmp_path, **{"--bf16": True, "--fp32-tokentypes": True, "--train-iters": 1, "--eval-iters": 0})
+    run_distributed(_train, 1, argv)
+    assert capfd.readouterr().out.count("--fp32-tokentypes has no effect") == 1
+
+
+@pytest.mark.slow
 def test_metrics_file_has_the_documented_fields(tmp_path):
     log_dir = str(tmp_path / "logs")
     results = run_distributed(_train, 1, _base_args(tmp_path, **{"--log-dir": log_dir, "--train-iters": 10}))[0]
