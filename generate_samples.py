@@ -1,0 +1,230 @@
+"""Generate text with a trained GPT2 checkpoint: interactively, from a file of prompts, or unconditionally.
+
+- interactive (neither ``--sample-input-file`` nor ``--num-samples``): read a prompt, stream its
+  continuation; an empty line samples unconditionally, ``stop`` or end of input quits;
+- ``--sample-input-file F``: one prompt per line (an empty line is an unconditional prompt), in
+  batches of ``--batch-size``; one JSON object per prompt (``prompt``, ``text``: the continuation,
+  ``token_ids``: its ids) to ``--sample-output-file``, written atomically, or to stdout;
+- ``--num-samples N``: N unconditional samples, written the same way.
+
+Sampling and decoding are in ``generation.py``. Global rank 0 reads the prompts and writes the
+output; every rank decodes. Diagnostics go to stderr, so stdout holds only the generated text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from arguments import ArgumentError, get_args
+from data_utils import make_tokenizer
+from data_utils.errors import DataError
+from generation import SamplingParams, TextStream, broadcast_prompts, generate
+from inference import load_gpt2_for_inference
+from training import initialize_distributed, run_main
+
+PROMPT = "Context prompt (stop to exit) >>> "
+Batch = list[tuple[str, list[int]]]  # (prompt text, prompt ids fed to the model)
+Decode = Callable[[list[list[int]]], list[list[int]]]
+
+
+def check_mode_args(args) -> None:
+    """Refuse flag combinations that name no clear mode, and files that cannot be read."""
+    if args.out_seq_length < 1:
+        raise ArgumentError(f"--out-seq-length must be at least 1, got {args.out_seq_length}")
+    if args.num_samples < 0:
+        raise ArgumentError(f"--num-samples must not be negative, got {args.num_samples}")
+    if args.sample_input_file and args.num_samples:
+        raise ArgumentError("give --sample-input-file (prompts) or --num-samples (unconditional), not both")
+    if args.sample_output_file and not (args.sample_input_file or args.num_samples):
+        raise ArgumentError("--sample-output-file needs --sample-input-file or --num-samples; interactive mode "
+                            "prints to the terminal")
+    if args.sample_input_file and not os.path.isfile(args.sample_input_file):
+        raise DataError(f"--sample-input-file {args.sample_input_file}: no such file; give a text file with one "
+                        "prompt per line")
+
+
+def context_length(args, model) -> int:
+    """Tokens a sequence may hold: ``--seq-length`` if given, capped by the model's positions."""
+    positions = model.config.max_sequence_length
+    return min(args.seq_length, positions) if "seq_length" in args.explicit_flags else positions
+
+
+def encode_prompt(tokenizer, text: str, context: int, where: str) -> list[int]:
+    """The ids fed for ``text`` (the end-of-document token alone for an empty prompt), leaving room to generate."""
+    ids = tokenizer.encode(text) if text else [tokenizer.eod]
+    if len(ids) >= context:
+        raise DataError(f"{where}: the prompt is {len(ids)} tokens but the context holds {context}, so at most "
+                        f"{context - 1} leave room to generate; shorten it (or raise --seq-length up to the "
+                        "model's positions)")
+    return ids
+
+
+def interactive_prompts(tokenizer, context: int) -> Iterator[Batch]:
+    """Prompts typed at the terminal, one at a time, until ``stop``, end of input or Ctrl-C at the prompt.
+
+    A prompt too long for the context is refused with a message and the next one is read.
+    """
+    while True:
+        try:
+            text = input(PROMPT)
+        except (EOFError, KeyboardInterrupt):  # end of input or Ctrl-C at the prompt: quit cleanly
+            print(file=sys.stderr)
+            return
+        if text.strip() == "stop":
+            return
+        try:
+            ids = encode_prompt(tokenizer, text, context, "prompt")
+        except DataError as err:  # as in Megatron: say so and ask again
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            continue
+        yield [(text, ids)]
+
+
+def file_prompts(args, tokenizer, context: int) -> Iterator[Batch]:
+    """The input file's prompts (all checked before the first batch), or ``--num-samples`` empty ones."""
+    if args.num_samples:
+        texts = [""] * args.num_samples
+    else:
+        with open(args.sample_input_file, encoding="utf-8") as f:
+            texts = f.read().splitlines()
+    path = args.sample_input_file
+    prompts = [(t, encode_prompt(tokenizer, t, context, f"{path} line {i + 1}")) for i, t in enumerate(texts)]
+    for start in range(0, len(prompts), args.batch_size):
+        yield prompts[start:start + args.batch_size]
+
+
+class AtomicJsonLines:
+    """JSON lines into ``path`` through a temporary file renamed on success; removed on failure."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.tmp = path, f"{path}.tmp.{os.getpid()}"
+        try:
+            self.file = open(self.tmp, "w", encoding="utf-8")
+        except OSError as err:
+            raise DataError(f"--sample-output-file {path}: cannot write there ({err.strerror})") from None
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def __enter__(self) -> AtomicJsonLines:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.remove(self.tmp)
+
+
+def decode_batches(source: Iterator[Batch] | None, decode: Decode,
+                   consume: Callable[[Batch, list[list[int]]], None] | None = None) -> None:
+    """Global rank 0 draws batches from ``source`` and shares them; every rank decodes; rank 0 consumes.
+
+    The other ranks pass ``source=None``. An error in rank 0's own reading or writing reaches the
+    others as a ``DataError`` instead of leaving them waiting.
+    """
+    while True:
+        try:
+            batch = next(source, None) if source is not None else None
+        except BaseException:
+            broadcast_prompts(failed=True)
+            raise
+        prompts = broadcast_prompts(None if batch is None else [ids for _, ids in batch])
+        if prompts is None:
+            return
+        outputs = decode(prompts)
+        if consume is not None:
+            try:
+                consume(batch, outputs)
+            except BaseException:
+                broadcast_prompts(failed=True)
+                raise
+
+
+class Terminal:
+    """Interactive mode on rank 0: streams each continuation to stdout as its tokens arrive."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.stream = TextStream(tokenizer, self.write)
+
+    @staticmethod
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def prompts(self, context: int) -> Iterator[Batch]:
+        for batch in interactive_prompts(self.tokenizer, context):
+            self.stream = TextStream(self.tokenizer, self.write)
+            self.write("\nMegatron-LM: ")
+            yield batch
+
+    def on_token(self, row: int, token: int) -> None:
+        self.stream.put(token)
+
+    def finish(self, batch: Batch, outputs: list[list[int]]) -> None:
+        self.stream.end()
+        self.write("\n\n")
+
+
+def write_samples(args, tokenizer, context: int, decode: Decode) -> None:
+    """File and ``--num-samples`` modes on rank 0: every prompt checked up front, then JSON lines out."""
+    try:
+        batches = list(file_prompts(args, tokenizer, context))
+        writer = AtomicJsonLines(args.sample_output_file) if args.sample_output_file else None
+    except BaseException:
+        broadcast_prompts(failed=True)
+        raise
+
+    def consume(batch: Batch, outputs: list[list[int]]) -> None:
+        for (text, _), ids in zip(batch, outputs):
+            record = {"prompt": text, "text": tokenizer.decode(ids), "token_ids": ids}
+            if writer is None:
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            else:
+                writer.write(record)
+
+    if writer is None:
+        decode_batches(iter(batches), decode, consume)
+        return
+    with writer:
+        decode_batches(iter(batches), decode, consume)
+    print(f"wrote {sum(map(len, batches))} samples to {args.sample_output_file}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args(argv, description="GPT2 text generation")
+    params = SamplingParams.from_args(args)
+    check_mode_args(args)
+    device = initialize_distributed(args)
+    tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir)
+    model, loaded = load_gpt2_for_inference(args, tokenizer, device)
+    context = context_length(args, model)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    is_rank_0 = dist.get_rank() == 0
+    terminal = Terminal(tokenizer) if is_rank_0 and not (args.sample_input_file or args.num_samples) else None
+
+    def decode(prompts: list[list[int]]) -> list[list[int]]:
+        return generate(model, prompts, max_new_tokens=args.out_seq_length, context_length=context, params=params,
+                        eod=tokenizer.eod, vocab_size=tokenizer.vocab_size, generator=generator,
+                        on_token=terminal.on_token if terminal else None)
+
+    if not is_rank_0:
+        decode_batches(None, decode)
+        return
+    print(f"loaded {loaded.path} (iteration {loaded.iteration}); context {context} tokens", file=sys.stderr)
+    if terminal is not None:
+        decode_batches(terminal.prompts(context), decode, terminal.finish)
+    else:
+        write_samples(args, tokenizer, context, decode)
+
+
+if __name__ == "__main__":
+    run_main(main)
