@@ -10,7 +10,7 @@ import mpu
 from arguments import get_args, transformer_kwargs
 from data_utils import build_bert_datasets, build_tfrecord_datasets, make_tokenizer, resolve_corpora
 from model import BertModel, bert_config
-from training import pretrain, print_rank_0, run_main
+from training import pretrain, print_run_summary, run_main
 
 BATCH_KEYS = ["text", "types", "is_random", "mask", "mask_labels", "pad_mask"]
 BERT_DEFAULTS = {"layernorm_epsilon": 1e-12, "tokenizer_type": "BertWordPieceTokenizer"}
@@ -73,15 +73,7 @@ def forward_step_provider(args, tokenizer, device: torch.device):
 def main() -> None:
     args = get_args(description="BERT pretraining", defaults=BERT_DEFAULTS)
     results = pretrain(args, model_provider, data_provider, forward_step_provider)
-    summary = [f"trained to iteration {results['iteration']}"]
-    if "valid" in results:
-        valid = results["valid"]
-        summary.append(f"validation lm loss {valid['lm_loss']:.4f}, nsp loss {valid['nsp_loss']:.4f}")
-    if results["save"]:
-        summary.append(f"checkpoint in {results['save']}")
-    if results["metrics"]:
-        summary.append(f"metrics in {results['metrics']}")
-    print_rank_0("done: " + " | ".join(summary))
+    print_run_summary(results, lambda v: f"validation lm loss {v['lm_loss']:.4f}, nsp loss {v['nsp_loss']:.4f}")
 
 
 if __name__ == "__main__":

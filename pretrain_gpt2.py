@@ -8,7 +8,7 @@ import mpu
 from arguments import get_args, transformer_kwargs
 from data_utils import build_gpt2_datasets, make_tokenizer
 from model import GPT2Model, TransformerConfig, get_masks_and_position_ids
-from training import pretrain, print_rank_0, run_main
+from training import pretrain, print_run_summary, run_main
 
 
 def model_provider(args, padded_vocab_size: int) -> GPT2Model:
@@ -49,14 +49,7 @@ def forward_step_provider(args, tokenizer, device: torch.device):
 def main() -> None:
     args = get_args(description="GPT2 pretraining")
     results = pretrain(args, model_provider, data_provider, forward_step_provider)
-    summary = [f"trained to iteration {results['iteration']}"]
-    if "valid" in results:
-        summary.append(f"validation perplexity {results['valid']['ppl']:.2f}")
-    if results["save"]:
-        summary.append(f"checkpoint in {results['save']}")
-    if results["metrics"]:
-        summary.append(f"metrics in {results['metrics']}")
-    print_rank_0("done: " + " | ".join(summary))
+    print_run_summary(results, lambda valid: f"validation perplexity {valid['ppl']:.2f}")
 
 
 if __name__ == "__main__":

@@ -513,6 +513,18 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
     return results
 
 
+def print_run_summary(results: dict[str, Any], describe_valid: Callable[[dict[str, float]], str]) -> None:
+    """Rank 0's last line of a training run: iteration, validation (``describe_valid``), where outputs went."""
+    summary = [f"trained to iteration {results['iteration']}"]
+    if "valid" in results:
+        summary.append(describe_valid(results["valid"]))
+    if results["save"]:
+        summary.append(f"checkpoint in {results['save']}")
+    if results["metrics"]:
+        summary.append(f"metrics in {results['metrics']}")
+    print_rank_0("done: " + " | ".join(summary))
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ArgumentError, CheckpointError)
 
 

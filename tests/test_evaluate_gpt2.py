@@ -19,6 +19,7 @@ import mpu
 from data_utils import make_tokenizer
 from data_utils.detokenizers import wikitext_detokenize
 from model import GPT2Model, TransformerConfig
+from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
 from tests.test_data_common import write_jsonl, write_tiny_gpt2
 
@@ -361,15 +362,6 @@ def test_same_numbers_at_model_and_data_parallel_layouts(tiny):
 # Mistakes: one line on stderr, non-zero exit, no traceback, no results file.
 
 
-def _assert_one_line_error(returncode: int, stderr: str, *fragments: str) -> None:
-    assert returncode != 0
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if "error" in line.lower()]
-    assert len(lines) == 1, stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def _run_cli(data: dict[str, str], *flags: str, ckpt: str | None = None) -> subprocess.CompletedProcess:
     argv = _eval_argv(data, *flags, ckpt=ckpt)
     return subprocess.run([sys.executable, "evaluate_gpt2.py", *argv], cwd=REPO, capture_output=True, text=True,
@@ -387,7 +379,7 @@ def test_cli_mistakes_fail_with_one_line(tiny, tmp_path, case):
     }
     argv, ckpt, fragments = flags[case]
     proc = _run_cli(tiny, *argv, "--results-file", results, ckpt=ckpt)
-    _assert_one_line_error(proc.returncode, proc.stderr, *fragments)
+    assert_one_line_error(proc.returncode, proc.stderr, *fragments)
     assert not os.path.exists(results)
 
 
@@ -398,7 +390,7 @@ def _fails_in_process(data: dict[str, str], capsys, *flags: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: evaluate_gpt2.main(_eval_argv(data, *flags)))
     err = capsys.readouterr().err
-    _assert_one_line_error(exit_info.value.code, err)
+    assert_one_line_error(exit_info.value.code, err)
     return err
 
 

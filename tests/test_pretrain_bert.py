@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
 from tests.test_data_common import REAL_CACHE
 
@@ -272,12 +273,7 @@ def _run_cli(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(lines) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    assert_one_line_error(proc.returncode, proc.stderr, *fragments)
 
 
 def test_corrupt_tfrecord_is_one_clear_error(tmp_path):

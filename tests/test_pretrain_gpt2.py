@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
 from tests.test_data_common import write_jsonl, write_tiny_gpt2
 
@@ -159,13 +160,7 @@ def _run_cli(argv: list[str], env: dict | None = None) -> subprocess.CompletedPr
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Non-zero exit, no traceback, and exactly one error line holding every fragment."""
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(lines) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    assert_one_line_error(proc.returncode, proc.stderr, *fragments)
 
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
