@@ -329,6 +329,8 @@ def transformer_kwargs(args: argparse.Namespace) -> dict:
         init_method_std=args.init_method_std,
         checkpoint_activations=args.checkpoint_activations,
         checkpoint_num_layers=args.checkpoint_num_layers,
+        # Derived: the tokenizer's size, set by training.pretrain once the tokenizer is built.
+        unpadded_vocab_size=getattr(args, "unpadded_vocab_size", None),
     )
 
 

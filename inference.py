@@ -64,6 +64,27 @@ def check_shape_flags(load_dir: str, config: dict[str, Any], args) -> None:
                                   f"{stored}; omit the flag to take the checkpoint's value")
 
 
+def check_vocabulary(load_dir: str, saved: dict[str, Any], tokenizer_vocab_size: int, divisible_by: int) -> None:
+    """Refuse a tokenizer whose vocabulary is not the model's, or a model-parallel size its padding doesn't split."""
+    mp_size = mpu.get_model_parallel_world_size()
+    real = saved.get("unpadded_vocab_size")
+    if real is not None:  # the checkpoint knows its tokenizer's size: compare that, whatever the padding
+        if real != tokenizer_vocab_size:
+            raise CheckpointError(f"{load_dir}: the model was trained with a vocabulary of {real} tokens, this "
+                                  f"tokenizer has {tokenizer_vocab_size}; use the model's vocabulary files")
+        if saved["vocab_size"] % mp_size:
+            raise CheckpointError(f"{load_dir}: its padded vocabulary of {saved['vocab_size']} does not split over "
+                                  f"model-parallel size {mp_size}; reshard it with tools/reshard_checkpoint.py")
+        return
+    padded = pad_vocab_size(tokenizer_vocab_size, divisible_by, mp_size)
+    if padded != saved["vocab_size"]:
+        raise CheckpointError(
+            f"{load_dir}: the model has a vocabulary of {saved['vocab_size']} (padded) but this tokenizer pads "
+            f"{tokenizer_vocab_size} tokens to {padded}; use the vocabulary and --make-vocab-size-divisible-by "
+            "the model was trained with"
+        )
+
+
 def load_gpt2_for_inference(args, tokenizer, device: torch.device,
                             parallel_output: bool = True) -> tuple[GPT2Model, LoadedCheckpoint]:
     """The GPT2 model in ``args.load``, on ``device``, in eval mode, with the shape flags set from it."""
@@ -77,14 +98,7 @@ def load_gpt2_for_inference(args, tokenizer, device: torch.device,
     if saved.get("post_layernorm") or saved.get("num_tokentypes"):
         raise CheckpointError(f"{args.load}: this is a BERT checkpoint; generation and evaluation take GPT2 ones")
     check_shape_flags(args.load, saved, args)
-    padded = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                            mpu.get_model_parallel_world_size())
-    if padded != saved["vocab_size"]:
-        raise CheckpointError(
-            f"{args.load}: the model has a vocabulary of {saved['vocab_size']} (padded) but this tokenizer pads "
-            f"{tokenizer.vocab_size} tokens to {padded}; use the vocabulary and --make-vocab-size-divisible-by "
-            "the model was trained with"
-        )
+    check_vocabulary(args.load, saved, tokenizer.vocab_size, args.make_vocab_size_divisible_by)
     config = TransformerConfig(**{**saved, "hidden_dropout": 0.0, "attention_dropout": 0.0,
                                   "checkpoint_activations": False})
     for field, (dest, _) in SHAPE_FLAGS.items():

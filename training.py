@@ -43,7 +43,7 @@ from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_p
 
 ForwardStep = Callable[[Any, nn.Module], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length",
-              "intermediate_size", "num_tokentypes", "post_layernorm")
+              "intermediate_size", "num_tokentypes", "post_layernorm", "unpadded_vocab_size")
 
 
 def print_rank_0(message: str) -> None:
@@ -78,17 +78,26 @@ def set_random_seed(seed: int) -> None:
     mpu.model_parallel_cuda_manual_seed(seed)
 
 
+def optimizer_param_groups(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """The named parameters with and without weight decay, in the order the optimizer numbers them
+    (decay first); weight decay goes to weight matrices only, not to biases or LayerNorm.
+    ``tools/reshard_checkpoint.py`` reads a saved optimizer state by this order."""
+    decay, no_decay = [], []
+    for prefix, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(module, nn.LayerNorm) or name == "bias":
+                no_decay.append((full, param))
+            else:
+                decay.append((full, param))
+    return decay, no_decay
+
+
 def get_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     """AdamW with weight decay on weight matrices only (not on biases or LayerNorm)."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if isinstance(module, nn.LayerNorm) or name == "bias":
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    decay, no_decay = optimizer_param_groups(model)
+    groups = [{"params": [p for _, p in decay], "weight_decay": args.weight_decay},
+              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
     fused = args.device == "cuda"
     return torch.optim.AdamW(
         groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
@@ -493,6 +502,7 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
                             args.model_parallel_size)
     print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with {padded - tokenizer.vocab_size} "
                  f"dummy tokens (new size: {padded})")
+    args.unpadded_vocab_size = tokenizer.vocab_size  # the padded entries get no probability
     model, optimizer, scheduler = setup_model_and_optimizer(args, model_provider, padded, device)
     state = load(args, model, optimizer, scheduler) if args.load else TrainState()
     forward_step = forward_step_provider(args, tokenizer, device)

@@ -13,7 +13,7 @@ from torch import nn
 
 import mpu
 
-from .transformer import LayerNorm, ParallelTransformer, TransformerConfig, init_method_normal
+from .transformer import LayerNorm, ParallelTransformer, TransformerConfig, init_method_normal, mask_padded_vocab
 
 
 def bert_config(**kwargs) -> TransformerConfig:
@@ -62,6 +62,7 @@ class BertLMHead(nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
+        self.config = config
         self.approximate = config.gelu_approximation
         self.dense = _linear(config.hidden_size, config.hidden_size, config.init_method_std)
         self.layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
@@ -72,7 +73,8 @@ class BertLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         hidden = self.layernorm(F.gelu(self.dense(hidden), approximate=self.approximate))
         hidden_parallel = mpu.copy_to_model_parallel_region(hidden.to(word_embeddings.dtype))
-        return F.linear(hidden_parallel, word_embeddings) + self.bias.to(word_embeddings.dtype)  # (..., V/p)
+        logits = F.linear(hidden_parallel, word_embeddings) + self.bias.to(word_embeddings.dtype)  # (..., V/p)
+        return mask_padded_vocab(logits, self.config)
 
 
 class BertModel(nn.Module):

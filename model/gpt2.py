@@ -7,7 +7,7 @@ from torch import nn
 
 import mpu
 
-from .transformer import KVCache, ParallelTransformer, TransformerConfig, init_method_normal
+from .transformer import KVCache, ParallelTransformer, TransformerConfig, init_method_normal, mask_padded_vocab
 
 
 class GPT2Model(nn.Module):
@@ -57,7 +57,7 @@ class GPT2Model(nn.Module):
         # Output layer tied to the input embedding: logits_r = H E_r^T for this rank's vocabulary.
         weight = self.word_embeddings.weight
         hidden_parallel = mpu.copy_to_model_parallel_region(hidden.to(weight.dtype))
-        logits_parallel = torch.nn.functional.linear(hidden_parallel, weight)
+        logits_parallel = mask_padded_vocab(torch.nn.functional.linear(hidden_parallel, weight), self.config)
         if self.parallel_output:
             return logits_parallel
         return mpu.gather_from_model_parallel_region(logits_parallel)

@@ -61,6 +61,9 @@ class TransformerConfig:
     lets every token see every other one (BERT, whose padding comes as an explicit mask)."""
     num_tokentypes: int = 0
     """Token-type (segment) embeddings: 0 for none (GPT2), 2 for BERT's sentence A / B."""
+    unpadded_vocab_size: int | None = None
+    """The tokenizer's real vocabulary; the padded entries above it get no probability (their logits
+    are the dtype's minimum). ``None`` (checkpoints from before) leaves every entry a candidate."""
 
     @property
     def ffn_hidden_size(self) -> int:
@@ -91,6 +94,23 @@ def output_init_method(config: TransformerConfig) -> InitMethod:
     if config.scaled_init:
         return scaled_init_method(config.init_method_std, config.num_layers)
     return init_method_normal(config.init_method_std)
+
+
+def mask_padded_vocab(logits_parallel: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
+    """Give the padded vocabulary entries of this rank's slice ``(..., V/p)`` the dtype's minimum, in place.
+
+    Padding exists only so that the vocabulary splits evenly; a softmax over it must not hand
+    probability to entries that are no token (an imported model's logits are often far below 0,
+    where a padded entry's would sit). Only the columns past ``unpadded_vocab_size`` are written.
+    """
+    real = config.unpadded_vocab_size
+    if real is None or real >= config.vocab_size:
+        return logits_parallel
+    width = logits_parallel.shape[-1]
+    first_padded = max(0, real - mpu.get_model_parallel_rank() * width)
+    if first_padded < width:
+        logits_parallel[..., first_padded:] = torch.finfo(logits_parallel.dtype).min
+    return logits_parallel
 
 
 class LayerNorm(nn.LayerNorm):

@@ -158,7 +158,7 @@ SENTENCES = [
     "my lord wrote a letter to the duke", "the old man sat by the warm fire", "her horse drank from the cold river",
 ]
 NONSENSE = ["zq vx jkq wpt", "blorp fizzle quark"]  # nothing to recall: the model should miss these
-TRAIN_ITERS = 150
+TRAIN_ITERS = 180
 
 
 def _write_data(folder: str) -> dict[str, str]:

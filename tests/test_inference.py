@@ -53,7 +53,7 @@ def test_shape_comes_from_the_checkpoint_and_mismatches_are_one_clear_error(chec
     errors = [
         ({"--num-layers": 3}, ["--num-layers 3", "--num-layers 2"]),
         ({"--max-position-embeddings": 32}, ["--max-position-embeddings 32", "16"]),
-        ({"--make-vocab-size-divisible-by": 1000}, ["vocabulary"]),
+        ({"--tokenizer-type": "CharacterLevelTokenizer"}, ["vocabulary of 263 tokens", "has 260"]),
         ({"--load": "/nonexistent/ckpt"}, ["/nonexistent/ckpt", "no checkpoint"]),
     ]
     argvs = [_argv(folder, save), _argv(folder, save, **{"--num-layers": 2, "--hidden-size": 32})]

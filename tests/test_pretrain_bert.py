@@ -165,11 +165,11 @@ def test_stopped_and_resumed_run_matches_an_unbroken_one_bitwise(tmp_path):
 @pytest.mark.parametrize("precision", [["--fp16", "--fp32-embedding"], ["--bf16"]])
 def test_half_precision_trains_and_the_loss_falls(tmp_path, precision):
     log_dir = str(tmp_path / "logs")
-    argv = base_args(tmp_path, **{"--log-dir": log_dir, "--train-iters": 40, "--lr": 3e-3, "--eval-iters": 0,
+    argv = base_args(tmp_path, **{"--log-dir": log_dir, "--train-iters": 80, "--lr": 3e-3, "--eval-iters": 0,
                                   "--loss-scale": 1024 if "--fp16" in precision else None})
     run_distributed(train, 1, argv + precision)
     start, end = _falls(log_dir, "lm_loss")
-    assert end < start - 0.5, (start, end)
+    assert end < start - 0.25, (start, end)  # from log(real vocabulary) ~3.4 towards the data's ~3.1
 
 
 def write_topic_corpus(folder, docs: int = 160, topics: int = 8) -> str:
