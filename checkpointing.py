@@ -90,7 +90,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    mpu.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "tracker" in state:  # a resharded checkpoint has none: the model-parallel streams stay as seeded
+        mpu.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def _barrier() -> None:
@@ -129,6 +130,40 @@ def save_checkpoint(
         _atomic_write_text(get_checkpoint_tracker_filename(save_dir), f"{iteration}\n")
     _barrier()
     return path
+
+
+def write_checkpoint_files(save_dir: str, iteration: int | str, states: list[dict[str, Any]]) -> None:
+    """Write every model-parallel rank's file of one checkpoint from a single process (the conversion
+    tools), then the tracker, so the directory names the checkpoint only once it is complete."""
+    for rank, state in enumerate(states):
+        _atomic_torch_save(state, get_checkpoint_name(save_dir, iteration, rank))
+    _atomic_write_text(get_checkpoint_tracker_filename(save_dir), f"{iteration}\n")
+
+
+def read_all_ranks(load_dir: str) -> tuple[int | str, list[dict[str, Any]]]:
+    """The tracked iteration of ``load_dir`` and every model-parallel rank's state, in rank order."""
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"{load_dir}: no such directory")
+    iteration = read_tracker(load_dir)
+    if iteration is None:
+        raise CheckpointError(f"{load_dir}: no checkpoint there (no {TRACKER_FILENAME}); point at a directory "
+                              "written by --save")
+    folder = os.path.dirname(os.path.dirname(get_checkpoint_name(load_dir, iteration, 0)))
+    ranks = sorted(d for d in os.listdir(folder) if d.startswith("mp_rank_")) if os.path.isdir(folder) else []
+    if not ranks:
+        raise CheckpointError(f"{folder}: missing; the tracker names iteration {iteration} but its files are gone")
+    states = []
+    for rank in range(len(ranks)):
+        path = get_checkpoint_name(load_dir, iteration, rank)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            raise CheckpointError(f"{path}: unreadable checkpoint ({str(err).splitlines()[0]})") from None
+        if state.get("model_parallel_size", len(ranks)) != len(ranks):
+            raise CheckpointError(f"{path}: says model-parallel size {state['model_parallel_size']} but {folder} "
+                                  f"holds {len(ranks)} rank folders")
+        states.append(state)
+    return iteration, states
 
 
 def read_tracker(load_dir: str) -> int | str | None:

