@@ -103,6 +103,10 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-load-rng", action="store_true", help="do not load RNG state")
     group.add_argument("--finetune", action="store_true",
                        help="load model weights only and start at iteration 0")
+    group.add_argument("--load-openai", action="store_true",
+                       help="--load is a Hugging Face GPT-2 folder (config.json + model.safetensors), converted "
+                            "in memory; tools/hf_checkpoint.py import does it once")
+    group.add_argument("--eval-hf", action="store_true", help="the same as --load-openai (the 2019 evaluation flag)")
     group.add_argument("--resume-dataloader", action="store_true",
                        help="continue the data order where the checkpoint left it")
 

@@ -281,17 +281,20 @@ def release_states(model_type: str, config: TransformerConfig, full: dict[str, t
     """Per-rank states of a weights-only ``release`` checkpoint at model-parallel size ``target``."""
     check_divisible(config, target, where)
     layout = model_layout(model_type, config)
-    with model_parallel_of_one():
-        expected = build_model(model_type, config).state_dict()
+    with model_parallel_of_one():  # inside a run the model is built at the run's size: scale back up
+        world = mpu.get_model_parallel_world_size()
+        expected = {name: list(t.shape) for name, t in build_model(model_type, config).state_dict().items()}
+    for name, (dim, _) in layout.split.items():
+        expected[name][dim] *= world
     missing = sorted(set(expected) - set(full))
     extra = sorted(set(full) - set(expected))
     if missing or extra:
         raise ConversionError(f"{where}: the weights do not make a {model_type} model "
                               f"(missing {missing[:3]}, unexpected {extra[:3]})")
     for name, tensor in full.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        if list(tensor.shape) != expected[name]:
             raise ConversionError(f"{where}: {name} has shape {tuple(tensor.shape)}, the config needs "
-                                  f"{tuple(expected[name].shape)}")
+                                  f"{tuple(expected[name])}")
     parts = _split({k: v.contiguous() for k, v in full.items()}, layout, target)
     return [{"iteration": "release", "model_parallel_size": target, "model": parts[rank],
              "config": dataclasses.asdict(config), "args": {**args, "model_parallel_size": target}}
@@ -584,6 +587,19 @@ def import_hf(hf_dir: str, target: int, divisible_by: int = 128, seed: int = 123
                 "tokenizer_model_type": "bert-base-cased" if cased else "bert-base-uncased"}
     args.update(make_vocab_size_divisible_by=divisible_by, imported_from=os.path.abspath(hf_dir))
     return release_states(model_type, config, full, target, args, hf_dir), fresh
+
+
+def read_load_state(args) -> dict[str, Any] | None:
+    """This model-parallel rank's state from ``--load``: a checkpoint directory, or with
+    ``--load-openai`` / ``--eval-hf`` a Hugging Face GPT-2 folder converted in memory (weights only,
+    like a ``release`` checkpoint). ``None`` when the directory holds no checkpoint yet."""
+    from checkpointing import load_checkpoint_state
+
+    if getattr(args, "load_openai", False) or getattr(args, "eval_hf", False):
+        states, _ = import_hf(args.load, mpu.get_model_parallel_world_size(), args.make_vocab_size_divisible_by,
+                              args.seed)
+        return states[mpu.get_model_parallel_rank()]
+    return load_checkpoint_state(args.load)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import torch
 
 import mpu
 from arguments import pad_vocab_size
-from checkpointing import CheckpointError, load_checkpoint_state
+from checkpointing import CheckpointError
+from conversion import read_load_state
 from model import GPT2Model, TransformerConfig
 
 # Config field -> (args attribute, flag) for the shape flags a user may give or omit.
@@ -64,6 +65,16 @@ def check_shape_flags(load_dir: str, config: dict[str, Any], args) -> None:
                                   f"{stored}; omit the flag to take the checkpoint's value")
 
 
+def adopt_stored_shape(args, load_dir: str, config: dict[str, Any]) -> None:
+    """Take the model shape (and LayerNorm epsilon) from a checkpoint's stored config for every such
+    flag not given on the command line; a given one that contradicts it is a ``CheckpointError``."""
+    check_shape_flags(load_dir, config, args)
+    explicit = getattr(args, "explicit_flags", frozenset())
+    for field, (dest, _) in {**SHAPE_FLAGS, "layernorm_epsilon": ("layernorm_epsilon", "")}.items():
+        if dest not in explicit and field in config:
+            setattr(args, dest, config[field])
+
+
 def check_vocabulary(load_dir: str, saved: dict[str, Any], tokenizer_vocab_size: int, divisible_by: int) -> None:
     """Refuse a tokenizer whose vocabulary is not the model's, or a model-parallel size its padding doesn't split."""
     mp_size = mpu.get_model_parallel_world_size()
@@ -90,7 +101,7 @@ def load_gpt2_for_inference(args, tokenizer, device: torch.device,
     """The GPT2 model in ``args.load``, on ``device``, in eval mode, with the shape flags set from it."""
     if not args.load:
         raise CheckpointError("no checkpoint to load: give --load DIR (a directory written by --save)")
-    ckpt = load_checkpoint_state(args.load)
+    ckpt = read_load_state(args)
     if ckpt is None:
         raise CheckpointError(f"{args.load}: no checkpoint there (no latest_checkpointed_iteration.txt); "
                               "point --load at a directory written by --save")

@@ -32,12 +32,13 @@ from arguments import ArgumentError, pad_vocab_size
 from checkpointing import (
     CheckpointError,
     check_config,
-    load_checkpoint_state,
     save_checkpoint,
     set_rng_state,
 )
+from conversion import read_load_state
 from fp16 import FP16_Module, FP16_Optimizer
 from fp16.loss_scaler import DynamicLossScaler, LossScaler
+from inference import adopt_stored_shape
 from learning_rates import AnnealingLR
 from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_parallel
 
@@ -167,9 +168,8 @@ def _load_schedule(args, saved: dict[str, Any] | None, scheduler: AnnealingLR, i
     scheduler.load_state_dict(saved)
 
 
-def load(args, model: nn.Module, optimizer, scheduler: AnnealingLR) -> TrainState:
-    """Restore from ``--load``; a fresh ``TrainState`` when it holds no checkpoint yet."""
-    ckpt = load_checkpoint_state(args.load)
+def load(args, ckpt: dict[str, Any] | None, model: nn.Module, optimizer, scheduler: AnnealingLR) -> TrainState:
+    """Restore the state read from ``--load``; a fresh ``TrainState`` when it holds no checkpoint yet."""
     if ckpt is None:
         print_rank_0(f"no checkpoint found in {args.load}; starting from scratch")
         return TrainState()
@@ -495,6 +495,9 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
         except OSError as err:
             raise CheckpointError(f"--save {args.save}: cannot create the directory ({err.strerror})") from None
     set_random_seed(args.seed)
+    ckpt = read_load_state(args) if args.load else None
+    if ckpt is not None and ckpt.get("config"):  # shape flags left out take the checkpoint's
+        adopt_stored_shape(args, args.load, ckpt["config"])
     tokenizer, *datasets = data_provider(args)
     if args.train_iters > 0 and datasets[0] is None:
         raise ArgumentError("no training data: give --train-data (and a --split with a train share)")
@@ -504,7 +507,8 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
                  f"dummy tokens (new size: {padded})")
     args.unpadded_vocab_size = tokenizer.vocab_size  # the padded entries get no probability
     model, optimizer, scheduler = setup_model_and_optimizer(args, model_provider, padded, device)
-    state = load(args, model, optimizer, scheduler) if args.load else TrainState()
+    state = load(args, ckpt, model, optimizer, scheduler) if args.load else TrainState()
+    del ckpt  # the model and optimizer hold their copies now
     forward_step = forward_step_provider(args, tokenizer, device)
     train_iter, valid_factory, test_factory = _loaders(args, datasets, state)
     logger = MetricsLogger(args.log_dir)

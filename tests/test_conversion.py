@@ -27,7 +27,7 @@ def _tool(name: str):
     return module
 
 
-def _run_tool(name: str, argv: list[str], capsys) -> tuple[int, str, str]:
+def _run_tool(name: str, argv: list[str], capsys=None) -> tuple[int, str, str]:
     """Run a tool's main like its command line does: (exit status, stdout, stderr)."""
     from training import run_main
 
@@ -37,6 +37,8 @@ def _run_tool(name: str, argv: list[str], capsys) -> tuple[int, str, str]:
         code = 0
     except SystemExit as exit_:
         code = exit_.code
+    if capsys is None:
+        return code, "", ""
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -423,3 +425,84 @@ def test_padded_vocabulary_gets_no_probability():
         masked = mask_padded_vocab(logits.clone(), config)
     assert (masked[:, :9] == 0).all() and (masked[:, 9:] == torch.finfo(torch.float32).min).all()
     assert F.softmax(masked, dim=-1)[:, 9:].sum() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Using an import: finetuning without shape flags, --load-openai in generation and evaluation
+# ------------------------------------------------------------------------------------------------
+
+NO_SHAPE = {"--num-layers": None, "--hidden-size": None, "--num-attention-heads": None,
+            "--max-position-embeddings": None}
+
+
+@pytest.fixture(scope="module")
+def hf_tiny_bpe(tmp_path_factory) -> dict:
+    """A Hugging Face GPT2 over the test BPE vocabulary, saved and imported."""
+    from data_utils import make_tokenizer
+    from tests.test_pretrain_gpt2 import _base_args
+
+    folder = tmp_path_factory.mktemp("hf_tiny_bpe")
+    argv = _base_args(folder)
+    vocab, merges = argv[argv.index("--vocab-file") + 1], argv[argv.index("--merge-file") + 1]
+    size = make_tokenizer("GPT2BPETokenizer", vocab, merges).vocab_size
+    torch.manual_seed(2)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=3, n_embd=32, n_head=4, n_positions=16, vocab_size=size, bos_token_id=size - 1,
+        eos_token_id=size - 1)).eval()
+    _perturb(hf)
+    hf.save_pretrained(str(folder / "hf"))
+    imported = str(folder / "imported")
+    assert _run_tool("hf_checkpoint", ["import", "--hf-dir", str(folder / "hf"), "--save", imported], None)[0] == 0
+    return {"folder": folder, "hf": str(folder / "hf"), "imported": imported, "hf_model": hf}
+
+
+def _inference_logits(argv: list[str]) -> tuple[tuple, np.ndarray]:
+    from arguments import get_args
+    from data_utils import make_tokenizer
+    from inference import load_gpt2_for_inference
+    from training import initialize_distributed
+
+    args = get_args(argv)
+    device = initialize_distributed(args)
+    tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir)
+    model, _ = load_gpt2_for_inference(args, tokenizer, device, parallel_output=False)
+    tokens = torch.arange(10).unsqueeze(0) * 7 % tokenizer.vocab_size
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(10).unsqueeze(0))
+    return (args.num_layers, args.hidden_size, args.num_attention_heads), logits[..., :tokenizer.vocab_size].numpy()
+
+
+@pytest.mark.parametrize("mp", [1, 2])
+def test_load_openai_converts_a_hugging_face_folder_in_memory(hf_tiny_bpe, mp):
+    from tests.test_pretrain_gpt2 import _base_args
+
+    base = {**NO_SHAPE, "--model-parallel-size": mp}
+    direct = run_distributed(_inference_logits, mp, _base_args(hf_tiny_bpe["folder"], **base, **{
+        "--load": hf_tiny_bpe["hf"], "--load-openai": True}))
+    tokens = torch.arange(10).unsqueeze(0) * 7 % hf_tiny_bpe["hf_model"].config.vocab_size
+    with torch.no_grad():
+        expected = hf_tiny_bpe["hf_model"](tokens).logits
+    for shape, logits in direct:
+        assert shape == (3, 32, 4)
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_finetuning_an_import_takes_its_shape_without_flags(hf_tiny_bpe):
+    from checkpointing import read_all_ranks
+    from tests.test_pretrain_gpt2 import _base_args, _train
+
+    save = str(hf_tiny_bpe["folder"] / "finetuned")
+    argv = _base_args(hf_tiny_bpe["folder"], **NO_SHAPE, **{
+        "--load": hf_tiny_bpe["imported"], "--finetune": True, "--save": save, "--train-iters": 2,
+        "--eval-iters": 0})
+    run_distributed(_train, 1, argv)
+    iteration, states = read_all_ranks(save)
+    config = states[0]["config"]
+    assert iteration == 2
+    assert (config["num_layers"], config["hidden_size"], config["num_attention_heads"],
+            config["max_sequence_length"]) == (3, 32, 4, 16)
+    _, original = read_all_ranks(hf_tiny_bpe["imported"])
+    name = "transformer.layers.2.mlp.dense_4h_to_h.weight"
+    diff = (states[0]["model"][name] - original[0]["model"][name]).abs().max().item()
+    assert 0 < diff < 0.05, "two small steps from the imported weights"
