@@ -334,6 +334,16 @@ GPT2_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 BERT_ARCHITECTURES = ("BertForPreTraining", "BertModel", "BertForMaskedLM")
 
 
+def safetensors_torch():
+    """``safetensors.torch``, or one line saying how to install it."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ConversionError("Hugging Face weight files need the safetensors package: pip install safetensors") \
+            from None
+    return safetensors.torch
+
+
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
     """``config.json`` of a Hugging Face model folder."""
     if not os.path.isdir(hf_dir):
@@ -352,7 +362,7 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
 def read_hf_weights(hf_dir: str) -> dict[str, torch.Tensor]:
     """The weights of a Hugging Face model folder: ``model.safetensors`` (or its sharded index), else
     ``pytorch_model.bin`` read with ``weights_only=True``."""
-    from safetensors.torch import load_file
+    load_file = safetensors_torch().load_file
 
     single = os.path.join(hf_dir, "model.safetensors")
     index = os.path.join(hf_dir, "model.safetensors.index.json")

@@ -39,6 +39,7 @@ from conversion import (  # noqa: E402
     hf_config_from,
     import_hf,
     new_output_dir,
+    safetensors_torch,
 )
 
 
@@ -87,8 +88,7 @@ def _tokenizer_sources(saved_args: dict, model_type: str) -> dict[str, str]:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from safetensors.torch import save_file
-
+    save_file = safetensors_torch().save_file
     check_new_output(args.hf_dir, "--hf-dir")
     iteration, states = read_all_ranks(args.load)
     model_type, config, full = full_model_state(states)
