@@ -114,6 +114,19 @@ def test_gpt2_exported_back_loads_in_transformers_with_the_same_logits(hf_gpt2, 
     torch.testing.assert_close(logits, hf_gpt2["logits"], rtol=1e-5, atol=1e-5)
 
 
+def test_resharding_to_a_size_that_does_not_split_the_vocabulary_pads_it_again(hf_gpt2, capsys):
+    """1001 tokens unpadded at size 1 (divisible by 1); size 2 needs 1002, and the loss stays transformers'."""
+    exact, resharded = str(hf_gpt2["folder"] / "unpadded"), str(hf_gpt2["folder"] / "repadded")
+    assert _run_tool("hf_checkpoint", ["import", "--hf-dir", hf_gpt2["hf"], "--save", exact,
+                                       "--make-vocab-size-divisible-by", "1"], capsys)[0] == 0
+    code, out, err = _run_tool("reshard_checkpoint", ["--load", exact, "--save", resharded,
+                                                      "--target-model-parallel-size", "2"], capsys)
+    assert code == 0, err
+    assert "vocabulary 1002 (padded)" in out
+    for loss in run_distributed(_gpt2_loss_worker, 2, resharded, hf_gpt2["tokens"]):
+        assert loss == pytest.approx(hf_gpt2["loss"], abs=1e-5)
+
+
 def _bert_outputs_worker(ckpt: str, ids, types, keep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from checkpointing import load_checkpoint_state
     from model import BertModel, TransformerConfig
@@ -162,6 +175,13 @@ def test_bert_for_pretraining_round_trip_at_model_parallel_two(tmp_path, capsys)
     for outputs in run_distributed(_bert_outputs_worker, 2, ckpt, ids, types, keep):
         hidden, lm, nsp = map(torch.from_numpy, outputs)
         torch.testing.assert_close(hidden[real], ref.hidden_states[-1][real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lm[..., :90][real], ref.prediction_logits[real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(nsp, ref.seq_relationship_logits, rtol=1e-5, atol=1e-5)
+    resharded = str(tmp_path / "ours_mp4")  # BERT's tensors (LM-head bias, token types) reshard too
+    assert _run_tool("reshard_checkpoint", ["--load", ckpt, "--save", resharded,
+                                            "--target-model-parallel-size", "4"], capsys)[0] == 0
+    for outputs in run_distributed(_bert_outputs_worker, 4, resharded, ids, types, keep):
+        hidden, lm, nsp = map(torch.from_numpy, outputs)
         torch.testing.assert_close(lm[..., :90][real], ref.prediction_logits[real], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(nsp, ref.seq_relationship_logits, rtol=1e-5, atol=1e-5)
     assert _run_tool("hf_checkpoint", ["export", "--load", ckpt, "--hf-dir", back], capsys)[0] == 0
