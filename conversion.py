@@ -168,7 +168,7 @@ def _repad(full: dict[str, torch.Tensor], layout: Layout, rows: int) -> dict[str
 
 
 def _optimizer_full(states: list[dict[str, Any]], layout: Layout, model_dtypes: dict[str, torch.dtype],
-                    rows: int) -> tuple[dict, list[dict[int, dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+                    rows: int) -> tuple[dict, dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
     """The optimizer states of every rank merged: (rank 0's FP16_Optimizer dict, per-parameter state
     as full tensors keyed by name, fp32 masters as full tensors keyed by name)."""
     order = layout.optimizer_order
@@ -233,7 +233,8 @@ def reshard_states(states: list[dict[str, Any]], target: int, keep_optimizer: bo
     """A checkpoint's per-rank states at model-parallel size ``target``.
 
     Weights, Adam moments and fp32 masters are merged and cut by the model's layout; the vocabulary
-    is re-padded (zero rows, which get no probability) when ``target`` does not split it.
+    is re-padded with zero rows when ``target`` does not split it (they get no probability when the
+    config knows the real vocabulary size, as every checkpoint written since it does).
     Everything replicated comes from rank 0; the model-parallel dropout streams cannot follow the
     heads to another size and are left out (a resumed run seeds them afresh).
     """
@@ -468,6 +469,7 @@ def hf_to_full(model_type: str, hf_state: dict[str, torch.Tensor], config: Trans
     from model.bert import hf_bert_to_megatron
 
     state = {k: v.float() if v.is_floating_point() else v for k, v in hf_state.items()}
+    _check_tied(state, where)
     fresh: list[str] = []
     if model_type == "gpt2":
         if not any(k.startswith("transformer.") for k in state):
@@ -498,6 +500,15 @@ def hf_to_full(model_type: str, hf_state: dict[str, torch.Tensor], config: Trans
                                           "lm_head.bias")]:
         full[name] = _resize_rows(full[name], config.vocab_size)
     return full, fresh
+
+
+def _check_tied(state: dict[str, torch.Tensor], where: str) -> None:
+    """The output layers here are tied to the word embedding; an untied one would be dropped silently."""
+    for output, embedding in (("lm_head.weight", "transformer.wte.weight"), ("lm_head.weight", "wte.weight"),
+                              ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")):
+        if output in state and embedding in state and not torch.equal(state[output], state[embedding]):
+            raise ConversionError(f"{where}: {output} is not tied to {embedding}; only models with tied output "
+                                  "embeddings convert")
 
 
 def _take(state: dict[str, torch.Tensor], key: str, used: set[str], where: str) -> torch.Tensor:

@@ -503,6 +503,9 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
         raise ArgumentError("no training data: give --train-data (and a --split with a train share)")
     padded = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                             args.model_parallel_size)
+    saved = ckpt.get("config", {}) if ckpt is not None else {}
+    if saved.get("unpadded_vocab_size") == tokenizer.vocab_size:
+        padded = saved["vocab_size"]  # the checkpoint's padding (an import's or a reshard's) for the same tokenizer
     print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with {padded - tokenizer.vocab_size} "
                  f"dummy tokens (new size: {padded})")
     args.unpadded_vocab_size = tokenizer.vocab_size  # the padded entries get no probability

@@ -471,8 +471,9 @@ def hf_tiny_bpe(tmp_path_factory) -> dict:
         eos_token_id=size - 1)).eval()
     _perturb(hf)
     hf.save_pretrained(str(folder / "hf"))
-    imported = str(folder / "imported")
-    assert _run_tool("hf_checkpoint", ["import", "--hf-dir", str(folder / "hf"), "--save", imported], None)[0] == 0
+    imported = str(folder / "imported")  # padded by another rule than the training default: runs keep its padding
+    assert _run_tool("hf_checkpoint", ["import", "--hf-dir", str(folder / "hf"), "--save", imported,
+                                       "--make-vocab-size-divisible-by", "1"], None)[0] == 0
     return {"folder": folder, "hf": str(folder / "hf"), "imported": imported, "hf_model": hf}
 
 
@@ -522,6 +523,7 @@ def test_finetuning_an_import_takes_its_shape_without_flags(hf_tiny_bpe):
     assert iteration == 2
     assert (config["num_layers"], config["hidden_size"], config["num_attention_heads"],
             config["max_sequence_length"]) == (3, 32, 4, 16)
+    assert config["vocab_size"] == config["unpadded_vocab_size"], "the import's padding (none) is kept"
     _, original = read_all_ranks(hf_tiny_bpe["imported"])
     name = "transformer.layers.2.mlp.dense_4h_to_h.weight"
     diff = (states[0]["model"][name] - original[0]["model"][name]).abs().max().item()
