@@ -196,7 +196,7 @@ def test_checkpoint_of_another_shape_is_refused_naming_both(tmp_path):
     run_distributed(_train, 1, _base_args(tmp_path, **{"--save": ckpt, "--train-iters": 2, "--eval-iters": 0}))
     before = sorted(os.listdir(ckpt))
     proc = _run_cli(_base_args(tmp_path, **{"--load": ckpt, "--save": ckpt, "--hidden-size": 64}))
-    _assert_one_line_error(proc, "hidden_size=32", "hidden_size=64")
+    _assert_one_line_error(proc, "--hidden-size 64", "has --hidden-size 32")
     assert sorted(os.listdir(ckpt)) == before
 
 
