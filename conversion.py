@@ -651,6 +651,9 @@ def new_output_dir(path: str, flag: str) -> Iterator[str]:
         if os.path.isdir(path):
             os.rmdir(path)  # empty, checked above
         os.replace(staging, path)
+    except OSError as err:  # a full disk, a lost mount: the partial output goes, the line says so
+        raise ConversionError(f"{flag} {path}: writing failed ({err.strerror or err}); nothing was written") \
+            from None
     finally:
         if os.path.isdir(staging):
             import shutil

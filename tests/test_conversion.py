@@ -282,11 +282,15 @@ def test_reshard_round_trip_keeps_every_tensor_and_the_half_precision_masters(tm
     for target in (1, 4):
         there = reshard_states(states, target)
         assert len(there) == target and all(s["model_parallel_size"] == target for s in there)
+        assert all(s["args"]["model_parallel_size"] == target for s in there)
         back = reshard_states(there, 2)
         for original, returned in zip(states, back):
             _assert_same(original["model"], returned["model"])
             _assert_same(original["optimizer"], returned["optimizer"])
             assert "tracker" not in returned["rng"] and returned["iteration"] == original["iteration"]
+            assert "lr_scheduler" in there[0] and "data" in there[0]
+            for key in set(original) - {"model", "optimizer", "rng", "args"}:
+                _assert_same(original[key], returned[key])  # iteration, schedule, data position, config, ...
     single = reshard_states(states, 1)[0]
     masters = single["optimizer"]["fp32_master_params"]
     # Each master holds its parameter's full tensor: at size 1 they round to the bf16 weights.
@@ -297,6 +301,43 @@ def test_reshard_round_trip_keeps_every_tensor_and_the_half_precision_masters(tm
     half = [n for n in layout.optimizer_order if single["model"][n].dtype != torch.float32]
     for name, master in zip(half, masters, strict=True):
         torch.testing.assert_close(master.to(torch.bfloat16), single["model"][name], rtol=0, atol=0)
+
+
+def test_repadding_resizes_the_optimizer_state_with_the_weights(tmp_path):
+    from checkpointing import read_all_ranks
+    from conversion import padded_size, reshard_states
+    from model import TransformerConfig
+
+    ckpt = str(tmp_path / "unpadded")  # 263 tokens, padded by 1: size 2 needs 264 rows
+    run_distributed(_bf16_checkpoint_worker, 1, _train_args(tmp_path, **{
+        "--bf16": True, "--train-iters": 1, "--eval-iters": 0, "--save": ckpt, "--make-vocab-size-divisible-by": 1}))
+    _, states = read_all_ranks(ckpt)
+    assert states[0]["config"]["vocab_size"] == states[0]["config"]["unpadded_vocab_size"] == 263
+    there = reshard_states(states, 2, divisible_by=1)
+    order = [n for n in _optimizer_order(there[0]) if there[0]["model"][n].dtype != torch.float32]
+    index = _optimizer_order(there[0]).index("word_embeddings.weight")
+    for state in there:
+        assert state["config"]["vocab_size"] == 264
+        local = state["model"]["word_embeddings.weight"]
+        assert local.shape[0] == 132
+        moments = state["optimizer"]["optimizer"]["state"][index]
+        master = state["optimizer"]["fp32_master_params"][order.index("word_embeddings.weight")]
+        for tensor in (moments["exp_avg"], moments["exp_avg_sq"], master):
+            assert tensor.shape == local.shape
+    last = there[1]
+    for tensor in (last["model"]["word_embeddings.weight"], last["optimizer"]["optimizer"]["state"][index]["exp_avg"]):
+        assert (tensor[-1] == 0).all() and (tensor[-2] != 0).any()  # the one new row is zero
+    # The padding rule for a size that doesn't split the vocabulary: a multiple of lcm(divisible_by, size).
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=4, vocab_size=1002,
+                               max_sequence_length=4, unpadded_vocab_size=1001)
+    assert padded_size(config, 4, 2) == 1004 and padded_size(config, 2, 128) == 1002
+
+
+def _optimizer_order(state) -> list[str]:
+    from conversion import model_layout, model_type_of
+    from model import TransformerConfig
+
+    return model_layout(model_type_of(state["model"]), TransformerConfig(**state["config"])).optimizer_order
 
 
 def _assert_same(a, b) -> None:
@@ -371,23 +412,27 @@ def _name_2019(model_type: str, ours: str) -> str:
     return f"bert.encoder.layer.{index}.{_HF_LAYER[rest]}"
 
 
-@pytest.mark.parametrize("model_type,vocab", [("gpt2", 300), ("bert", 90)])
-def test_2019_checkpoint_imports_only_with_trust_pickle(tmp_path, capsys, model_type, vocab):
+@pytest.mark.parametrize("model_type,vocab,given", [("gpt2", 300, True), ("bert", 90, True), ("gpt2", 50257, False)])
+def test_2019_checkpoint_imports_only_with_trust_pickle(tmp_path, capsys, model_type, vocab, given):
+    from arguments import pad_vocab_size
     from checkpointing import read_all_ranks
-    from conversion import full_model_state
+    from conversion import full_model_state, pad_2019
 
+    assert pad_2019(50257, 128, 1) == 50304 and pad_2019(50257, 128, 2) == 50432 and pad_2019(30522, 128, 1) == 30592
     old, new = str(tmp_path / "old"), str(tmp_path / "new")
     full, _ = _write_2019_checkpoint(old, model_type, vocab, mp=2)
     code, _, err = _run_tool("import_megatron2019", ["--load", old, "--save", new], capsys)
     assert_one_line_error(code, err, "--trust-pickle", "run code")
     assert not os.path.exists(new)
     code, out, err = _run_tool("import_megatron2019", ["--load", old, "--save", new, "--trust-pickle",
-                                                       "--vocab-size", str(vocab)], capsys)
+                                                       *(["--vocab-size", str(vocab)] if given else [])], capsys)
     assert code == 0, err
+    if not given:
+        assert "vocabulary 50257, recognised by its 2019 padding to 50432" in out
     iteration, states = read_all_ranks(new)
     assert iteration == "release" and len(states) == 1
     _, config, got = full_model_state(states)
-    assert config.unpadded_vocab_size == vocab and config.vocab_size == (384 if vocab == 300 else 128)
+    assert config.unpadded_vocab_size == vocab and config.vocab_size == pad_vocab_size(vocab, 128, 1)
     for name, tensor in full.items():
         expected = tensor[:config.vocab_size] if got[name].shape != tensor.shape else tensor
         assert torch.equal(got[name], expected), name
@@ -428,6 +473,37 @@ def test_bad_inputs_are_one_line_and_write_nothing(hf_gpt2, tmp_path, capsys):
     code, _, err = _run_tool("reshard_checkpoint", ["--load", imported, "--save", out,
                                                     "--target-model-parallel-size", "8"], capsys)
     assert_one_line_error(code, err, "model-parallel size 8", "attention heads")
+    assert not os.path.exists(out)
+
+
+def test_a_write_that_fails_midway_leaves_no_output(hf_gpt2, tmp_path, capsys, monkeypatch):
+    import checkpointing
+
+    imported = str(tmp_path / "mp2")
+    assert _run_tool("hf_checkpoint", ["import", "--hf-dir", hf_gpt2["hf"], "--save", imported,
+                                       "--target-model-parallel-size", "2"], capsys)[0] == 0
+    real_save, calls = checkpointing._atomic_torch_save, []
+
+    def disk_full_on_second_file(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpointing, "_atomic_torch_save", disk_full_on_second_file)
+    out = str(tmp_path / "out")
+    code, _, err = _run_tool("reshard_checkpoint", ["--load", imported, "--save", out,
+                                                    "--target-model-parallel-size", "4"], capsys)
+    assert_one_line_error(code, err, "No space left", "nothing was written")
+    assert len(calls) == 2 and not os.path.exists(out)
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+    monkeypatch.undo()
+    # A rank folder gone missing: the files say size 2, the folder holds 1.
+    import shutil
+
+    shutil.rmtree(os.path.join(imported, "release", "mp_rank_01"))
+    code, _, err = _run_tool("hf_checkpoint", ["export", "--load", imported, "--hf-dir", out], capsys)
+    assert_one_line_error(code, err, "says model-parallel size 2")
     assert not os.path.exists(out)
 
 
