@@ -306,7 +306,7 @@ def release_states(model_type: str, config: TransformerConfig, full: dict[str, t
 # Hugging Face
 # ---------------------------------------------------------------------------------------------
 
-_GPT2_LAYER = {  # ours -> theirs (under transformer.h.{i}.); "T" marks Conv1D weights stored (in, out)
+_GPT2_LAYER = {  # ours -> (theirs under transformer.h.{i}., a Conv1D weight stored (in, out) to transpose)
     "input_layernorm.weight": ("ln_1.weight", False),
     "input_layernorm.bias": ("ln_1.bias", False),
     "attention.query_key_value.weight": ("attn.c_attn.weight", True),

@@ -360,7 +360,7 @@ def _assert_same(a, b) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _write_2019_checkpoint(folder: str, model_type: str, vocab: int, mp: int):
+def _write_2019_checkpoint(folder: str, model_type: str, vocab: int, mp: int, nested: bool = False):
     """A checkpoint as the 2019 code wrote it: full pickles with an argparse namespace and numpy rng
     state, the vocabulary padded to a multiple of 128 x model-parallel size. Returns (full weights, config)."""
     from conversion import build_model, model_layout, model_parallel_of_one
@@ -391,6 +391,12 @@ def _write_2019_checkpoint(folder: str, model_type: str, vocab: int, mp: int):
         state = {"iteration": 5000, "model": local, "args": namespace, "random_rng_state": (3, tuple(range(625)), None),
                  "np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state(),
                  "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()}}
+        if nested:  # NGC's 2020 GPT-2 release: language_model -> embedding / transformer
+            state["model"] = {"language_model": {
+                "embedding": {k: {"weight": local.pop(f"{k}.weight")}
+                              for k in ("word_embeddings", "position_embeddings")},
+                "transformer": {k.removeprefix("transformer."): v for k, v in local.items()}}}
+            del state["args"]
         path = os.path.join(folder, "iter_0005000", f"mp_rank_{rank:02d}", "model_optim_rng.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(state, path)
@@ -412,19 +418,24 @@ def _name_2019(model_type: str, ours: str) -> str:
     return f"bert.encoder.layer.{index}.{_HF_LAYER[rest]}"
 
 
-@pytest.mark.parametrize("model_type,vocab,given", [("gpt2", 300, True), ("bert", 90, True), ("gpt2", 50257, False)])
-def test_2019_checkpoint_imports_only_with_trust_pickle(tmp_path, capsys, model_type, vocab, given):
+@pytest.mark.parametrize("model_type,vocab,given,nested", [
+    ("gpt2", 300, True, False), ("bert", 90, True, False), ("gpt2", 50257, False, False), ("gpt2", 300, True, True)])
+def test_2019_checkpoint_imports_only_with_trust_pickle(tmp_path, capsys, model_type, vocab, given, nested):
     from arguments import pad_vocab_size
     from checkpointing import read_all_ranks
     from conversion import full_model_state, pad_2019
 
     assert pad_2019(50257, 128, 1) == 50304 and pad_2019(50257, 128, 2) == 50432 and pad_2019(30522, 128, 1) == 30592
     old, new = str(tmp_path / "old"), str(tmp_path / "new")
-    full, _ = _write_2019_checkpoint(old, model_type, vocab, mp=2)
+    full, _ = _write_2019_checkpoint(old, model_type, vocab, mp=2, nested=nested)
     code, _, err = _run_tool("import_megatron2019", ["--load", old, "--save", new], capsys)
     assert_one_line_error(code, err, "--trust-pickle", "run code")
     assert not os.path.exists(new)
-    code, out, err = _run_tool("import_megatron2019", ["--load", old, "--save", new, "--trust-pickle",
+    heads = ["--num-attention-heads", "4"] if nested else []  # no namespace stored: the flag says
+    if nested:
+        code, _, err = _run_tool("import_megatron2019", ["--load", old, "--save", new, "--trust-pickle"], capsys)
+        assert_one_line_error(code, err, "--num-attention-heads")
+    code, out, err = _run_tool("import_megatron2019", ["--load", old, "--save", new, "--trust-pickle", *heads,
                                                        *(["--vocab-size", str(vocab)] if given else [])], capsys)
     assert code == 0, err
     if not given:
