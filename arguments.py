@@ -103,6 +103,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-load-rng", action="store_true", help="do not load RNG state")
     group.add_argument("--finetune", action="store_true",
                        help="load model weights only and start at iteration 0")
+    group.add_argument("--overwrite-checkpoints", action="store_true",
+                       help="start a new run in a --save directory that holds another run's checkpoints "
+                            "(refused without it: the classic forgotten --load)")
     group.add_argument("--load-openai", action="store_true",
                        help="--load is a Hugging Face GPT-2 folder (config.json + model.safetensors), converted "
                             "in memory; tools/hf_checkpoint.py import does it once")
@@ -211,6 +214,43 @@ def _check(condition: bool, message: str) -> None:
         raise ArgumentError(message)
 
 
+# Float flags that must be finite and lie in a range: (flag, low, high, low inclusive, high inclusive, why).
+FLOAT_RANGES = (
+    ("lr", 0.0, math.inf, True, False, "the peak learning rate"),
+    ("min_lr", 0.0, math.inf, True, False, "the learning-rate floor"),
+    ("weight_decay", 0.0, math.inf, True, False, "AdamW's decoupled weight decay"),
+    ("adam_beta1", 0.0, 1.0, True, False, "Adam's first-moment decay"),
+    ("adam_beta2", 0.0, 1.0, True, False, "Adam's second-moment decay"),
+    ("adam_eps", 0.0, math.inf, False, False, "Adam's denominator term"),
+    ("clip_grad", 0.0, math.inf, True, False, "the gradient-norm clip (0 disables it)"),
+    ("hidden_dropout", 0.0, 1.0, True, False, "a dropout probability"),
+    ("attention_dropout", 0.0, 1.0, True, False, "a dropout probability"),
+    ("init_method_std", 0.0, math.inf, False, False, "the initialisation's standard deviation"),
+    ("layernorm_epsilon", 0.0, math.inf, False, False, "LayerNorm's epsilon"),
+    ("loss_scale", 0.0, math.inf, False, False, "a static loss scale"),
+    ("initial_loss_scale", 0.0, math.inf, False, False, "the dynamic loss scale's start"),
+)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Optimizer and model numbers that cannot train are argument errors, not an optimizer traceback."""
+    for dest, low, high, low_in, high_in, what in FLOAT_RANGES:
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        _check(math.isfinite(value), f"{flag} must be a finite number ({what}), got {value}")
+        above = value >= low if low_in else value > low
+        below = value <= high if high_in else value < high
+        if not (above and below):
+            interval = f"{'[' if low_in else '('}{low:g}, {'inf' if high == math.inf else f'{high:g}'}" \
+                       f"{']' if high_in else ')'}"
+            _check(False, f"{flag} must lie in {interval} ({what}), got {value}")
+    _check(args.lr > 0 or args.train_iters == 0,
+           f"--lr 0 trains nothing in {args.train_iters} iterations; give a positive --lr")
+    _check(args.min_lr <= args.lr, f"--min-lr {args.min_lr} is above --lr {args.lr}")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Reject inconsistent settings with one actionable line."""
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings"):
@@ -228,8 +268,12 @@ def validate_args(args: argparse.Namespace) -> None:
            "--use-tfrecords needs --max-preds-per-seq (the max_predictions_per_seq the records were written with)")
     _check(args.num_workers >= 0, f"--num-workers must not be negative, got {args.num_workers}")
     _check(args.loss_scale is None or args.fp16, "--loss-scale only applies with --fp16")
+    _check_numbers(args)
     mp = args.model_parallel_size
     _check(mp >= 1, f"--model-parallel-size must be at least 1, got {mp}")
+    _check(mp <= args.world_size,
+           f"--model-parallel-size {mp} needs {mp} processes (or a multiple) and this run has {args.world_size}; "
+           f"launch with torchrun --nproc_per_node {mp} ...")
     _check(args.world_size % mp == 0,
            f"world size {args.world_size} is not divisible by --model-parallel-size {mp}")
     _check(args.num_attention_heads % mp == 0,

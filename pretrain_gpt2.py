@@ -46,8 +46,8 @@ def forward_step_provider(args, tokenizer, device: torch.device):
     return forward_step
 
 
-def main() -> None:
-    args = get_args(description="GPT2 pretraining")
+def main(argv: list[str] | None = None) -> None:
+    args = get_args(argv, description="GPT2 pretraining")
     results = pretrain(args, model_provider, data_provider, forward_step_provider)
     print_run_summary(results, lambda valid: f"validation perplexity {valid['ppl']:.2f}")
 

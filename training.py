@@ -30,8 +30,10 @@ from torch import nn
 import mpu
 from arguments import ArgumentError, pad_vocab_size
 from checkpointing import (
+    TRACKER_FILENAME,
     CheckpointError,
     check_config,
+    get_checkpoint_tracker_filename,
     save_checkpoint,
     set_rng_state,
 )
@@ -223,8 +225,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.path:
+            # JSON has no NaN or Infinity: a non-finite number (a diverged loss) is written as null.
+            plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(plain, allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration",):
@@ -289,7 +293,8 @@ def evaluate_and_print(name: str, split: str, forward_step, make_iterator, model
                        iteration: int, logger: MetricsLogger) -> dict[str, float]:
     results = evaluate(forward_step, make_iterator, model, args.eval_iters)
     if "lm_loss" in results:
-        results["ppl"] = math.exp(min(20.0, results["lm_loss"]))
+        loss = results["lm_loss"]  # a diverged (nan/inf) loss has no perplexity, not a clamped large one
+        results["ppl"] = math.exp(min(20.0, loss)) if math.isfinite(loss) else float("nan")
     text = " | ".join(f"{k.replace('_', ' ')} value: {v:.6E}" for k, v in results.items())
     print_rank_0("-" * 80 + f"\n {name} at iteration {iteration} | {text}\n" + "-" * 80)
     logger.write({"iteration": iteration, "split": split, **results})
@@ -483,17 +488,68 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
     return outcome
 
 
+def _writable_directory(path: str, flag: str) -> None:
+    """``path`` is a directory this process can write in, created if absent; else one ``ArgumentError``."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ArgumentError(f"{flag} {path}: is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ArgumentError(f"{flag} {path}: cannot create the directory ({err.strerror})") from None
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise ArgumentError(f"{flag} {path}: not writable ({err.strerror}); choose a directory this run can "
+                            "write to") from None
+
+
+def _checkpoint_root(path: str) -> str | None:
+    """The checkpoint directory (the one holding the tracker file) that ``path`` lies inside, if any."""
+    probe = os.path.abspath(path)
+    for _ in range(4):  # model_optim_rng.pt -> mp_rank_XX -> iter_XXXXXXX -> the directory
+        if os.path.isfile(get_checkpoint_tracker_filename(probe)):
+            return probe
+        probe = os.path.dirname(probe)
+    return None
+
+
+def check_run_paths(args) -> None:
+    """Before any work: every directory flag usable, ``--load`` naming a checkpoint directory, and no
+    ``--save`` that would write over another run's checkpoints."""
+    cache = args.cache_dir  # the default "cache" is made only when a run writes there
+    if cache and not os.path.exists(cache) and "cache_dir" not in getattr(args, "explicit_flags", ()):
+        cache = None
+    for flag, path in (("--save", args.save), ("--log-dir", args.log_dir), ("--cache-dir", cache)):
+        if path:
+            _writable_directory(path, flag)
+    same = bool(args.load and args.save) and os.path.realpath(args.load) == os.path.realpath(args.save)
+    if args.load and not (args.load_openai or args.eval_hf):
+        root = None if os.path.isfile(get_checkpoint_tracker_filename(args.load)) else _checkpoint_root(args.load)
+        if root is not None:
+            kind = "a checkpoint file" if os.path.isfile(args.load) else "a folder inside a checkpoint"
+            raise ArgumentError(f"--load {args.load} is {kind}; pass the directory holding {TRACKER_FILENAME}: "
+                                f"--load {root}")
+        if os.path.exists(args.load) and not os.path.isdir(args.load):
+            raise ArgumentError(f"--load {args.load}: is a file, not a checkpoint directory")
+        if not os.path.exists(args.load) and not same:
+            raise ArgumentError(f"--load {args.load}: no such directory")
+    if args.save and os.path.isfile(get_checkpoint_tracker_filename(args.save)) and not same \
+            and not args.overwrite_checkpoints:
+        raise ArgumentError(f"--save {args.save} already holds another run's checkpoints; pass --load {args.save} "
+                            "to continue that run, or choose a new --save directory (--overwrite-checkpoints starts "
+                            "over in it)")
+
+
 def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict[str, Any]:
     """Run a whole training job; returns the final evaluation results and output paths.
 
     ``forward_step_provider(args, tokenizer, device)`` builds the ``forward_step``.
     """
+    check_run_paths(args)
     device = initialize_distributed(args)
-    if args.save:
-        try:
-            os.makedirs(args.save, exist_ok=True)
-        except OSError as err:
-            raise CheckpointError(f"--save {args.save}: cannot create the directory ({err.strerror})") from None
     set_random_seed(args.seed)
     ckpt = read_load_state(args) if args.load else None
     if ckpt is not None and ckpt.get("config"):  # shape flags left out take the checkpoint's
@@ -534,7 +590,9 @@ def print_run_summary(results: dict[str, Any], describe_valid: Callable[[dict[st
     """Rank 0's last line of a training run: iteration, validation (``describe_valid``), where outputs went."""
     summary = [f"trained to iteration {results['iteration']}"]
     if "valid" in results:
-        summary.append(describe_valid(results["valid"]))
+        diverged = [k for k, v in results["valid"].items() if not math.isfinite(v)]
+        summary.append(f"the run diverged: validation {', '.join(diverged)} is not finite" if diverged
+                       else describe_valid(results["valid"]))
     if results["save"]:
         summary.append(f"checkpoint in {results['save']}")
     if results["metrics"]:
