@@ -166,6 +166,17 @@ def read_all_ranks(load_dir: str) -> tuple[int | str, list[dict[str, Any]]]:
     return iteration, states
 
 
+def checkpoint_root_of(path: str) -> str | None:
+    """The checkpoint directory (the one holding the tracker file) that ``path`` lies inside, if any:
+    for a mistaken ``--load`` of ``model_optim_rng.pt``, ``mp_rank_XX`` or ``iter_XXXXXXX``."""
+    probe = os.path.abspath(path)
+    for _ in range(4):  # model_optim_rng.pt -> mp_rank_XX -> iter_XXXXXXX -> the directory
+        if os.path.isfile(get_checkpoint_tracker_filename(probe)):
+            return probe
+        probe = os.path.dirname(probe)
+    return None
+
+
 def read_tracker(load_dir: str) -> int | str | None:
     """The iteration (or ``"release"``) named by the tracker file, ``None`` if there is none."""
     tracker = get_checkpoint_tracker_filename(load_dir)

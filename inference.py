@@ -10,13 +10,14 @@ Call it after ``training.initialize_distributed(args)``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
 
 import mpu
 from arguments import pad_vocab_size
-from checkpointing import CheckpointError
+from checkpointing import CheckpointError, checkpoint_root_of
 from conversion import read_load_state
 from model import GPT2Model, TransformerConfig
 
@@ -101,6 +102,10 @@ def load_gpt2_for_inference(args, tokenizer, device: torch.device,
     """The GPT2 model in ``args.load``, on ``device``, in eval mode, with the shape flags set from it."""
     if not args.load:
         raise CheckpointError("no checkpoint to load: give --load DIR (a directory written by --save)")
+    root = checkpoint_root_of(args.load)
+    if root is not None and os.path.abspath(args.load) != root:
+        raise CheckpointError(f"--load {args.load} lies inside a checkpoint; pass the directory holding "
+                              f"latest_checkpointed_iteration.txt: --load {root}")
     ckpt = read_load_state(args)
     if ckpt is None:
         raise CheckpointError(f"{args.load}: no checkpoint there (no latest_checkpointed_iteration.txt); "

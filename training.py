@@ -33,6 +33,7 @@ from checkpointing import (
     TRACKER_FILENAME,
     CheckpointError,
     check_config,
+    checkpoint_root_of,
     get_checkpoint_tracker_filename,
     save_checkpoint,
     set_rng_state,
@@ -506,16 +507,6 @@ def _writable_directory(path: str, flag: str) -> None:
                             "write to") from None
 
 
-def _checkpoint_root(path: str) -> str | None:
-    """The checkpoint directory (the one holding the tracker file) that ``path`` lies inside, if any."""
-    probe = os.path.abspath(path)
-    for _ in range(4):  # model_optim_rng.pt -> mp_rank_XX -> iter_XXXXXXX -> the directory
-        if os.path.isfile(get_checkpoint_tracker_filename(probe)):
-            return probe
-        probe = os.path.dirname(probe)
-    return None
-
-
 def check_run_paths(args) -> None:
     """Before any work: every directory flag usable, ``--load`` naming a checkpoint directory, and no
     ``--save`` that would write over another run's checkpoints."""
@@ -527,7 +518,7 @@ def check_run_paths(args) -> None:
             _writable_directory(path, flag)
     same = bool(args.load and args.save) and os.path.realpath(args.load) == os.path.realpath(args.save)
     if args.load and not (args.load_openai or args.eval_hf):
-        root = None if os.path.isfile(get_checkpoint_tracker_filename(args.load)) else _checkpoint_root(args.load)
+        root = None if os.path.isfile(get_checkpoint_tracker_filename(args.load)) else checkpoint_root_of(args.load)
         if root is not None:
             kind = "a checkpoint file" if os.path.isfile(args.load) else "a folder inside a checkpoint"
             raise ArgumentError(f"--load {args.load} is {kind}; pass the directory holding {TRACKER_FILENAME}: "

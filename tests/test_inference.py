@@ -55,6 +55,7 @@ def test_shape_comes_from_the_checkpoint_and_mismatches_are_one_clear_error(chec
         ({"--max-position-embeddings": 32}, ["--max-position-embeddings 32", "16"]),
         ({"--tokenizer-type": "CharacterLevelTokenizer"}, ["vocabulary of 263 tokens", "has 260"]),
         ({"--load": "/nonexistent/ckpt"}, ["/nonexistent/ckpt", "no checkpoint"]),
+        ({"--load": f"{save}/iter_0000003"}, ["inside a checkpoint", f"--load {save}"]),
     ]
     argvs = [_argv(folder, save), _argv(folder, save, **{"--num-layers": 2, "--hidden-size": 32})]
     argvs += [_argv(folder, save, **overrides) for overrides, _ in errors]
