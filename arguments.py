@@ -280,7 +280,9 @@ def validate_args(args: argparse.Namespace) -> None:
            f"--num-attention-heads {args.num_attention_heads} is not divisible by --model-parallel-size {mp}")
     _check(args.hidden_size % args.num_attention_heads == 0,
            f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
-    _check(args.seq_length <= args.max_position_embeddings,
+    # With --load and no --max-position-embeddings the checkpoint's count applies; training checks it then.
+    deferred = bool(args.load) and "max_position_embeddings" not in getattr(args, "explicit_flags", ())
+    _check(deferred or args.seq_length <= args.max_position_embeddings,
            f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive; pick one")
     islands = [f for f, on in (("--fp32-embedding", args.fp32_embedding), ("--fp32-layernorm", args.fp32_layernorm),

@@ -545,6 +545,9 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
     ckpt = read_load_state(args) if args.load else None
     if ckpt is not None and ckpt.get("config"):  # shape flags left out take the checkpoint's
         adopt_stored_shape(args, args.load, ckpt["config"])
+    if args.seq_length > args.max_position_embeddings:
+        raise ArgumentError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                            f"{args.max_position_embeddings}" + (f" (the checkpoint's in {args.load})" if ckpt else ""))
     tokenizer, *datasets = data_provider(args)
     if args.train_iters > 0 and datasets[0] is None:
         raise ArgumentError("no training data: give --train-data (and a --split with a train share)")

@@ -166,3 +166,18 @@ def test_a_diverged_run_reports_nan_and_keeps_metrics_strict_json(tmp_path, caps
     valid = [r for r in records if r["split"] == "valid"]
     assert valid and all(r["lm_loss"] is None and r["ppl"] is None for r in valid)
     assert not any(isinstance(v, float) and not math.isfinite(v) for r in records for v in r.values())
+
+
+def test_sequence_length_is_checked_against_the_checkpoints_positions(trained, capsys):
+    """Without --max-position-embeddings a --load run takes the checkpoint's count (an imported GPT-2 has
+    1024, above the flag's default), so --seq-length is checked against that, after reading it."""
+    from arguments import get_args
+
+    folder, ckpt = trained
+    argv = _base_args(folder, **{"--load": ckpt, "--save": ckpt, "--max-position-embeddings": None,
+                                 "--seq-length": 1024})
+    assert get_args(argv).seq_length == 1024  # not refused against the default of 512
+    before = _checksums(ckpt)
+    code, _, err = _main(argv, capsys)
+    assert_one_line_error(code, err, "--seq-length 1024 exceeds --max-position-embeddings 16", ckpt)
+    assert _checksums(ckpt) == before
