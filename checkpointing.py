@@ -210,7 +210,8 @@ def load_checkpoint_state(load_dir: str) -> dict[str, Any] | None:
         if saved:
             raise CheckpointError(
                 f"{load_dir}: checkpoint was saved with model-parallel size {len(saved)}, this run uses "
-                f"--model-parallel-size {mp_size}; run with --model-parallel-size {len(saved)}"
+                f"--model-parallel-size {mp_size}; run with --model-parallel-size {len(saved)}, or convert it with "
+                f"tools/reshard_checkpoint.py --load {load_dir} --target-model-parallel-size {mp_size} --save NEW_DIR"
             )
         raise CheckpointError(f"{path}: missing; the tracker names iteration {iteration} but its file is gone")
     try:
@@ -224,7 +225,8 @@ def load_checkpoint_state(load_dir: str) -> dict[str, Any] | None:
     if saved_mp != mp_size:
         raise CheckpointError(
             f"{path}: checkpoint was saved with model-parallel size {saved_mp}, this run uses "
-            f"--model-parallel-size {mp_size}; run with --model-parallel-size {saved_mp}"
+            f"--model-parallel-size {mp_size}; run with --model-parallel-size {saved_mp}, or convert it with "
+            f"tools/reshard_checkpoint.py --load {load_dir} --target-model-parallel-size {mp_size} --save NEW_DIR"
         )
     return state
 

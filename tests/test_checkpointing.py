@@ -52,8 +52,9 @@ def _save_with_mp2(path):
 def test_loading_with_another_model_parallel_size_names_both(tmp_path, single_process_group):
     run_distributed(_save_with_mp2, 2, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "iter_0000007")) == ["mp_rank_00", "mp_rank_01"]
-    with pytest.raises(CheckpointError, match="model-parallel size 2, this run uses --model-parallel-size 1"):
+    with pytest.raises(CheckpointError, match="model-parallel size 2, this run uses --model-parallel-size 1") as err:
         load_checkpoint_state(str(tmp_path))
+    assert "tools/reshard_checkpoint.py" in str(err.value) and "--target-model-parallel-size 1" in str(err.value)
 
 
 _SAVER = textwrap.dedent("""
