@@ -20,6 +20,24 @@ class ArgumentError(ValueError):
     """A command-line mistake; its message is one line naming the flag and the remedy."""
 
 
+def writable_directory(path: str, flag: str) -> None:
+    """``path`` is a directory this process can write in, created if absent; else one ``ArgumentError``."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ArgumentError(f"{flag} {path}: is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ArgumentError(f"{flag} {path}: cannot create the directory ({err.strerror})") from None
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise ArgumentError(f"{flag} {path}: not writable ({err.strerror}); choose a directory this run can "
+                            "write to") from None
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model", "model shape and regularisation")
     group.add_argument("--num-layers", type=int, default=24, help="number of transformer layers")

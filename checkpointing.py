@@ -10,7 +10,8 @@ Each model-parallel rank's file holds its model slice, optimizer, loss scaler, l
 rng states (python, numpy, torch, cuda, tracker), iteration, data-loader position and the model
 config, all as plain types so ``torch.load(..., weights_only=True)`` reads it. A file is written to
 a temporary name and renamed; the tracker file is replaced only after every rank has written, so
-a crash never leaves a half-written checkpoint as the latest.
+a crash never leaves a half-written checkpoint as the latest; ``remove_orphaned_temporaries`` deletes
+what a killed save left behind.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 import mpu
+from atomic import remove_orphans, temporary_path
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
@@ -46,7 +48,7 @@ def get_checkpoint_tracker_filename(checkpoints_path: str) -> str:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = temporary_path(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -56,7 +58,7 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = temporary_path(path)
     try:
         torch.save(obj, tmp)
         with open(tmp, "rb") as f:
@@ -65,6 +67,18 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_orphaned_temporaries(save_dir: str) -> list[str]:
+    """Delete the temporary files a killed save left in ``save_dir`` (the tracker's) and its rank folders."""
+    removed = remove_orphans(save_dir)
+    if os.path.isdir(save_dir):
+        for name in sorted(os.listdir(save_dir)):
+            if name.startswith("iter_") or name == "release":
+                folder = os.path.join(save_dir, name)
+                for rank in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                    removed += remove_orphans(os.path.join(folder, rank))
+    return removed
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 import mpu
+from atomic import remove_orphans, temporary_path
 from checkpointing import CheckpointError
 from model import BertModel, GPT2Model, TransformerConfig, bert_config
 
@@ -644,7 +645,8 @@ def new_output_dir(path: str, flag: str) -> Iterator[str]:
         os.makedirs(parent, exist_ok=True)
     except OSError as err:
         raise ConversionError(f"{flag} {path}: cannot create {parent} ({err.strerror})") from None
-    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.partial-{os.getpid()}")
+    remove_orphans(parent)  # staging folders of conversions that were killed
+    staging = temporary_path(path)
     os.makedirs(staging)
     try:
         yield staging

@@ -28,13 +28,14 @@ import torch.distributed as dist
 from torch import nn
 
 import mpu
-from arguments import ArgumentError, pad_vocab_size
+from arguments import ArgumentError, pad_vocab_size, writable_directory
 from checkpointing import (
     TRACKER_FILENAME,
     CheckpointError,
     check_config,
     checkpoint_root_of,
     get_checkpoint_tracker_filename,
+    remove_orphaned_temporaries,
     save_checkpoint,
     set_rng_state,
 )
@@ -489,24 +490,6 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
     return outcome
 
 
-def _writable_directory(path: str, flag: str) -> None:
-    """``path`` is a directory this process can write in, created if absent; else one ``ArgumentError``."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ArgumentError(f"{flag} {path}: is a file, not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise ArgumentError(f"{flag} {path}: cannot create the directory ({err.strerror})") from None
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
-    try:
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as err:
-        raise ArgumentError(f"{flag} {path}: not writable ({err.strerror}); choose a directory this run can "
-                            "write to") from None
-
-
 def check_run_paths(args) -> None:
     """Before any work: every directory flag usable, ``--load`` naming a checkpoint directory, and no
     ``--save`` that would write over another run's checkpoints."""
@@ -515,7 +498,7 @@ def check_run_paths(args) -> None:
         cache = None
     for flag, path in (("--save", args.save), ("--log-dir", args.log_dir), ("--cache-dir", cache)):
         if path:
-            _writable_directory(path, flag)
+            writable_directory(path, flag)
     same = bool(args.load and args.save) and os.path.realpath(args.load) == os.path.realpath(args.save)
     if args.load and not (args.load_openai or args.eval_hf):
         root = None if os.path.isfile(get_checkpoint_tracker_filename(args.load)) else checkpoint_root_of(args.load)
@@ -532,6 +515,9 @@ def check_run_paths(args) -> None:
         raise ArgumentError(f"--save {args.save} already holds another run's checkpoints; pass --load {args.save} "
                             "to continue that run, or choose a new --save directory (--overwrite-checkpoints starts "
                             "over in it)")
+    if args.save:
+        for path in remove_orphaned_temporaries(args.save):
+            print_rank_0(f"removed {path}, left by a save that was killed")
 
 
 def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from data_utils.errors import DataError
 
@@ -112,9 +113,8 @@ def resolve_corpora(names: list[str], cache_dir: str | None = None) -> list[str]
     return [path for name in names for path in resolve_corpus(name, cache_dir)]
 
 
-def read_loose_json(path: str, text_key: str = "text",
-                    on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
-    """The ``text_key`` string of each json object line of ``path``; blank lines are skipped.
+def loose_json_lines(path: str, on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw line)`` for each non-blank line of ``path``.
 
     ``on_bytes(n)`` is called with the size of each line read (for a progress bar).
     """
@@ -128,20 +128,23 @@ def read_loose_json(path: str, text_key: str = "text",
         for lineno, raw in enumerate(f, start=1):
             if on_bytes is not None:
                 on_bytes(len(raw))
-            if not raw.strip():
-                continue
-            yield _text_of_line(raw, path, lineno, text_key)
+            if raw.strip():
+                yield lineno, raw
 
 
-def _text_of_line(raw: bytes, path: str, lineno: int, text_key: str) -> str:
+def loose_json_record(raw: bytes, path: str, lineno: int, text_key: str) -> dict[str, Any]:
+    """One loose-json line parsed and checked to hold a string under ``text_key``; else one-line DataError."""
+    line = raw.rstrip(b"\r\n")
     try:
-        record = json.loads(raw)
+        record = json.loads(line)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file") from None
     except json.JSONDecodeError as exc:
+        # json's messages may end in " at" ("Unterminated string starting at"); the column says where.
+        what = exc.msg.removesuffix(" at")
+        where = "the line ends early" if exc.pos >= len(line.decode("utf-8", "replace")) else f"column {exc.colno}"
         raise DataError(
-            f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-            "loose json needs one complete json object per line"
+            f"{path}:{lineno}: not valid JSON ({what}; {where}); loose json needs one complete json object per line"
         ) from None
     if not isinstance(record, dict):
         raise DataError(f"{path}:{lineno}: expected a json object, got {type(record).__name__}")
@@ -150,7 +153,18 @@ def _text_of_line(raw: bytes, path: str, lineno: int, text_key: str) -> str:
         raise DataError(
             f"{path}:{lineno}: no key {text_key!r} (keys present: {present}); pass --text-key with the right key"
         )
-    text = record[text_key]
-    if not isinstance(text, str):
-        raise DataError(f"{path}:{lineno}: key {text_key!r} holds a {type(text).__name__}, expected a string")
-    return text
+    if not isinstance(record[text_key], str):
+        raise DataError(
+            f"{path}:{lineno}: key {text_key!r} holds a {type(record[text_key]).__name__}, expected a string"
+        )
+    return record
+
+
+def read_loose_json(path: str, text_key: str = "text",
+                    on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+    """The ``text_key`` string of each json object line of ``path``; blank lines are skipped.
+
+    ``on_bytes(n)`` is called with the size of each line read (for a progress bar).
+    """
+    for lineno, raw in loose_json_lines(path, on_bytes):
+        yield loose_json_record(raw, path, lineno, text_key)[text_key]

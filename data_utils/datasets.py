@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from data_utils.corpora import resolve_corpora
-from data_utils.errors import DataError
+from data_utils.errors import DataError, warn
 from data_utils.lazy_loader import InMemoryCorpus, LazyCorpus, load_corpus
 from data_utils.tokenization import Tokenizer
 
@@ -175,6 +175,11 @@ def split_documents(train_data: list[str] | None, valid_data: list[str] | None, 
         given = _split_parts(names, cache_dir, load)
         if given is not None:
             parts[s] = given
+        elif fractions[s] > 0 and parts[s] and not sum(len(idx) for _, idx in parts[s]):
+            total = sum(len(idx) for _, idx in parts[0])
+            warn(f"--split {split} gives the {SPLIT_NAMES[s]} split {fractions[s]:.1%} of {total} documents, which "
+                 f"came to none: there is no {SPLIT_NAMES[s]} data; give --{SPLIT_NAMES[s]}-data, a larger share or "
+                 "more documents")
     return parts
 
 

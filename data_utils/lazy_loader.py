@@ -12,11 +12,13 @@ The lazy cache of a corpus ``SRC`` lives in ``CACHE_DIR/tokenized/<name>.<key>/`
 A sentence cache, ``<name>.sentences.<key>/``, holds ``tokens.bin`` (all sentences back to back),
 ``sentence_offsets.npy`` and ``doc_offsets.npy`` (document ``d`` is sentences
 ``[doc_offsets[d], doc_offsets[d+1])``) instead of ``offsets.npy``.
-``key`` hashes SRC's real path, size and mtime, the text key and the tokenizer's identity (and, for
-sentences, the splitting mode), so an edited source, another tokenizer or another splitting mode gets
-a fresh cache. The folder is built under a temporary name and renamed into place, so a crash never
-leaves a partial cache where a complete one is expected. Caches of older versions of a source are
-not deleted.
+``key`` hashes SRC's real path, size and mtime, the text key and the tokenizer's identity (a hash of
+its files' contents; and, for sentences, the splitting mode), so an edited source, another tokenizer or
+another splitting mode gets a fresh cache. Every open checks the folder against its ``meta.json``
+(``cache_fault``: format, offsets ending at the token count, ``tokens.bin`` exactly that long); a
+damaged cache is reported and rebuilt. The folder is built under a temporary name (``atomic``) and
+renamed into place, so a crash never leaves a partial cache where a complete one is expected, and the
+next run removes the temporaries of killed builds. Caches of older versions of a source are not deleted.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from atomic import remove_orphans, temporary_path
 from data_utils.corpora import read_loose_json
-from data_utils.errors import DataError
+from data_utils.errors import DataError, warn
 from data_utils.sentences import split_sentences, splitter_identity
 from data_utils.tokenization import Tokenizer
 
@@ -197,21 +199,27 @@ def _build_atomically(path: str, folder: str, write: Callable[[str], dict[str, A
     before = os.stat(path)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=".tmp", dir=parent)
+    tmp = temporary_path(folder)
+    shutil.rmtree(tmp, ignore_errors=True)  # a dead process of ours with the same pid left it
+    os.mkdir(tmp)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a shared cache should be readable by all
         meta = write(tmp)
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
         after = os.stat(path)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise DataError(f"{path} changed while it was being tokenized; run again once it is complete")
+        if os.path.isdir(folder) and not cache_fault(folder):
+            shutil.rmtree(tmp)  # another process finished the same cache first
+            return
+        if os.path.isdir(folder):  # damaged: move it out of the way in one rename, then delete it
+            doomed = temporary_path(folder + ".damaged")
+            os.rename(folder, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         try:
             os.rename(tmp, folder)
         except OSError:
-            if not os.path.isfile(os.path.join(folder, "meta.json")):
+            if cache_fault(folder):
                 raise
             shutil.rmtree(tmp)  # another process finished the same cache first
     except BaseException:
@@ -393,9 +401,71 @@ def _check_source(path: str, lazy: bool, cache_dir: str | None) -> None:
         raise DataError("--lazy-loader needs --cache-dir DIR to keep the tokenized corpus in")
 
 
+def _check_not_empty(corpus: Any, path: str) -> None:
+    """A corpus without a single token is a mistake: say which file, not that training data is missing."""
+    if corpus.num_tokens == 0:
+        what = "holds only blank lines or empty texts" if len(corpus) or os.path.getsize(path) else "is empty"
+        raise DataError(f"corpus {path} {what}: there is nothing to tokenize; check the file (and --text-key)")
+
+
+def cache_fault(folder: str) -> str | None:
+    """What is wrong with a cache folder, or None when it is complete and consistent.
+
+    Cheap enough for every open: ``meta.json`` readable and of this format, the offsets files
+    present and ending at ``num_tokens``, and ``tokens.bin`` exactly ``num_tokens`` tokens long.
+    """
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isdir(folder):
+        return "missing"
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        dtype, num_tokens = np.dtype(meta["dtype"]), int(meta["num_tokens"])
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"meta.json is unreadable ({type(err).__name__}: {err})"
+    if meta.get("format") != CACHE_FORMAT:
+        return f"format {meta.get('format')}, this version writes {CACHE_FORMAT}"
+    sentences = "sentences" in meta
+    offsets_name = "sentence_offsets.npy" if sentences else "offsets.npy"
+    for name in (offsets_name, "doc_offsets.npy") if sentences else (offsets_name,):
+        try:
+            offsets = np.load(os.path.join(folder, name), mmap_mode="r")
+        except (OSError, ValueError) as err:
+            return f"{name} is unreadable ({err})"
+        if offsets.ndim != 1 or not len(offsets):
+            return f"{name} is empty"
+        end = int(offsets[-1])
+        expected = num_tokens if name == offsets_name else int(meta.get("num_sentences", end))
+        if end != expected:
+            return f"{name} ends at {end}, meta.json says {expected}"
+    try:
+        size = os.path.getsize(os.path.join(folder, "tokens.bin"))
+    except OSError:
+        return "tokens.bin is missing"
+    if size != num_tokens * dtype.itemsize:
+        return f"tokens.bin has {size} bytes, meta.json says {num_tokens} {dtype.name} tokens " \
+               f"({num_tokens * dtype.itemsize} bytes)"
+    return None
+
+
 def _ensure_built(folder: str, build: Callable[[], None], group: Any) -> None:
-    """``folder`` built by the group's first rank (or by any rank that still lacks it)."""
-    _once_per_group(lambda: os.path.isfile(os.path.join(folder, "meta.json")), build, group)
+    """``folder`` built by the group's first rank (or by any rank that still lacks it).
+
+    Orphaned temporaries of killed builds are removed first; an existing but damaged cache (a
+    truncated ``tokens.bin``, a missing file) is reported in one line and rebuilt.
+    """
+    for path in remove_orphans(os.path.dirname(folder)):
+        warn(f"removed {path}, left by a cache build that was killed")
+
+    def ready() -> bool:
+        fault = cache_fault(folder)
+        if fault is not None and fault != "missing":
+            warn(f"token cache {folder} is damaged ({fault}); rebuilding it")
+        return fault is None
+
+    _once_per_group(ready, build, group)
 
 
 def load_corpus(path: str, tokenizer: Tokenizer, lazy: bool, cache_dir: str | None = None,
@@ -403,10 +473,13 @@ def load_corpus(path: str, tokenizer: Tokenizer, lazy: bool, cache_dir: str | No
     """Tokenized ``path``: the lazy cache (built once, by the group's first rank) or in memory."""
     _check_source(path, lazy, cache_dir)
     if not lazy:
-        return InMemoryCorpus.from_loose_json(path, tokenizer, text_key)
-    folder = cache_folder(path, tokenizer, cache_dir, text_key)
-    _ensure_built(folder, lambda: build_cache(path, tokenizer, folder, text_key), group)
-    return LazyCorpus(folder)
+        corpus: InMemoryCorpus | LazyCorpus = InMemoryCorpus.from_loose_json(path, tokenizer, text_key)
+    else:
+        folder = cache_folder(path, tokenizer, cache_dir, text_key)
+        _ensure_built(folder, lambda: build_cache(path, tokenizer, folder, text_key), group)
+        corpus = LazyCorpus(folder)
+    _check_not_empty(corpus, path)
+    return corpus
 
 
 def load_sentence_corpus(path: str, tokenizer: Tokenizer, lazy: bool, cache_dir: str | None = None,
@@ -417,7 +490,10 @@ def load_sentence_corpus(path: str, tokenizer: Tokenizer, lazy: bool, cache_dir:
     """
     _check_source(path, lazy, cache_dir)
     if not lazy:
-        return SentenceCorpus.from_loose_json(path, tokenizer, text_key, presplit)
-    folder = cache_folder(path, tokenizer, cache_dir, text_key, sentences=splitter_identity(presplit))
-    _ensure_built(folder, lambda: build_sentence_cache(path, tokenizer, folder, text_key, presplit), group)
-    return SentenceCorpus.open(folder)
+        corpus = SentenceCorpus.from_loose_json(path, tokenizer, text_key, presplit)
+    else:
+        folder = cache_folder(path, tokenizer, cache_dir, text_key, sentences=splitter_identity(presplit))
+        _ensure_built(folder, lambda: build_sentence_cache(path, tokenizer, folder, text_key, presplit), group)
+        corpus = SentenceCorpus.open(folder)
+    _check_not_empty(corpus, path)
+    return corpus

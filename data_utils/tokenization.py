@@ -32,6 +32,7 @@ tokenized corpora are keyed by it). The BERT-style tokenizers also expose the in
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -143,6 +144,38 @@ class _TokenizersBacked(Tokenizer):
         return self._identity
 
 
+def _bpe_file_fault(vocab_file: str, merge_file: str) -> str | None:
+    """What is wrong with a GPT-2 vocabulary/merges pair, naming the file and line; None if nothing is found."""
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except OSError as exc:
+        return f"cannot read GPT-2 vocabulary {vocab_file}: {exc.strerror}"
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = f"line {exc.lineno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else f"not UTF-8: {exc.reason}"
+        return f"cannot read GPT-2 vocabulary {vocab_file}: not a json object token -> id ({why})"
+    if not isinstance(vocab, dict):
+        return f"cannot read GPT-2 vocabulary {vocab_file}: not a json object token -> id"
+    try:
+        with open(merge_file, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        return f"cannot read GPT-2 merges {merge_file}: {exc.strerror}"
+    except UnicodeDecodeError as exc:
+        return f"{merge_file}: not UTF-8 ({exc.reason} at byte {exc.start})"
+    for lineno, line in enumerate(lines, start=1):
+        if (lineno == 1 and line.startswith("#version")) or not line.strip():
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2 or not all(pair):
+            return f"{merge_file}:{lineno}: expected two tokens separated by one space, found {line!r}"
+        missing = [t for t in (*pair, "".join(pair)) if t not in vocab]
+        if missing:
+            return f"{merge_file}:{lineno}: {missing[0]!r} is not in the vocabulary {vocab_file}; the two files " \
+                   "do not belong together"
+    return None
+
+
 class GPT2BPETokenizer(_TokenizersBacked):
     """OpenAI GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt``; same ids as GPT-2."""
 
@@ -155,10 +188,10 @@ class GPT2BPETokenizer(_TokenizersBacked):
         try:
             model = models.BPE.from_file(vocab_file, merge_file)
         except Exception as exc:  # tokenizers raises a bare Exception on unreadable files
-            raise DataError(
-                f"cannot read GPT-2 vocabulary {vocab_file} / merges {merge_file}: {exc}; "
-                f"regenerate them with `{FETCH_HINT}`"
-            ) from exc
+            # Its message counts merges lines without the "#version" header; find the file's own line number.
+            fault = _bpe_file_fault(vocab_file, merge_file) or f"cannot read GPT-2 vocabulary {vocab_file} / " \
+                                                                 f"merges {merge_file}: {exc}"
+            raise DataError(f"{fault}; regenerate them with `{FETCH_HINT}`") from None
         self._tok = HFTokenizer(model)
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         self._tok.decoder = decoders.ByteLevel()

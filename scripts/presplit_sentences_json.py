@@ -14,41 +14,20 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from atomic import remove_orphans, temporary_path  # noqa: E402
+from data_utils.corpora import loose_json_lines, loose_json_record  # noqa: E402
 from data_utils.errors import DataError  # noqa: E402
 from data_utils.sentences import split_sentences  # noqa: E402
 
 
 def records(path: str, text_key: str, on_bytes) -> Iterator[dict]:
     """Each json object line of ``path``, checked to hold a string under ``text_key``."""
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise DataError(f"cannot open {path}: {exc.strerror}") from None
-    with f:
-        for lineno, raw in enumerate(f, start=1):
-            on_bytes(len(raw))
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file") \
-                    from None
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); loose json "
-                                "needs one complete json object per line") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a json object, got {type(record).__name__}")
-            if not isinstance(record.get(text_key), str):
-                present = ", ".join(repr(k) for k in record) or "none"
-                raise DataError(f"{path}:{lineno}: no string under key {text_key!r} (keys present: {present}); "
-                                "pass --text-key with the right key")
-            yield record
+    for lineno, raw in loose_json_lines(path, on_bytes):
+        yield loose_json_record(raw, path, lineno, text_key)
 
 
 def presplit(src: str, dst: str, text_key: str) -> tuple[int, int]:
@@ -60,10 +39,11 @@ def presplit(src: str, dst: str, text_key: str) -> tuple[int, int]:
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise DataError(f"cannot write {dst}: no folder {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=folder)
+    remove_orphans(folder)  # what a killed run left
+    tmp = temporary_path(dst)
     docs = sentences = 0
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out, \
+        with open(tmp, "w", encoding="utf-8") as out, \
                 tqdm(total=os.path.getsize(src) if os.path.isfile(src) else None, unit="B", unit_scale=True,
                      mininterval=1.0, desc=f"splitting {os.path.basename(src)}") as bar:
             for record in records(src, text_key, bar.update):
@@ -71,12 +51,10 @@ def presplit(src: str, dst: str, text_key: str) -> tuple[int, int]:
                 record[text_key] = "\n".join(split)
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 docs, sentences = docs + 1, sentences + len(split)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
         os.replace(tmp, dst)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
     return docs, sentences
 

@@ -414,7 +414,7 @@ def test_build_overrides_empty_splits_and_errors(tmp_path):
     assert len(train.docs) == 30 and len(valid.docs) == 2 and test is None
     assert len(valid) == 1 and (np.concatenate(segments(valid[0])) >= 5000 + FIRST_ID).all()  # from v.json
     empty = write_jsonl(tmp_path / "e.json", ["", "..."])
-    with pytest.raises(DataError, match="the test split has 2 documents but not one sentence"):
+    with pytest.raises(DataError, match="e.json holds only blank lines or empty texts"):
         build_bert_datasets([a], None, [empty], "1", 32, None, tok, False, None, 1)
     byte_tok = ByteTokenizer()
     with pytest.raises(DataError, match="ByteTokenizer has no"):
@@ -504,10 +504,10 @@ def test_presplit_script_errors(tmp_path, capsys):
     assert "is INPUT; write to another file" in capsys.readouterr().err and src.read_text() == before
     assert script.main([str(src), str(tmp_path / "out.json")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"error: {src}:2: no string under key 'text' (keys present: 'body'); pass --text-key with the " \
+    assert err == f"error: {src}:2: no key 'text' (keys present: 'body'); pass --text-key with the " \
                   "right key"
     assert script.main([str(src), str(tmp_path / "out.json"), "--text-key", "body"]) == 1
-    assert f"{src}:1: no string under key 'body'" in capsys.readouterr().err
+    assert f"{src}:1: no key 'body'" in capsys.readouterr().err
     assert script.main([str(tmp_path / "missing.json"), str(tmp_path / "out.json")]) == 1
     assert "cannot open" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["in.json"]

@@ -16,6 +16,7 @@ from checkpointing import (
     get_checkpoint_name,
     load_checkpoint_state,
     read_tracker,
+    remove_orphaned_temporaries,
     save_checkpoint,
 )
 from tests.distributed import run_distributed
@@ -78,7 +79,7 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, single_p
     assert proc.stdout.readline().strip() == "first saved"
     partial = tmp_path / "iter_0000002" / "mp_rank_00"
     deadline = time.monotonic() + 60
-    while not (partial.is_dir() and any(".tmp." in p.name for p in partial.iterdir())):
+    while not (partial.is_dir() and any(p.name.endswith(".partial") for p in partial.iterdir())):
         assert time.monotonic() < deadline and proc.poll() is None, "the second save never started"
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
@@ -87,3 +88,7 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, single_p
     state = load_checkpoint_state(str(tmp_path))
     assert state["iteration"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
     assert not os.path.exists(get_checkpoint_name(str(tmp_path), 2))
+    orphans = [str(p) for p in partial.iterdir()]
+    assert len(orphans) == 1 and os.path.basename(orphans[0]).startswith(".model_optim_rng.pt.")
+    assert remove_orphaned_temporaries(str(tmp_path)) == orphans  # its writer is dead: the next run cleans up
+    assert list(partial.iterdir()) == [] and read_tracker(str(tmp_path)) == 1

