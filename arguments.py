@@ -311,7 +311,8 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(args.checkpoint_num_layers >= 1, "--checkpoint-num-layers must be at least 1")
     _check(args.batch_size >= 1, "--batch-size must be at least 1")
     _check(args.log_interval >= 1, f"--log-interval must be at least 1, got {args.log_interval}")
-    for flag in ("save_interval", "eval_interval", "exit_interval", "eval_iters", "train_iters"):
+    _check(0 <= args.seed < 2**32, f"--seed must lie in [0, 2**32) (numpy's seed range), got {args.seed}")
+    for flag in ("save_interval", "eval_interval", "exit_interval", "eval_iters", "train_iters", "lr_decay_iters"):
         value = getattr(args, flag)
         _check(value is None or value >= 0, f"--{flag.replace('_', '-')} must not be negative, got {value}")
     if args.device == "cuda":

@@ -168,7 +168,8 @@ def _bpe_file_fault(vocab_file: str, merge_file: str) -> str | None:
             continue
         pair = line.split(" ")
         if len(pair) != 2 or not all(pair):
-            return f"{merge_file}:{lineno}: expected two tokens separated by one space, found {line!r}"
+            shown = repr(line[:40]) + ("..." if len(line) > 40 else "")
+            return f"{merge_file}:{lineno}: expected two tokens separated by one space, found {shown}"
         missing = [t for t in (*pair, "".join(pair)) if t not in vocab]
         if missing:
             return f"{merge_file}:{lineno}: {missing[0]!r} is not in the vocabulary {vocab_file}; the two files " \

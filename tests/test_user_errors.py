@@ -131,6 +131,8 @@ def _can_write(folder: str) -> bool:
     ("--hidden-dropout", "1.0", "--hidden-dropout must lie in [0, 1)"),
     ("--init-method-std", "0", "--init-method-std must lie in (0, inf)"),
     ("--layernorm-epsilon", "-0.00001", "--layernorm-epsilon must lie in (0, inf)"),
+    ("--seed", "-5", "--seed must lie in [0, 2**32)"),
+    ("--lr-decay-iters", "-3", "--lr-decay-iters must not be negative"),
 ])
 def test_numbers_that_cannot_train_are_argument_errors(tmp_path, capsys, flag, value, fragment):
     _assert_argument_error(_base_args(tmp_path, **{flag: value}), capsys, fragment)
