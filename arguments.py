@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from atomic import temporary_path
+
 
 class ArgumentError(ValueError):
     """A command-line mistake; its message is one line naming the flag and the remedy."""
@@ -28,7 +30,7 @@ def writable_directory(path: str, flag: str) -> None:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
         raise ArgumentError(f"{flag} {path}: cannot create the directory ({err.strerror})") from None
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    probe = temporary_path(os.path.join(path, "write-test"))  # host and pid: unique on a shared filesystem
     try:
         with open(probe, "w"):
             pass
@@ -108,6 +110,18 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="save (with --save) and exit when the iteration is a multiple of this")
     group.add_argument("--eval-interval", type=int, default=1000, help="iterations between evaluations")
     group.add_argument("--eval-iters", type=int, default=100, help="batches per evaluation")
+    group.add_argument("--exit-duration-in-mins", type=float, default=None,
+                       help="save (with --save) and exit 0 once this many minutes of wall time have passed; "
+                            "SIGTERM and SIGUSR1 do the same at any time (rerun the command to resume)")
+    group.add_argument("--abort-on-nonfinite", action="store_true",
+                       help="exit non-zero, saving nothing, when a step's loss or gradient norm is not finite "
+                            "(default: skip that step on every rank and count it; fp16's dynamic loss scaling "
+                            "keeps skipping overflows either way)")
+    group.add_argument("--max-skipped-fraction", type=float, default=0.5,
+                       help="stop with an error when more than this fraction of the last --skipped-window "
+                            "steps were skipped (1 never stops)")
+    group.add_argument("--skipped-window", type=int, default=100,
+                       help="iterations over which --max-skipped-fraction is judged")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +144,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-hf", action="store_true", help="the same as --load-openai (the 2019 evaluation flag)")
     group.add_argument("--resume-dataloader", action="store_true",
                        help="continue the data order where the checkpoint left it")
+    group.add_argument("--keep-last-checkpoints", type=int, default=None,
+                       help="after each save, delete all but the newest K iter_* folders (never the one "
+                            "latest_checkpointed_iteration.txt names)")
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +158,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                        help="data-parallel implementation: all-reduce after backward, or torch's overlapping DDP")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="auto: cuda when available")
+    group.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                       help="how long a collective waits for a rank that stopped answering before the job "
+                            "exits with an error (data preparation waits at least DATA_PREP_TIMEOUT_MIN)")
     group.add_argument("--local_rank", "--local-rank", type=int, default=None,
                        help="set by torch.distributed.launch (torchrun sets LOCAL_RANK instead)")
 
@@ -311,6 +331,15 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(args.checkpoint_num_layers >= 1, "--checkpoint-num-layers must be at least 1")
     _check(args.batch_size >= 1, "--batch-size must be at least 1")
     _check(args.log_interval >= 1, f"--log-interval must be at least 1, got {args.log_interval}")
+    _check(args.exit_duration_in_mins is None or args.exit_duration_in_mins > 0,
+           f"--exit-duration-in-mins must be positive, got {args.exit_duration_in_mins}")
+    _check(math.isfinite(args.distributed_timeout_minutes) and args.distributed_timeout_minutes > 0,
+           f"--distributed-timeout-minutes must be a positive number, got {args.distributed_timeout_minutes}")
+    _check(0.0 < args.max_skipped_fraction <= 1.0,
+           f"--max-skipped-fraction must lie in (0, 1], got {args.max_skipped_fraction}")
+    _check(args.skipped_window >= 1, f"--skipped-window must be at least 1, got {args.skipped_window}")
+    _check(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1,
+           f"--keep-last-checkpoints must be at least 1, got {args.keep_last_checkpoints}")
     _check(0 <= args.seed < 2**32, f"--seed must lie in [0, 2**32) (numpy's seed range), got {args.seed}")
     for flag in ("save_interval", "eval_interval", "exit_interval", "eval_iters", "train_iters", "lr_decay_iters"):
         value = getattr(args, flag)

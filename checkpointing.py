@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 from typing import Any
 
 import numpy as np
@@ -47,13 +48,32 @@ def get_checkpoint_tracker_filename(checkpoints_path: str) -> str:
     return os.path.join(checkpoints_path, TRACKER_FILENAME)
 
 
+def _fsync_directory(folder: str) -> None:
+    """Make a rename in ``folder`` durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = temporary_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
@@ -127,6 +147,7 @@ def save_checkpoint(
     Returns the path of this rank's file.
     """
     path = get_checkpoint_name(save_dir, iteration)
+    failure = None
     if mpu.get_data_parallel_rank() == 0:
         state: dict[str, Any] = {
             "iteration": iteration,
@@ -138,12 +159,64 @@ def save_checkpoint(
             state["optimizer"] = optimizer_state
         if rng:
             state["rng"] = get_rng_state()
-        _atomic_torch_save(state, path)
-    _barrier()
+        try:
+            _atomic_torch_save(state, path)
+        except (OSError, RuntimeError) as err:  # a full disk, a lost mount; torch reports some as RuntimeError
+            failure = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    _agree_on_write(save_dir, iteration, failure)  # doubles as the barrier before the tracker moves
     if not dist.is_initialized() or dist.get_rank() == 0:
-        _atomic_write_text(get_checkpoint_tracker_filename(save_dir), f"{iteration}\n")
-    _barrier()
+        try:
+            _atomic_write_text(get_checkpoint_tracker_filename(save_dir), f"{iteration}\n")
+        except OSError as err:
+            failure = err.strerror or str(err)
+    _agree_on_write(save_dir, iteration, failure)
     return path
+
+
+def _agree_on_write(save_dir: str, iteration: int | str, failure: str | None) -> None:
+    """Every rank learns whether any rank's write failed; then all raise the same CheckpointError."""
+    failures = [failure]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+    failed = [(rank, why) for rank, why in enumerate(failures) if why is not None]
+    if failed:
+        rank, why = failed[0]
+        try:
+            previous = read_tracker(save_dir)
+        except CheckpointError:
+            previous = None
+        kept = f"the previous checkpoint (iteration {previous}) is intact" if previous is not None else \
+            "no earlier checkpoint was touched"
+        error = CheckpointError(f"{save_dir}: saving iteration {iteration} failed on rank {rank} ({why}); {kept}; "
+                                "free space (or fix the mount) and rerun the command to resume")
+        error.agreed = True
+        raise error
+
+
+def remove_old_checkpoints(save_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` ``iter_*`` folders, never the one the tracker names.
+
+    Called after the tracker names the new checkpoint durably. Each folder is first renamed to a hidden
+    temporary, so a kill in the middle leaves an orphan for the next run to remove rather than a
+    half-deleted ``iter_*`` that looks like a checkpoint.
+    """
+    try:
+        current = read_tracker(save_dir)
+    except CheckpointError:
+        return []
+    iterations = sorted(int(name[5:]) for name in os.listdir(save_dir)
+                        if name.startswith("iter_") and name[5:].isdigit()
+                        and os.path.isdir(os.path.join(save_dir, name)))
+    doomed = [it for it in iterations[:-keep] if it != current] if keep > 0 else []
+    removed = []
+    for it in doomed:
+        folder = os.path.join(save_dir, f"iter_{it:07d}")
+        aside = temporary_path(folder)
+        os.rename(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def write_checkpoint_files(save_dir: str, iteration: int | str, states: list[dict[str, Any]]) -> None:

@@ -35,11 +35,13 @@ from checkpointing import (
     check_config,
     checkpoint_root_of,
     get_checkpoint_tracker_filename,
+    remove_old_checkpoints,
     remove_orphaned_temporaries,
     save_checkpoint,
     set_rng_state,
 )
 from conversion import read_load_state
+from data_utils.lazy_loader import set_preparation_group
 from fp16 import FP16_Module, FP16_Optimizer
 from fp16.loss_scaler import DynamicLossScaler, LossScaler
 from inference import adopt_stored_shape
@@ -49,6 +51,9 @@ from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_p
 ForwardStep = Callable[[Any, nn.Module], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length",
               "intermediate_size", "num_tokentypes", "post_layernorm", "unpadded_vocab_size")
+
+
+DATA_PREP_TIMEOUT_MIN = 120.0  # how long ranks wait for the one that builds a token cache, at least
 
 
 def print_rank_0(message: str) -> None:
@@ -64,13 +69,16 @@ def initialize_distributed(args) -> torch.device:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=30)
+        timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
         if "WORLD_SIZE" in os.environ:
             dist.init_process_group(args.distributed_backend, init_method="env://", timeout=timeout)
         else:  # a plain `python pretrain_gpt2.py`: a group of one, no port needed
             dist.init_process_group(
                 args.distributed_backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
+        if dist.get_world_size() > 1:  # waiting for one rank to tokenize a corpus may take far longer
+            minutes = max(DATA_PREP_TIMEOUT_MIN, args.distributed_timeout_minutes)
+            set_preparation_group(dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=minutes)))
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(args.model_parallel_size)
     return device
@@ -152,6 +160,11 @@ def save(args, state: TrainState, model: nn.Module, optimizer, scheduler: Anneal
         rng=not args.no_save_rng,
     )
     print_rank_0(f"saved checkpoint at iteration {state.iteration} to {args.save}")
+    if args.keep_last_checkpoints and (not dist.is_initialized() or dist.get_rank() == 0):
+        removed = remove_old_checkpoints(args.save, args.keep_last_checkpoints)
+        if removed:
+            print(f"removed {len(removed)} older checkpoint(s) (--keep-last-checkpoints "
+                  f"{args.keep_last_checkpoints}): {', '.join(os.path.basename(p) for p in removed)}", flush=True)
     return path
 
 
@@ -260,7 +273,8 @@ def train_step(
     forward_step: ForwardStep, iterator: Iterator | None, model: nn.Module, optimizer: FP16_Optimizer, scheduler,
     args,
 ) -> tuple[dict[str, torch.Tensor], float, bool]:
-    """One iteration: forward, scaled backward, data-parallel reduction, clip and step (skipped on overflow).
+    """One iteration: forward, scaled backward, data-parallel reduction, clip and step; the step is
+    skipped on every rank when any rank's loss or gradient norm is not finite (an fp16 overflow).
 
     Returns the metrics, the gradient norm and whether the step was skipped.
     """
@@ -270,7 +284,8 @@ def train_step(
     optimizer.backward(loss)
     if isinstance(model, DistributedDataParallel):
         model.allreduce_gradients()
-    grad_norm, skipped = optimizer.step(args.clip_grad if args.clip_grad > 0 else math.inf)
+    nonfinite_loss = not bool(torch.isfinite(loss.detach()).all())
+    grad_norm, skipped = optimizer.step(args.clip_grad if args.clip_grad > 0 else math.inf, nonfinite_loss)
     if not skipped:
         scheduler.step()
     return metrics, grad_norm, skipped
@@ -437,6 +452,99 @@ def setup_model_and_optimizer(args, model_provider, padded_vocab_size: int, devi
     return model, optimizer, scheduler
 
 
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient norm it was told not to skip, or skipped too many steps.
+
+    Every rank sees the same skipped steps, so every rank raises it at the same iteration."""
+
+    agreed = True
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 and ``--exit-duration-in-mins``, agreed by every rank at the end of an iteration.
+
+    The handlers only record the signal; ``reason()`` (one tiny all-reduce over the job, MAX) tells
+    every rank the same answer at the same iteration, so all of them save and exit together. The
+    wall-time limit is judged on rank 0 alone. A second signal of the same kind acts as it did before
+    (SIGTERM then terminates at once).
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, args) -> None:
+        import signal as signal_module
+
+        self._signal_module = signal_module
+        self.received: int | None = None
+        minutes = args.exit_duration_in_mins
+        self.deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
+        self.minutes = minutes
+        self._previous: dict[int, Any] = {}
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                signum = getattr(signal_module, name, None)
+                if signum is not None:
+                    self._previous[signum] = signal_module.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        self._signal_module.signal(signum, self._previous.get(signum, self._signal_module.SIG_DFL))
+
+    def restore(self) -> None:
+        """Put the handlers that were there before back."""
+        for signum, handler in self._previous.items():
+            self._signal_module.signal(signum, handler)
+        self._previous = {}
+
+    def reason(self) -> str | None:
+        """Why every rank should stop now (the same on all of them), or None."""
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        flags = torch.tensor([
+            float(self.received or 0),
+            1.0 if rank0 and self.deadline is not None and time.monotonic() >= self.deadline else 0.0,
+        ])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flags = flags.to(mpu.collective_device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, timed_out = int(flags[0].item()), bool(flags[1].item() > 0)
+        if signum:
+            return f"received {self._signal_module.Signals(signum).name}"
+        if timed_out:
+            return f"--exit-duration-in-mins {self.minutes:g} reached"
+        return None
+
+
+class _SkipWatch:
+    """Counts skipped steps: stops a run that skips too many, or (``--abort-on-nonfinite``) any that is
+    not fp16's expected overflow."""
+
+    def __init__(self, args, optimizer: FP16_Optimizer) -> None:
+        from collections import deque
+
+        self.args = args
+        self.recent: deque[bool] = deque(maxlen=args.skipped_window)
+        # Under fp16 with a dynamic scale, an overflow is how the scale finds its level: not a divergence.
+        self.overflow_expected = args.fp16 and isinstance(optimizer.loss_scaler, DynamicLossScaler)
+
+    def add(self, iteration: int, skipped: bool, loss_scale: float) -> None:
+        self.recent.append(skipped)
+        if skipped and not self.overflow_expected:
+            if self.args.abort_on_nonfinite:
+                raise NonFiniteError(f"iteration {iteration}: the loss or gradient norm is not finite; stopping "
+                                     "without saving (--abort-on-nonfinite); resume from the last checkpoint, "
+                                     "perhaps with a lower --lr")
+            print_rank_0(f"iteration {iteration}: the loss or gradient norm is not finite; the step was skipped "
+                         "on every rank")
+        window = self.recent.maxlen
+        if len(self.recent) == window and sum(self.recent) > self.args.max_skipped_fraction * window:
+            raise NonFiniteError(
+                f"iteration {iteration}: {sum(self.recent)} of the last {window} steps were skipped (more than "
+                f"--max-skipped-fraction {self.args.max_skipped_fraction:g}; loss scale {loss_scale:g}): the run "
+                "is diverging; resume from the last checkpoint with a lower --lr or more --warmup")
+
+
 @dataclasses.dataclass
 class _RunOutcome:
     """How ``_train`` ended: the last validation results (and their iteration), and whether it exited early."""
@@ -444,6 +552,7 @@ class _RunOutcome:
     valid: dict[str, float] | None = None
     valid_iteration: int | None = None
     exited: bool = False
+    stopped: str | None = None
 
 
 def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory,
@@ -463,31 +572,45 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
                                            state.iteration, logger)
         outcome.valid_iteration = state.iteration
 
-    if valid_factory and args.eval_interval and state.iteration == 0:
+    evaluating = bool(valid_factory and args.eval_interval and args.eval_iters > 0)
+    if evaluating and state.iteration == 0:
         validate()  # the starting point, so that a run shows how far its validation loss fell
     stats = _IntervalStats()
     train_start = time.monotonic()
     global_batch = args.batch_size * args.data_parallel_size
-    while state.iteration < args.train_iters:
-        metrics, grad_norm, skipped = train_step(forward_step, train_iter, model, optimizer, scheduler, args)
-        state.iteration += 1
-        state.consumed_samples += global_batch
-        state.skipped_iters += int(skipped)
-        stats.add(_reduce_metrics(metrics), None if skipped else grad_norm)
-        if state.iteration % args.log_interval == 0:
-            log_training(stats, state, args, optimizer, logger, train_start)
-            stats.reset()
-        if args.save_interval and state.iteration % args.save_interval == 0:
-            checkpoint()
-        if valid_factory and args.eval_interval and state.iteration % args.eval_interval == 0:
-            validate()
-        if args.exit_interval and state.iteration % args.exit_interval == 0 and state.iteration < args.train_iters:
-            checkpoint()
-            print_rank_0(f"exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
-            outcome.exited = True
-            return outcome
-    checkpoint()
-    return outcome
+    watch = _SkipWatch(args, optimizer)
+    stop = StopRequest(args)
+    try:
+        while state.iteration < args.train_iters:
+            metrics, grad_norm, skipped = train_step(forward_step, train_iter, model, optimizer, scheduler, args)
+            state.iteration += 1
+            state.consumed_samples += global_batch
+            state.skipped_iters += int(skipped)
+            stats.add(_reduce_metrics(metrics), None if skipped else grad_norm)
+            watch.add(state.iteration, skipped, optimizer.loss_scale)
+            if state.iteration % args.log_interval == 0:
+                log_training(stats, state, args, optimizer, logger, train_start)
+                stats.reset()
+            if args.save_interval and state.iteration % args.save_interval == 0:
+                checkpoint()
+            if evaluating and state.iteration % args.eval_interval == 0:
+                validate()
+            if args.exit_interval and state.iteration % args.exit_interval == 0 and state.iteration < args.train_iters:
+                checkpoint()
+                print_rank_0(f"exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
+                outcome.exited = True
+                return outcome
+            reason = stop.reason()
+            if reason is not None and state.iteration < args.train_iters:
+                checkpoint()
+                resume = "; rerun the same command to continue" if args.save else " (no --save: nothing was saved)"
+                print_rank_0(f"exiting at iteration {state.iteration}: {reason}{resume}")
+                outcome.exited, outcome.stopped = True, reason
+                return outcome
+        checkpoint()
+        return outcome
+    finally:
+        stop.restore()
 
 
 def check_run_paths(args) -> None:
@@ -520,20 +643,73 @@ def check_run_paths(args) -> None:
             print_rank_0(f"removed {path}, left by a save that was killed")
 
 
-def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict[str, Any]:
-    """Run a whole training job; returns the final evaluation results and output paths.
+def _check_data_paths(args) -> None:
+    """The corpora named by --train-data/--valid-data/--test-data exist (files or configured aliases)."""
+    from data_utils import resolve_corpora
 
-    ``forward_step_provider(args, tokenizer, device)`` builds the ``forward_step``.
-    """
+    for names in (args.train_data, args.valid_data, args.test_data):
+        if not names:
+            continue
+        if getattr(args, "use_tfrecords", False):
+            missing = [name for name in names if not os.path.isfile(name)]
+            if missing:
+                raise ArgumentError(f"TFRecord file {missing[0]}: no such file")
+        else:
+            resolve_corpora(names, args.cache_dir)
+
+
+def _check_setup(args) -> dict[str, Any] | None:
+    """Everything that can be checked before expensive work: directories, data paths, and the --load
+    checkpoint against the flags (its model-parallel size and shape). Returns the checkpoint read."""
     check_run_paths(args)
-    device = initialize_distributed(args)
-    set_random_seed(args.seed)
+    _check_data_paths(args)
     ckpt = read_load_state(args) if args.load else None
     if ckpt is not None and ckpt.get("config"):  # shape flags left out take the checkpoint's
         adopt_stored_shape(args, args.load, ckpt["config"])
     if args.seq_length > args.max_position_embeddings:
         raise ArgumentError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                             f"{args.max_position_embeddings}" + (f" (the checkpoint's in {args.load})" if ckpt else ""))
+    return ckpt
+
+
+def all_ranks_agree(check: Callable[[], Any]) -> Any:
+    """Run ``check`` on every rank; a user mistake on any rank stops all of them together.
+
+    Without this a rank that fails alone (a node that cannot see ``--save``) exits while the others
+    wait for it in their first collective. Every rank raises the first failing rank's error, marked
+    ``agreed`` so that only rank 0 prints it.
+    """
+    from data_utils.errors import DataError
+
+    error: BaseException | None = None
+    result = None
+    try:
+        result = check()
+    except (*USER_ERRORS, DataError) as err:
+        error = err
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        messages: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else str(error))
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            everywhere = len(failed) == len(messages) and all(m == message for _, m in failed)
+            if error is None or not everywhere:
+                error = ArgumentError(message if everywhere else f"rank {rank}: {message}")
+            error.agreed = True
+    if error is not None:
+        raise error
+    return result
+
+
+def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict[str, Any]:
+    """Run a whole training job; returns the final evaluation results and output paths.
+
+    ``forward_step_provider(args, tokenizer, device)`` builds the ``forward_step``.
+    """
+    device = initialize_distributed(args)
+    ckpt = all_ranks_agree(lambda: _check_setup(args))
+    set_random_seed(args.seed)
     tokenizer, *datasets = data_provider(args)
     if args.train_iters > 0 and datasets[0] is None:
         raise ArgumentError("no training data: give --train-data (and a --split with a train share)")
@@ -553,6 +729,8 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
     logger = MetricsLogger(args.log_dir)
     outcome = _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory, logger)
     results: dict[str, Any] = {"iteration": state.iteration, "save": args.save, "metrics": logger.path}
+    if outcome.stopped:
+        results["stopped"] = outcome.stopped
     if outcome.exited or args.eval_iters <= 0:
         return results
     if outcome.valid_iteration == state.iteration:
@@ -569,6 +747,8 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
 def print_run_summary(results: dict[str, Any], describe_valid: Callable[[dict[str, float]], str]) -> None:
     """Rank 0's last line of a training run: iteration, validation (``describe_valid``), where outputs went."""
     summary = [f"trained to iteration {results['iteration']}"]
+    if results.get("stopped"):
+        summary.append(f"stopped early ({results['stopped']})")
     if "valid" in results:
         diverged = [k for k, v in results["valid"].items() if not math.isfinite(v)]
         summary.append(f"the run diverged: validation {', '.join(diverged)} is not finite" if diverged
@@ -580,7 +760,18 @@ def print_run_summary(results: dict[str, Any], describe_valid: Callable[[dict[st
     print_rank_0("done: " + " | ".join(summary))
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ArgumentError, CheckpointError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ArgumentError, CheckpointError, NonFiniteError)
+
+
+_LOST_CONTACT = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Timed out waiting")
+
+
+def lost_contact(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank died or hung (not a bug of this rank)."""
+    backend_error = getattr(dist, "DistBackendError", None)
+    if backend_error is not None and isinstance(err, backend_error):
+        return True
+    return isinstance(err, RuntimeError) and any(mark in str(err) for mark in _LOST_CONTACT)
 
 
 def run_main(main: Callable[[], Any]) -> None:
@@ -590,9 +781,20 @@ def run_main(main: Callable[[], Any]) -> None:
     try:
         main()
     except (*USER_ERRORS, DataError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        # An error every rank raised together is printed once, by rank 0.
+        if not (getattr(err, "agreed", False) and dist.is_initialized() and dist.get_rank() != 0):
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except RuntimeError as err:
+        if not lost_contact(err):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        detail = str(err).splitlines()[0].split("] ", 1)[-1][:160]
+        print(f"error: rank {rank} lost contact with another rank of the job ({detail}); a rank died or stopped "
+              "answering within --distributed-timeout-minutes: see that rank's log", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:
+        set_preparation_group(None)
         if dist.is_initialized():
             mpu.destroy_model_parallel()
             dist.destroy_process_group()

@@ -364,14 +364,28 @@ def build_sentence_cache(path: str, tokenizer: Tokenizer, folder: str, text_key:
     _build_atomically(path, folder, write)
 
 
+_PREPARATION_GROUP: Any = None
+
+
+def set_preparation_group(group: Any) -> None:
+    """The process group to wait in while one rank builds a cache, when the caller names none: the
+    whole job with a timeout long enough for tokenizing a large corpus (``training`` sets it)."""
+    global _PREPARATION_GROUP
+    _PREPARATION_GROUP = group
+
+
 def _once_per_group(ready: Callable[[], bool], build: Callable[[], None], group: Any = None,
                     what: str = "the cache") -> None:
     """Run ``build`` on the group's first rank while the others wait; then on any rank still not ready.
 
     Without torch.distributed (or in a group of one) it just builds when not ready. The second
-    chance covers cache folders that are not shared between nodes.
+    chance covers cache folders that are not shared between nodes. ``group`` None waits in the
+    preparation group (``set_preparation_group``), else the default group.
     """
     import torch.distributed as dist
+
+    if group is None:
+        group = _PREPARATION_GROUP
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         if not ready():
