@@ -1,17 +1,22 @@
 """Run a function in N gloo processes on CPU, the way the distributed tests need it.
 
-``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes, joins them into one
-gloo group over a free TCP port on 127.0.0.1, calls ``fn(*args)`` on each, tears the group down in
-``finally`` and returns the per-rank return values. A child's exception fails the calling test
-with that child's traceback; a child that hangs is killed after ``timeout`` seconds.
+``run_distributed(fn, world_size, *args)`` starts ``world_size`` fresh processes (forked from a
+server that has torch imported already), joins them into one gloo group over a free TCP port on
+127.0.0.1, calls ``fn(*args)`` on each, tears the group down in ``finally`` and returns the per-rank
+return values. A child's exception fails the calling test with that child's traceback; a child that
+hangs is killed after ``timeout`` seconds.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
+import pickle
 import queue
+import signal
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -26,7 +31,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, results, args) -> None:
+def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, results, args, tag: int = 0) -> None:
     import torch
     import torch.distributed as dist
 
@@ -42,34 +47,166 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, result
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
             timeout=timedelta(seconds=60),
         )
-        results.put((rank, True, fn(*args)))
+        results.put((tag, rank, True, fn(*args)))
     except BaseException:  # noqa: BLE001 - any failure must reach the parent
-        results.put((rank, False, traceback.format_exc()))
+        results.put((tag, rank, False, traceback.format_exc()))
     finally:
         mpu.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+# Starting a Python process that imports torch costs ~1.5 s, and the suite starts hundreds of ranks.
+# One "fork server" is spawned on first use with torch and the project imported but nothing run
+# (so forking it is safe); every call forks fresh ranks from it. Each rank is still a new process
+# with no state from earlier tests, and gets the caller's environment and working directory.
+
+
+def _forked_rank(payload: bytes, rank: int, world_size: int, port: int, results, env: dict, cwd: str,
+                 tag: int, outputs: tuple[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, path in zip((1, 2), outputs):  # the caller copies these to its own stdout/stderr (capfd sees them)
+        target = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(target, fd)
+        os.close(target)
+    try:
+        fn, args = pickle.loads(payload)
+    except BaseException:  # noqa: BLE001
+        results.put((tag, rank, False, traceback.format_exc()))
+        return
+    _child(fn, rank, world_size, port, results, args, tag)
+
+
+def _fork_server(tasks, replies, results) -> None:
+    import numpy  # noqa: F401 - warm imports, shared by every forked rank
+    import torch  # noqa: F401
+
+    import data_utils  # noqa: F401
+    import model  # noqa: F401
+    import mpu  # noqa: F401
+    import training  # noqa: F401
+
+    parent = os.getppid()
+    ctx = mp.get_context("fork")
+    while True:
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # pytest is gone
+                return
+            continue
+        if task is None:
+            return
+        tag, payload, world_size, port, env, cwd, outputs = task
+        procs = [ctx.Process(target=_forked_rank,
+                             args=(payload, rank, world_size, port, results, env, cwd, tag, outputs))
+                 for rank in range(world_size)]
+        for proc in procs:
+            proc.start()
+        replies.put((tag, "pids", [proc.pid for proc in procs]))
+        for proc in procs:
+            proc.join()
+        replies.put((tag, "exit", [proc.exitcode for proc in procs]))
+
+
+class _ForkServer:
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.tasks, self.replies, self.results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_fork_server, args=(self.tasks, self.replies, self.results), daemon=False)
+        self.proc.start()
+        self.tag = 0
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.tasks.put(None)
+            self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+_SERVER: _ForkServer | None = None
+
+
+def _server() -> _ForkServer:
+    global _SERVER
+    if _SERVER is None or not _SERVER.alive():
+        _SERVER = _ForkServer()
+        atexit.register(_SERVER.stop)
+    return _SERVER
+
+
+def _reset_server() -> None:
+    global _SERVER
+    if _SERVER is not None:
+        _SERVER.stop()
+        _SERVER = None
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240) -> list[Any]:
     """Call ``fn(*args)`` in ``world_size`` gloo processes; return the values by rank."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    # Not daemonic, so a worker may start data-loader processes; the ``finally`` below kills stragglers.
-    procs = [
-        ctx.Process(target=_child, args=(fn, rank, world_size, port, results, args), daemon=False)
-        for rank in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
+    server = _server()
+    server.tag += 1
+    tag = server.tag
+    outputs = []
+    for _ in range(2):
+        fd, path = tempfile.mkstemp(prefix="run_distributed.", suffix=".out")
+        os.close(fd)
+        outputs.append(path)
+    server.tasks.put((tag, pickle.dumps((fn, args)), world_size, free_port(), dict(os.environ), os.getcwd(),
+                      tuple(outputs)))
+    try:
+        return _collect(server, tag, world_size, timeout)
+    finally:
+        for fd, path in zip((1, 2), outputs):
+            with open(path, "rb") as f:
+                data = f.read()
+            os.remove(path)
+            while data:
+                data = data[os.write(fd, data):]
+
+
+def _collect(server: _ForkServer, tag: int, world_size: int, timeout: float) -> list[Any]:
+    """Wait for the ranks of call ``tag``; their values by rank, or an AssertionError."""
+
+    def reply(kind: str, wait: float):
+        end = time.monotonic() + wait
+        while True:
+            try:
+                got_tag, got_kind, value = server.replies.get(timeout=max(0.01, end - time.monotonic()))
+            except queue.Empty:
+                return None
+            if got_tag == tag and got_kind == kind:
+                return value
+
+    pids = reply("pids", 120)
+    if pids is None:
+        _reset_server()
+        raise AssertionError("the test fork server did not start the ranks")
     outcomes: dict[int, tuple[bool, Any]] = {}
     deadline = time.monotonic() + timeout
     failed_at = None
+    codes = None
     try:
         while len(outcomes) < world_size:
             try:
-                rank, ok, value = results.get(timeout=0.1)
+                got_tag, rank, ok, value = server.results.get(timeout=0.1)
+                if got_tag != tag:
+                    continue  # a straggler of an earlier, failed call
                 outcomes[rank] = (ok, value)
                 if not ok and failed_at is None:
                     failed_at = time.monotonic()
@@ -79,22 +216,25 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             now = time.monotonic()
             if now > deadline or (failed_at is not None and now - failed_at > 5):
                 break
-            if all(p.exitcode is not None for p in procs) and results.empty():
-                break  # every child is gone and nothing more will arrive
-        for proc in procs:
-            proc.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())))
+            if codes is None:
+                codes = reply("exit", 0.0)
+            if codes is not None and server.results.empty():
+                break  # every rank is gone and nothing more will arrive
+        if codes is None:
+            codes = reply("exit", max(0.0, min(10.0, deadline - time.monotonic())))
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        if codes is None:
+            _kill(pids)
+            codes = reply("exit", 15)
+            if codes is None:
+                _reset_server()
     errors = [f"--- rank {r} ---\n{value}" for r, (ok, value) in sorted(outcomes.items()) if not ok]
     missing = [r for r in range(world_size) if r not in outcomes]
     if errors:
         raise AssertionError("distributed worker failed:\n" + "\n".join(errors))
     if missing:
-        codes = {r: procs[r].exitcode for r in missing}
-        raise AssertionError(f"ranks {missing} gave no result within {timeout}s (exit codes {codes})")
+        exit_codes = {r: codes[r] if codes else None for r in missing}
+        raise AssertionError(f"ranks {missing} gave no result within {timeout}s (exit codes {exit_codes})")
     return [outcomes[r][1] for r in range(world_size)]
 
 
