@@ -93,9 +93,11 @@ def test_sigterm_to_one_rank_saves_on_both_and_the_rerun_resumes_exactly(tmp_pat
     assert resumed == unbroken  # bitwise on CPU: the interruption changed nothing
 
 
-def test_a_rank_killed_with_sigkill_makes_the_other_exit_nonzero_within_the_timeout(tmp_path):
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_dead_or_frozen_rank_makes_the_other_exit_nonzero_within_the_timeout(tmp_path, fault):
+    timeout_minutes = 0.1
     argv = _base_args(tmp_path, **{"--train-iters": 100000, "--eval-iters": 0, "--log-interval": 10,
-                                   "--distributed-timeout-minutes": 0.25})
+                                   "--distributed-timeout-minutes": timeout_minutes})
     port = free_port()
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
@@ -106,11 +108,11 @@ def test_a_rank_killed_with_sigkill_makes_the_other_exit_nonzero_within_the_time
         for line in procs[0].stdout:
             if " iteration       20/" in line:
                 break
-        procs[1].kill()
+        os.kill(procs[1].pid, fault)  # frozen: alive and connected, but never answers again
         killed_at = time.monotonic()
         _, err = procs[0].communicate(timeout=60)
         assert procs[0].returncode != 0
-        assert time.monotonic() - killed_at < 0.25 * 60 + 10
+        assert time.monotonic() - killed_at < timeout_minutes * 60 + 10
         assert "Traceback" not in err, err
         assert "error: rank 0 lost contact with another rank of the job" in err, err
     finally:
@@ -121,8 +123,9 @@ def test_a_rank_killed_with_sigkill_makes_the_other_exit_nonzero_within_the_time
     assert all(proc.poll() is not None for proc in procs)
 
 
-def _train_with_nan(argv: list[str], nan_rank: int, nan_calls: set[int]) -> dict:
-    """Train GPT2 with the loss made NaN on ``nan_rank`` at the given forward calls (1-based)."""
+def _train_with_nan(argv: list[str], nan_rank: int, nan_calls: set[int], gradients_too: bool = True) -> dict:
+    """Train GPT2 with the loss made NaN on ``nan_rank`` at the given forward calls (1-based): its gradients
+    too (``loss * nan``), or the loss alone with finite gradients (``loss + nan``)."""
     import torch.distributed as dist
 
     import pretrain_gpt2
@@ -140,7 +143,7 @@ def _train_with_nan(argv: list[str], nan_rank: int, nan_calls: set[int]) -> dict
             if model.training:
                 calls[0] += 1
                 if dist.get_rank() == nan_rank and calls[0] in nan_calls:
-                    loss = loss * float("nan")
+                    loss = loss * float("nan") if gradients_too else loss + float("nan")
             return loss, metrics
 
         return forward_step
@@ -171,7 +174,7 @@ def test_abort_on_nonfinite_stops_every_rank_naming_the_iteration_and_saves_noth
     ckpt = tmp_path / "ckpt"
     argv = _base_args(tmp_path, **{"--train-iters": 8, "--eval-iters": 0, "--save": str(ckpt),
                                    "--save-interval": 2, "--abort-on-nonfinite": True})
-    results = run_distributed(_train_with_nan, 2, argv, 0, {5})
+    results = run_distributed(_train_with_nan, 2, argv, 0, {5}, False)  # a NaN loss, finite gradients
     for result in results:
         assert result["error"].startswith("NonFiniteError: iteration 5: the loss or gradient norm is not finite")
         assert result["agreed"]
