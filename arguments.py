@@ -106,6 +106,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=1234, help="random seed")
     group.add_argument("--log-interval", type=int, default=100, help="iterations between log lines")
     group.add_argument("--log-dir", default=None, help="write metrics.jsonl (and TensorBoard events) here")
+    group.add_argument("--log-timers", action="store_true",
+                       help="time each phase (data, forward, backward, all-reduce, optimizer) with device "
+                            "synchronisation, and measure the peak for MFU on CPU; off, the step stays asynchronous")
+    group.add_argument("--peak-tflops", type=float, default=None,
+                       help="the device's dense peak TFLOP/s for MFU (default: a table of common GPUs, or a "
+                            "matrix multiply measured on CPU with --log-timers)")
     group.add_argument("--exit-interval", type=int, default=None,
                        help="save (with --save) and exit when the iteration is a multiple of this")
     group.add_argument("--eval-interval", type=int, default=1000, help="iterations between evaluations")
@@ -337,6 +343,8 @@ def validate_args(args: argparse.Namespace) -> None:
            f"--distributed-timeout-minutes must be a positive number, got {args.distributed_timeout_minutes}")
     _check(0.0 < args.max_skipped_fraction <= 1.0,
            f"--max-skipped-fraction must lie in (0, 1], got {args.max_skipped_fraction}")
+    _check(args.peak_tflops is None or (math.isfinite(args.peak_tflops) and args.peak_tflops > 0),
+           f"--peak-tflops must be a positive number, got {args.peak_tflops}")
     _check(args.skipped_window >= 1, f"--skipped-window must be at least 1, got {args.skipped_window}")
     _check(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1,
            f"--keep-last-checkpoints must be at least 1, got {args.keep_last_checkpoints}")

@@ -47,6 +47,7 @@ from fp16.loss_scaler import DynamicLossScaler, LossScaler
 from inference import adopt_stored_shape
 from learning_rates import AnnealingLR
 from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_parallel
+from performance import Timers, model_flops_per_token, peak_memory_mb, peak_tflops, precision_name
 
 ForwardStep = Callable[[Any, nn.Module], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length",
@@ -271,23 +272,38 @@ def _next_batch(iterator: Iterator | None) -> Any:
 
 def train_step(
     forward_step: ForwardStep, iterator: Iterator | None, model: nn.Module, optimizer: FP16_Optimizer, scheduler,
-    args,
+    args, timers: Timers | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, bool]:
     """One iteration: forward, scaled backward, data-parallel reduction, clip and step; the step is
     skipped on every rank when any rank's loss or gradient norm is not finite (an fp16 overflow).
 
-    Returns the metrics, the gradient norm and whether the step was skipped.
+    ``timers`` (``--log-timers``) time the phases: ``data`` (the loader), ``forward`` (the batch's
+    broadcast to the model-parallel group and the forward pass), ``backward``, ``allreduce`` (the local
+    DDP's gradient all-reduce; torch DDP overlaps it with ``backward``) and ``optimizer`` (unscale,
+    clip, step). Returns the metrics, the gradient norm and whether the step was skipped.
     """
+    timers = timers or Timers(False)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss, metrics = forward_step(_next_batch(iterator), model)
+    timers("data").start()
+    batch = _next_batch(iterator)
+    timers("data").stop()
+    timers("forward").start()
+    loss, metrics = forward_step(batch, model)
+    timers("forward").stop()
+    timers("backward").start()
     optimizer.backward(loss)
+    timers("backward").stop()
+    timers("allreduce").start()
     if isinstance(model, DistributedDataParallel):
         model.allreduce_gradients()
+    timers("allreduce").stop()
+    timers("optimizer").start()
     nonfinite_loss = not bool(torch.isfinite(loss.detach()).all())
     grad_norm, skipped = optimizer.step(args.clip_grad if args.clip_grad > 0 else math.inf, nonfinite_loss)
     if not skipped:
         scheduler.step()
+    timers("optimizer").stop()
     return metrics, grad_norm, skipped
 
 
@@ -341,8 +357,33 @@ class _IntervalStats:
         self.count += 1
 
 
+@dataclasses.dataclass
+class Performance:
+    """What a run's log lines need to report its speed: timers, model FLOPs per token and the peak for MFU."""
+
+    timers: Timers
+    device: torch.device
+    flops_per_token: float
+    peak_tflops: float | None
+    peak_source: str = ""
+
+    @classmethod
+    def for_run(cls, args, model: nn.Module, device: torch.device) -> Performance:
+        config = getattr(unwrap_model(model), "config", None)
+        flops = model_flops_per_token(config, args.seq_length) if config is not None else 0.0
+        peak, source = None, ""
+        if args.peak_tflops or device.type == "cuda" or args.log_timers:
+            peak, source = peak_tflops(device, precision_name(args), args.peak_tflops)
+            if device.type == "cuda" and source.startswith("a "):
+                peak, source = None, ""  # an unknown GPU: no MFU rather than one against a rough measurement
+        if peak is not None:
+            print_rank_0(f" > MFU against {peak:.1f} TFLOP/s per device ({source}); model FLOPs per token "
+                         f"{flops / 1e6:.1f}M (6N + 12Lsh)")
+        return cls(Timers(args.log_timers, device), device, flops, peak, source)
+
+
 def log_training(stats: _IntervalStats, state: TrainState, args, optimizer: FP16_Optimizer, logger: MetricsLogger,
-                 train_start: float) -> None:
+                 train_start: float, perf: Performance | None = None) -> None:
     elapsed = time.monotonic() - stats.start
     n = max(1, stats.count)
     means = {k: v / n for k, v in stats.sums.items()}
@@ -353,12 +394,25 @@ def log_training(stats: _IntervalStats, state: TrainState, args, optimizer: FP16
         "skipped_iters": state.skipped_iters,
         "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": time.monotonic() - train_start,
     }
+    extra = ""
+    if perf is not None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        record["tflops_per_device"] = perf.flops_per_token * record["tokens_per_s"] / world / 1e12
+        extra = f" TFLOP/s per device {record['tflops_per_device']:.3g} |"
+        if perf.peak_tflops:
+            record["mfu"] = record["tflops_per_device"] / perf.peak_tflops
+            extra += f" MFU {100 * record['mfu']:.1f}% |"
+        timings = perf.timers.milliseconds_per_iteration(stats.count)
+        record.update(timings)
+        if timings:
+            extra += " ms/iter: " + ", ".join(f"{k[5:-3]} {v:.1f}" for k, v in timings.items()) + " |"
+        record.update(peak_memory_mb(perf.device))
     losses = " | ".join(f"{k.replace('_', ' ')} {v:.6E}" for k, v in means.items())
     print_rank_0(
         f" iteration {state.iteration:8d}/{args.train_iters:8d} | elapsed time per iteration (ms): "
         f"{1000 * elapsed / n:.1f} | learning rate {record['lr']:.3E} | {losses} | loss scale "
         f"{record['loss_scale']:.1f} | grad norm {record['grad_norm']:.3f} | skipped iterations "
-        f"{state.skipped_iters} | tokens/s {record['tokens_per_s']:.0f} |"
+        f"{state.skipped_iters} | tokens/s {record['tokens_per_s']:.0f} |{extra}"
     )
     logger.write(record)
 
@@ -579,17 +633,25 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
     train_start = time.monotonic()
     global_batch = args.batch_size * args.data_parallel_size
     watch = _SkipWatch(args, optimizer)
+    device = next(unwrap_model(model).parameters()).device
+    perf = Performance.for_run(args, model, device)
+    memory_reported = False
     stop = StopRequest(args)
     try:
         while state.iteration < args.train_iters:
-            metrics, grad_norm, skipped = train_step(forward_step, train_iter, model, optimizer, scheduler, args)
+            metrics, grad_norm, skipped = train_step(forward_step, train_iter, model, optimizer, scheduler, args,
+                                                     perf.timers)
+            if not memory_reported:
+                memory = ", ".join(f"{k[:-3].replace('_', ' ')} {v:.1f} MB" for k, v in peak_memory_mb(device).items())
+                print_rank_0(f" > memory after the first iteration: {memory}")
+                memory_reported = True
             state.iteration += 1
             state.consumed_samples += global_batch
             state.skipped_iters += int(skipped)
             stats.add(_reduce_metrics(metrics), None if skipped else grad_norm)
             watch.add(state.iteration, skipped, optimizer.loss_scale)
             if state.iteration % args.log_interval == 0:
-                log_training(stats, state, args, optimizer, logger, train_start)
+                log_training(stats, state, args, optimizer, logger, train_start, perf)
                 stats.reset()
             if args.save_interval and state.iteration % args.save_interval == 0:
                 checkpoint()

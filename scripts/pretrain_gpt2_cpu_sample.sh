@@ -34,5 +34,13 @@ python pretrain_gpt2.py \
        --eval-iters 10 \
        --num-workers 1 \
        --log-dir "$OUT/logs" \
+       --log-timers \
        --device cpu \
        "$@"
+
+# The loss curves, when matplotlib is installed (optional).
+if python -c "import matplotlib" 2>/dev/null; then
+  python tools/plot_metrics.py "$OUT/logs" -o "$OUT/logs/curve.png"
+else
+  echo "pip install matplotlib, then: python tools/plot_metrics.py $OUT/logs -o $OUT/logs/curve.png"
+fi

@@ -1,0 +1,137 @@
+"""Where a run's time and memory go: per-phase timers, model FLOPs, the device's peak, MFU and memory.
+
+``Timers`` is Megatron's: ``timers("forward").start()`` / ``.stop()``, read per log interval. A timer
+synchronises the device only when the run asks for timings (``--log-timers``), so the default path
+stays asynchronous on CUDA; disabled timers cost nothing.
+
+Model FLOPs per token, forward and backward (activation recomputation is not useful work and is not
+counted): ``6 * N`` for the weights, with ``N`` every parameter of a matrix multiply (the transformer
+layers and the output projection onto the vocabulary; not the embedding lookups, biases or LayerNorms),
+plus ``12 * L * s * h`` for the attention scores and their weighted sum. MFU is the achieved model
+TFLOP/s per device divided by the device's dense peak for the run's precision: ``--peak-tflops``, else
+a table of common GPUs by name, else (CPU) a short matrix multiply measured once.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+# Dense peak TFLOP/s by (name fragment, precision): vendors' datasheets, without sparsity. fp32 is the
+# plain (non-tensor-core) rate: a run that does not enable TF32 gets this one.
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}),
+    ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
+    ("V100", {"fp16": 125.0, "fp32": 15.7}),
+)
+
+
+class _Timer:
+    def __init__(self, enabled: bool, synchronize) -> None:
+        self.enabled, self.synchronize = enabled, synchronize
+        self.elapsed = 0.0
+        self.count = 0
+        self._start: float | None = None
+
+    def start(self) -> None:
+        if self.enabled:
+            self.synchronize()
+            self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.enabled and self._start is not None:
+            self.synchronize()
+            self.elapsed += time.perf_counter() - self._start
+            self.count += 1
+            self._start = None
+
+
+class Timers:
+    """Named phase timers; ``timers(name)`` creates one on first use. Disabled: every call is a no-op."""
+
+    def __init__(self, enabled: bool, device: torch.device | None = None) -> None:
+        self.enabled = enabled
+        cuda = device is not None and device.type == "cuda"
+        self._synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+        self._timers: dict[str, _Timer] = {}
+
+    def __call__(self, name: str) -> _Timer:
+        if name not in self._timers:
+            self._timers[name] = _Timer(self.enabled, self._synchronize)
+        return self._timers[name]
+
+    def milliseconds_per_iteration(self, iterations: int, reset: bool = True) -> dict[str, float]:
+        """``{time_<name>_ms: ms per iteration}`` over the last ``iterations``, then (by default) reset."""
+        if not self.enabled:
+            return {}
+        out = {f"time_{name}_ms": 1000.0 * t.elapsed / max(1, iterations) for name, t in self._timers.items()}
+        if reset:
+            for timer in self._timers.values():
+                timer.elapsed, timer.count = 0.0, 0
+        return out
+
+
+def model_flops_per_token(config: Any, seq_length: int) -> float:
+    """Forward + backward model FLOPs per token of a transformer config (see the module docstring)."""
+    h, layers = config.hidden_size, config.num_layers
+    ffn = config.intermediate_size or 4 * h
+    per_layer = 4 * h * h + 2 * h * ffn  # QKV + output projection, and the MLP's two matrices
+    weights = layers * per_layer + config.vocab_size * h
+    return 6.0 * weights + 12.0 * layers * seq_length * h
+
+
+def precision_name(args: Any) -> str:
+    return "fp16" if getattr(args, "fp16", False) else "bf16" if getattr(args, "bf16", False) else "fp32"
+
+
+_MEASURED: dict[tuple[str, str], float] = {}
+
+
+def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.3) -> float:
+    """TFLOP/s of a square matrix multiply on this CPU (or the current CUDA device), best of a short run."""
+    device = torch.device("cuda") if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    a @ b  # warm-up
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        best = max(best, 2.0 * size**3 / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def peak_tflops(device: torch.device, precision: str, explicit: float | None = None) -> tuple[float, str]:
+    """(dense peak TFLOP/s per device, where it came from): the flag, the GPU table, or a measured GEMM."""
+    if explicit:
+        return explicit, "--peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, peaks in GPU_PEAK_TFLOPS:
+            if fragment in name and precision in peaks:
+                return peaks[precision], f"{fragment} {precision} datasheet"
+    key = (str(device), precision)
+    if key not in _MEASURED:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        if device.type == "cpu" and precision == "fp16":
+            dtype = torch.float32  # CPU fp16 matmuls are emulated: the fp32 rate is the honest ceiling
+        _MEASURED[key] = measure_matmul_tflops(dtype)
+    return _MEASURED[key], f"a {precision} matrix multiply measured on this {device.type}"
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak memory so far: allocated and reserved on CUDA, the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return {"peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
