@@ -109,6 +109,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-timers", action="store_true",
                        help="time each phase (data, forward, backward, all-reduce, optimizer) with device "
                             "synchronisation, and measure the peak for MFU on CPU; off, the step stays asynchronous")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer layer (in place: checkpoint names stay the same); "
+                            "the first iterations pay for compilation")
+    group.add_argument("--compile-backend", default="inductor",
+                       help="torch.compile backend for --compile (inductor; aot_eager checks the graphs without "
+                            "generating code)")
     group.add_argument("--peak-tflops", type=float, default=None,
                        help="the device's dense peak TFLOP/s for MFU (default: a table of common GPUs, or a "
                             "matrix multiply measured on CPU with --log-timers)")

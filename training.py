@@ -489,6 +489,21 @@ def get_loss_scaler(args) -> LossScaler:
                              min_scale=args.min_scale, hysteresis=args.hysteresis)
 
 
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every transformer layer in place (parameter names unchanged); how many.
+
+    Layers rather than the whole model: the model-parallel collectives and the activation-checkpoint
+    boundaries sit between layers, so each compiled graph is whole and the same for every layer.
+    """
+    from model.transformer import ParallelTransformerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, ParallelTransformerLayer)]
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=False)
+    print_rank_0(f" > compiled {len(layers)} transformer layers with torch.compile (backend {backend})")
+    return len(layers)
+
+
 def setup_model_and_optimizer(args, model_provider, padded_vocab_size: int, device: torch.device):
     model = model_provider(args, padded_vocab_size)
     if args.fp32_tokentypes and not any("tokentype" in name for name, _ in model.named_modules()):
@@ -496,6 +511,8 @@ def setup_model_and_optimizer(args, model_provider, padded_vocab_size: int, devi
     if args.fp16 or args.bf16:
         model = FP16_Module(model, torch.float16 if args.fp16 else torch.bfloat16, keep_fp32=_fp32_islands(args))
     model = model.to(device)
+    if args.compile:
+        compile_layers(model, args.compile_backend)
     if mpu.get_data_parallel_rank() == 0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}: {n_params}",

@@ -5,7 +5,8 @@
 #   2. the @pytest.mark.gpu tests;
 #   3. GPT2-345M (24 layers, hidden 1024, 16 heads, seq 1024) through the real loop, pretrain_gpt2.py with
 #      --log-timers: bf16, and fp16 with fp32 masters and dynamic loss scaling, each with and without
-#      --checkpoint-activations; tokens/s, TFLOP/s per device, MFU against the device's dense peak and peak
+#      --checkpoint-activations, and bf16 with --compile; tokens/s, TFLOP/s per device, MFU against the
+#      device's dense peak and peak
 #      memory read back from metrics.jsonl;
 #   4. the same training step in Hugging Face transformers at the same shape (bench/gpt2_train_step.py),
 #      bf16 autocast, for the ratio.
@@ -120,9 +121,7 @@ run_loop bf16 --bf16
 run_loop bf16_checkpointed --bf16 --checkpoint-activations
 run_loop fp16 --fp16
 run_loop fp16_checkpointed --fp16 --checkpoint-activations
-if $PY pretrain_gpt2.py --help 2>/dev/null | grep -q -- "--compile"; then
-  run_loop bf16_compiled --bf16 --compile
-fi
+run_loop bf16_compiled --bf16 --compile
 
 # 4. transformers at the same shape ---------------------------------------------------------------------
 if $PY -c "import transformers" 2>/dev/null; then
