@@ -17,8 +17,11 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -543,30 +546,25 @@ class StopRequest:
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
     def __init__(self, args) -> None:
-        import signal as signal_module
-
-        self._signal_module = signal_module
         self.received: int | None = None
         minutes = args.exit_duration_in_mins
         self.deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
         self.minutes = minutes
         self._previous: dict[int, Any] = {}
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for name in self.SIGNALS:
-                signum = getattr(signal_module, name, None)
+                signum = getattr(signal, name, None)
                 if signum is not None:
-                    self._previous[signum] = signal_module.signal(signum, self._handle)
+                    self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
-        self._signal_module.signal(signum, self._previous.get(signum, self._signal_module.SIG_DFL))
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def restore(self) -> None:
         """Put the handlers that were there before back."""
         for signum, handler in self._previous.items():
-            self._signal_module.signal(signum, handler)
+            signal.signal(signum, handler)
         self._previous = {}
 
     def reason(self) -> str | None:
@@ -581,7 +579,7 @@ class StopRequest:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signum, timed_out = int(flags[0].item()), bool(flags[1].item() > 0)
         if signum:
-            return f"received {self._signal_module.Signals(signum).name}"
+            return f"received {signal.Signals(signum).name}"
         if timed_out:
             return f"--exit-duration-in-mins {self.minutes:g} reached"
         return None
@@ -592,8 +590,6 @@ class _SkipWatch:
     not fp16's expected overflow."""
 
     def __init__(self, args, optimizer: FP16_Optimizer) -> None:
-        from collections import deque
-
         self.args = args
         self.recent: deque[bool] = deque(maxlen=args.skipped_window)
         # Under fp16 with a dynamic scale, an overflow is how the scale finds its level: not a divergence.
