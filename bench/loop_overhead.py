@@ -151,7 +151,7 @@ def run_loop(args, folder: str, corpus: str, name: str, console) -> list[dict]:
 
 
 def build_bare(args, folder: str, corpus: str, device: torch.device):
-    """The same model as the loop's (same provider, flags and padded vocabulary) with plain AdamW."""
+    """The same model as the loop's (same provider, flags and padded vocabulary), its AdamW and a batch."""
     run_args = get_args(loop_argv(args, folder, corpus, args.iters, os.path.join(folder, "unused")))
     run_args.unpadded_vocab_size = args.vocab_size
     padded = pad_vocab_size(args.vocab_size, run_args.make_vocab_size_divisible_by, 1)
