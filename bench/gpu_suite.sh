@@ -6,8 +6,7 @@
 #   3. GPT2-345M (24 layers, hidden 1024, 16 heads, seq 1024) through the real loop, pretrain_gpt2.py with
 #      --log-timers: bf16, and fp16 with fp32 masters and dynamic loss scaling, each with and without
 #      --checkpoint-activations, and bf16 with --compile; tokens/s, TFLOP/s per device, MFU against the
-#      device's dense peak and peak
-#      memory read back from metrics.jsonl;
+#      device's dense peak and peak memory read back from metrics.jsonl;
 #   4. the same training step in Hugging Face transformers at the same shape (bench/gpt2_train_step.py),
 #      bf16 autocast, for the ratio.
 # A summary table is printed at the end and written to $OUT/gpu_suite_summary.txt ($OUT defaults to
