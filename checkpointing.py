@@ -128,11 +128,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         mpu.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(
     save_dir: str,
     iteration: int,
