@@ -110,15 +110,17 @@ def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, 
     return best
 
 
-def peak_tflops(device: torch.device, precision: str, explicit: float | None = None) -> tuple[float, str]:
-    """(dense peak TFLOP/s per device, where it came from): the flag, the GPU table, or a measured GEMM."""
+def peak_tflops(device: torch.device, precision: str, explicit: float | None = None) -> tuple[float | None, str]:
+    """(dense peak TFLOP/s per device, where it came from): the flag, the GPU table (None for a GPU it
+    does not list), or on CPU a measured matrix multiply."""
     if explicit:
         return explicit, "--peak-tflops"
-    if device.type == "cuda":
+    if device.type == "cuda":  # a GPU not in the table gets no MFU rather than one against a rough measurement
         name = torch.cuda.get_device_name(device)
         for fragment, peaks in GPU_PEAK_TFLOPS:
             if fragment in name and precision in peaks:
                 return peaks[precision], f"{fragment} {precision} datasheet"
+        return None, ""
     key = (str(device), precision)
     if key not in _MEASURED:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

@@ -377,8 +377,6 @@ class Performance:
         peak, source = None, ""
         if args.peak_tflops or device.type == "cuda" or args.log_timers:
             peak, source = peak_tflops(device, precision_name(args), args.peak_tflops)
-            if device.type == "cuda" and source.startswith("a "):
-                peak, source = None, ""  # an unknown GPU: no MFU rather than one against a rough measurement
         if peak is not None:
             print_rank_0(f" > MFU against {peak:.1f} TFLOP/s per device ({source}); model FLOPs per token "
                          f"{flops / 1e6:.1f}M (6N + 12Lsh)")

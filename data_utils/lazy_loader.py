@@ -209,10 +209,7 @@ def _build_atomically(path: str, folder: str, write: Callable[[str], dict[str, A
         after = os.stat(path)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise DataError(f"{path} changed while it was being tokenized; run again once it is complete")
-        if os.path.isdir(folder) and not cache_fault(folder):
-            shutil.rmtree(tmp)  # another process finished the same cache first
-            return
-        if os.path.isdir(folder):  # damaged: move it out of the way in one rename, then delete it
+        if os.path.isdir(folder) and cache_fault(folder):  # damaged: out of the way in one rename, then deleted
             doomed = temporary_path(folder + ".damaged")
             os.rename(folder, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
@@ -428,11 +425,10 @@ def cache_fault(folder: str) -> str | None:
     Cheap enough for every open: ``meta.json`` readable and of this format, the offsets files
     present and ending at ``num_tokens``, and ``tokens.bin`` exactly ``num_tokens`` tokens long.
     """
-    meta_path = os.path.join(folder, "meta.json")
     if not os.path.isdir(folder):
         return "missing"
     try:
-        with open(meta_path, encoding="utf-8") as f:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)
         dtype, num_tokens = np.dtype(meta["dtype"]), int(meta["num_tokens"])
     except FileNotFoundError:
@@ -441,19 +437,18 @@ def cache_fault(folder: str) -> str | None:
         return f"meta.json is unreadable ({type(err).__name__}: {err})"
     if meta.get("format") != CACHE_FORMAT:
         return f"format {meta.get('format')}, this version writes {CACHE_FORMAT}"
-    sentences = "sentences" in meta
-    offsets_name = "sentence_offsets.npy" if sentences else "offsets.npy"
-    for name in (offsets_name, "doc_offsets.npy") if sentences else (offsets_name,):
+    # Each offsets file and where it must end (None: not recorded, only its presence is checked).
+    ends = ({"sentence_offsets.npy": num_tokens, "doc_offsets.npy": meta.get("num_sentences")}
+            if "sentences" in meta else {"offsets.npy": num_tokens})
+    for name, expected in ends.items():
         try:
             offsets = np.load(os.path.join(folder, name), mmap_mode="r")
         except (OSError, ValueError) as err:
             return f"{name} is unreadable ({err})"
         if offsets.ndim != 1 or not len(offsets):
             return f"{name} is empty"
-        end = int(offsets[-1])
-        expected = num_tokens if name == offsets_name else int(meta.get("num_sentences", end))
-        if end != expected:
-            return f"{name} ends at {end}, meta.json says {expected}"
+        if expected is not None and int(offsets[-1]) != int(expected):
+            return f"{name} ends at {int(offsets[-1])}, meta.json says {expected}"
     try:
         size = os.path.getsize(os.path.join(folder, "tokens.bin"))
     except OSError:

@@ -58,6 +58,8 @@ def test_peak_comes_from_the_flag_the_gpu_table_or_a_measured_matmul(monkeypatch
                                       ("NVIDIA A100-SXM4-80GB", "fp32", 19.5), ("NVIDIA H200", "bf16", 989.0)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert peak_tflops(torch.device("cuda", 0), precision)[0] == expected, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Unlisted GPU")
+    assert peak_tflops(torch.device("cuda", 0), "bf16") == (None, "")  # no MFU rather than a guess
     assert all(any(p in peaks for p in ("bf16", "fp16")) for _, peaks in GPU_PEAK_TFLOPS)
     monkeypatch.setattr(performance, "_MEASURED", {})
     monkeypatch.setattr(performance, "measure_matmul_tflops", lambda dtype: {torch.float32: 0.25}[dtype])
