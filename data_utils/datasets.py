@@ -3,7 +3,10 @@
 ``--split 949,50,1`` gives each document of the training corpora to train, valid or test by a hash
 of (``--seed``, the document's index in its corpus) compared with the cumulative fractions. The
 split is the same on every run with the same seed, and appending documents to a corpus never moves
-the earlier ones to another split.
+the earlier ones to another split (except on corpora so small that a split would otherwise be empty:
+each split with a non-zero share gets at least one document when there are enough). ``parse_split``
+gives the 2019 rules: ``0.8`` leaves 0.2 to validation, and a split given as ``--valid-data`` or
+``--test-data`` hands its share of ``--train-data`` back to training.
 
 A split's documents form one token stream, each followed by the end-of-document id, cut into
 windows of ``seq_length + 1`` tokens; consecutive windows share one boundary token, so sample ``i``
@@ -30,8 +33,15 @@ SPLIT_NAMES = ("train", "valid", "test")
 _MASK64 = (1 << 64) - 1
 
 
-def parse_split(split: str) -> tuple[float, float, float]:
-    """Normalised (train, valid, test) fractions from ``"949,50,1"``, ``"95,5"`` or ``"1"`` (``/`` also separates)."""
+def parse_split(split: str, valid_given: bool = False, test_given: bool = False) -> tuple[float, float, float]:
+    """Normalised (train, valid, test) fractions of ``--train-data`` from ``--split``, as in Megatron-LM (2019).
+
+    ``"949,50,1"``, ``"95,5"``, ``"1"`` (``/`` also separates) are weights, normalised by their sum. Fractions
+    summing below 1 leave the remainder to the next split (``"0.8"`` is 0.8 train, 0.2 valid; ``"0.8,0.1"`` gives
+    test 0.1), or to test when all three are given. A split given as its own data (``valid_given``,
+    ``test_given``: ``--valid-data``/``--test-data``) takes nothing from ``--train-data``: its share goes back to
+    the others, so ``"949,50,1"`` with ``--valid-data`` trains on 949/950 of the documents.
+    """
     fields = [f.strip() for f in split.replace("/", ",").split(",")]
     try:
         weights = [float(f) for f in fields]
@@ -41,8 +51,21 @@ def parse_split(split: str) -> tuple[float, float, float]:
         raise DataError(
             f"--split {split!r}: expected 1 to 3 non-negative numbers with a positive sum, e.g. 949,50,1"
         )
-    weights += [0.0] * (3 - len(weights))
     total = sum(weights)
+    if total < 1:  # fractions: the remainder is the next split's (the last one's when all three are given)
+        if len(weights) < 3:
+            weights.append(1.0 - total)
+        else:
+            weights[2] += 1.0 - total
+    weights += [0.0] * (3 - len(weights))
+    if valid_given:
+        weights[1] = 0.0
+    if test_given:
+        weights[2] = 0.0
+    total = sum(weights)
+    if total <= 0:
+        raise DataError(f"--split {split!r} gives --train-data nothing to train on once --valid-data/--test-data "
+                        "take their splits; give training a share, e.g. 949,50,1")
     return weights[0] / total, weights[1] / total, weights[2] / total
 
 
@@ -63,10 +86,44 @@ def document_hashes(num_docs: int, seed: int) -> np.ndarray:
 
 
 def assign_splits(num_docs: int, fractions: Sequence[float], seed: int) -> np.ndarray:
-    """Split number (0 train, 1 valid, 2 test) of each of ``num_docs`` documents."""
+    """Split number (0 train, 1 valid, 2 test) of each of ``num_docs`` documents (see ``assign_corpus_splits``)."""
+    return assign_corpus_splits([num_docs], fractions, seed)[0]
+
+
+def assign_corpus_splits(sizes: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split numbers of the documents of several corpora of ``sizes`` documents each.
+
+    Document ``i`` of a corpus goes to the split whose interval of cumulative fractions holds its
+    hash, so a split's share is its fraction on average and appending documents moves no earlier
+    one. A split with a non-zero fraction that hashing leaves empty gets the document whose hash is
+    nearest its interval, taken from a split with documents to spare, as long as there are at least
+    as many documents as non-zero splits.
+    """
     bounds = np.cumsum(np.asarray(fractions, dtype=np.float64))
     bounds /= bounds[-1]  # trailing zero fractions give bounds of exactly 1.0
-    return np.searchsorted(bounds[:-1], document_hashes(num_docs, seed), side="right").astype(np.int8)
+    hashes = [document_hashes(n, seed) for n in sizes]
+    which = [np.searchsorted(bounds[:-1], h, side="right").astype(np.int8) for h in hashes]
+    wanted = [s for s in range(len(fractions)) if fractions[s] > 0]
+    if sum(sizes) < len(wanted):
+        return which
+    lows = np.concatenate([[0.0], bounds[:-1]])
+    for s in wanted:
+        counts = sum((np.bincount(w, minlength=len(fractions)) for w in which),
+                     np.zeros(len(fractions), dtype=np.int64))
+        if counts[s]:
+            continue
+        best: tuple[float, int, int] | None = None
+        for c, (w, h) in enumerate(zip(which, hashes, strict=True)):
+            spare = counts[w] > 1
+            if not spare.any():
+                continue
+            distance = np.where(spare, np.maximum(lows[s] - h, h - bounds[s]), np.inf)
+            j = int(np.argmin(distance))
+            if best is None or distance[j] < best[0]:
+                best = (float(distance[j]), c, j)
+        assert best is not None  # enough documents: some split holds more than one
+        which[best[1]][best[2]] = s
+    return which
 
 
 class Documents:
@@ -162,13 +219,15 @@ def split_documents(train_data: list[str] | None, valid_data: list[str] | None, 
                     ) -> list[list[tuple[Any, np.ndarray]]]:
     """The (train, valid, test) documents as ``[(corpus, indices)]`` lists; ``load(path)`` opens a corpus.
 
-    ``train_data`` (aliases or paths) is split by ``split`` and ``seed``; ``valid_data``/``test_data``,
-    when given, serve whole as those splits instead of the train data's share, which then goes unused.
+    ``train_data`` (aliases or paths) is split by ``split`` and ``seed`` (``parse_split``);
+    ``valid_data``/``test_data``, when given, serve whole as those splits and their share of the train
+    data goes back to training.
     """
-    fractions = parse_split(split)
+    fractions = parse_split(split, bool(valid_data), bool(test_data))
     parts: list[list[tuple[Any, np.ndarray]]] = [[], [], []]
-    for corpus, idx in _split_parts(train_data, cache_dir, load) or []:
-        which = assign_splits(len(idx), fractions, seed)
+    train_parts = _split_parts(train_data, cache_dir, load) or []
+    assigned = assign_corpus_splits([len(idx) for _, idx in train_parts], fractions, seed)
+    for (corpus, idx), which in zip(train_parts, assigned, strict=True):
         for s in range(3):
             parts[s].append((corpus, idx[which == s]))
     for s, names in ((1, valid_data), (2, test_data)):
@@ -176,10 +235,9 @@ def split_documents(train_data: list[str] | None, valid_data: list[str] | None, 
         if given is not None:
             parts[s] = given
         elif fractions[s] > 0 and parts[s] and not sum(len(idx) for _, idx in parts[s]):
-            total = sum(len(idx) for _, idx in parts[0])
-            warn(f"--split {split} gives the {SPLIT_NAMES[s]} split {fractions[s]:.1%} of {total} documents, which "
-                 f"came to none: there is no {SPLIT_NAMES[s]} data; give --{SPLIT_NAMES[s]}-data, a larger share or "
-                 "more documents")
+            total = sum(len(idx) for _, idx in train_parts)
+            warn(f"--split {split} gives the {SPLIT_NAMES[s]} split {fractions[s]:.1%} of {total} documents, too few "
+                 f"to leave it one: there is no {SPLIT_NAMES[s]} data; give --{SPLIT_NAMES[s]}-data or more documents")
     return parts
 
 
@@ -190,8 +248,7 @@ def build_gpt2_datasets(train_data: list[str] | None, valid_data: list[str] | No
     """(train, valid, test) GPT2 datasets; a split without documents is None.
 
     ``train_data`` (aliases or paths) is split by ``split`` and ``seed``; ``valid_data``/``test_data``,
-    when given, serve whole as those splits instead of the train data's share, which then goes
-    unused. With ``lazy``, each corpus is tokenized once into ``cache_dir`` by the first rank of
+    when given, serve whole as those splits and their share of the train data goes to training. With ``lazy``, each corpus is tokenized once into ``cache_dir`` by the first rank of
     ``group`` (default: every rank) while the others wait; every rank of that group must call this.
     """
     loaded: dict[str, InMemoryCorpus | LazyCorpus] = {}

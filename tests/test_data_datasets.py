@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_utils import build_gpt2_datasets, parse_split
-from data_utils.datasets import Documents, GPT2Dataset, assign_splits
+from data_utils.datasets import Documents, GPT2Dataset, assign_corpus_splits, assign_splits, document_hashes
 from data_utils.errors import DataError
 from data_utils.lazy_loader import InMemoryCorpus
 from tests.test_data_common import ByteTokenizer, write_jsonl
@@ -15,9 +15,60 @@ from tests.test_data_common import ByteTokenizer, write_jsonl
 @pytest.mark.parametrize("split, expected", [
     ("949,50,1", (0.949, 0.05, 0.001)), ("95,5", (0.95, 0.05, 0.0)), ("1", (1.0, 0.0, 0.0)),
     ("0.8/0.1/0.1", (0.8, 0.1, 0.1)), ("2, 1, 1", (0.5, 0.25, 0.25)),
+    # Megatron-LM 2019: fractions summing below 1 leave the remainder to the next split, or to test.
+    ("0.8", (0.8, 0.2, 0.0)), ("0.8,0.1", (0.8, 0.1, 0.1)), ("0.5,0.2,0.1", (0.5, 0.2, 0.3)),
+    ("0.95, 0.05", (0.95, 0.05, 0.0)),
 ])
 def test_parse_split(split, expected):
     np.testing.assert_allclose(parse_split(split), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("split, valid_given, test_given, expected", [
+    ("949,50,1", True, False, (949 / 950, 0.0, 1 / 950)),
+    ("949,50,1", False, True, (949 / 999, 50 / 999, 0.0)),
+    ("949,50,1", True, True, (1.0, 0.0, 0.0)),
+    ("95,5", True, False, (1.0, 0.0, 0.0)),
+    ("0.8", True, False, (1.0, 0.0, 0.0)),
+    ("0.8", False, True, (0.8, 0.2, 0.0)),
+])
+def test_parse_split_gives_a_given_splits_share_back_to_training(split, valid_given, test_given, expected):
+    np.testing.assert_allclose(parse_split(split, valid_given, test_given), expected, rtol=0, atol=1e-12)
+
+
+def test_parse_split_refuses_nothing_left_to_train_on():
+    with pytest.raises(DataError, match="nothing to train on"):
+        parse_split("0,1,1", valid_given=True, test_given=True)
+
+
+@pytest.mark.parametrize("num_docs", [3, 4, 10, 40])
+def test_a_non_zero_share_never_comes_to_no_documents(num_docs):
+    for seed in range(50):
+        for split in ("949,50,1", "98,1,1", "0.8"):
+            fractions = parse_split(split)
+            which = assign_splits(num_docs, fractions, seed)
+            wanted = [s for s in range(3) if fractions[s] > 0]
+            assert sorted(np.unique(which).tolist()) == wanted, (split, seed)
+            # the fill-in only moves documents when hashing left a split empty
+            natural = np.searchsorted(np.cumsum(fractions)[:-1], document_hashes(num_docs, seed), side="right")
+            assert (natural != which).sum() <= len(wanted) - len(np.unique(natural))
+
+
+def test_too_few_documents_for_every_split_keeps_hash_assignment():
+    fractions = parse_split("949,50,1")
+    np.testing.assert_array_equal(assign_splits(2, fractions, 1), [0, 0])
+
+
+def test_several_corpora_fill_an_empty_split_once_overall():
+    fractions = parse_split("98,1,1")
+    for seed in range(20):
+        parts = assign_corpus_splits([5, 4, 3], fractions, seed)
+        counts = np.bincount(np.concatenate(parts), minlength=3)
+        assert counts[1] >= 1 and counts[2] >= 1
+        natural = [np.searchsorted(np.cumsum(fractions)[:-1], document_hashes(n, seed), side="right")
+                   for n in (5, 4, 3)]
+        empty = 3 - len(np.unique(np.concatenate(natural)))
+        moved = sum(int((a != b).sum()) for a, b in zip(parts, natural, strict=True))
+        assert moved == empty, seed  # one document per empty split, across all corpora
 
 
 @pytest.mark.parametrize("split", ["", "a,b", "1,2,3,4", "-1,2", "0,0", "nan"])
@@ -112,6 +163,9 @@ def test_build_uses_given_valid_and_test_data_and_none_for_empty_splits(tmp_path
     train, valid, test = build_gpt2_datasets([a], [v], [t], "949,50,1", 8, tok, True, str(tmp_path), seed=5)
     assert len(valid.docs) == 5 and tok.decode(valid.docs[4]) == "V document 4 wwww"
     assert len(test.docs) == 3
-    assert len(train.docs) == int((assign_splits(50, parse_split("949,50,1"), 5) == 0).sum())
+    assert len(train.docs) == 50  # valid and test given: their shares of a.json go back to training
+    train, valid, test = build_gpt2_datasets([a], [v], None, "949,50,1", 8, tok, True, str(tmp_path), seed=5)
+    which = assign_splits(50, parse_split("949,50,1", valid_given=True), 5)
+    assert len(train.docs) == int((which == 0).sum()) and len(test.docs) == int((which == 2).sum()) >= 1
     train, valid, test = build_gpt2_datasets([a], None, None, "1,0,0", 8, tok, False, None, seed=5)
     assert len(train.docs) == 50 and valid is None and test is None
