@@ -184,7 +184,34 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--valid-data", nargs="*", default=None, help="validation corpora")
     group.add_argument("--test-data", nargs="*", default=None, help="test corpora")
     group.add_argument("--split", default="1000,1,1", help="train,valid,test proportions of --train-data")
-    group.add_argument("--text-key", default="text", help="json key holding the document text")
+    group.add_argument("--text-key", default="text", help="json key (csv/tsv: column) holding the document text")
+    group.add_argument("--eval-text-key", default=None,
+                       help="the same for --valid-data/--test-data and evaluation data (default --text-key)")
+    group.add_argument("--loose-json", action="store_true",
+                       help="accepted for the 2019 command lines: loose json (one object a line) is the default, "
+                            "and a file starting with '[' is read as one json array")
+    group.add_argument("--delim", default=None,
+                       help="delimiter of .csv/.tsv corpora (default ',' for .csv, tab for .tsv; '\\t' means tab)")
+    group.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                       help="train on the samples in a seeded random order each epoch (--no-shuffle: in order)")
+    group.add_argument("--data-path", nargs="+", default=None, metavar="[WEIGHT] PREFIX",
+                       help="indexed datasets PREFIX.bin/.idx (tools/preprocess_data.py, Megatron-Core format) "
+                            "instead of --train-data; several as a weighted blend: 0.7 PREFIX_A 0.3 PREFIX_B. "
+                            "--split divides each one's documents")
+    group.add_argument("--data-cache-path", default=None,
+                       help="where the sample indices of --data-path are cached (default beside each dataset, or "
+                            "under --cache-dir when that folder is read-only)")
+    group.add_argument("--use-npy-data-loader", action="store_true",
+                       help="GPT2: read 2019-style .npy token shards (openwebtext/make_gpt2_dataset.py) from "
+                            "--train-data-path/--val-data-path/--test-data-path")
+    group.add_argument("--train-data-path", default=None, help="--use-npy-data-loader: folder of training shards")
+    group.add_argument("--val-data-path", default=None, help="--use-npy-data-loader: folder of validation shards")
+    group.add_argument("--test-data-path", default=None, help="--use-npy-data-loader: folder of test shards")
+    group.add_argument("--input-data-sizes-file", default="sizes.txt",
+                       help="--use-npy-data-loader: json file in each folder mapping shard name -> token count")
+    group.add_argument("--trust-pickle", action="store_true",
+                       help="--use-npy-data-loader: allow 2019 shards saved as pickled object arrays (pickle can "
+                            "run code: only for files you trust)")
     group.add_argument("--lazy-loader", action="store_true",
                        help="tokenize once into a memory-mapped cache under --cache-dir")
     group.add_argument("--cache-dir", default="cache", help="token caches and vocabulary files")
@@ -226,10 +253,6 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
                        help="LAMBADA: a passage counts only if every token of its last word is predicted")
     group.add_argument("--webtext-eval", action="store_true",
                        help="perplexity over --eval-iters batches of a loose-json file")
-    group.add_argument("--loose-json", action="store_true", help="accepted for the 2019 command lines: corpora are "
-                       "always loose json")
-    group.add_argument("--eval-text-key", default=None, help="json key of the text in evaluation data (default "
-                       "--text-key)")
     group.add_argument("--results-file", default=None, help="write the evaluation results here as one JSON object")
 
 
@@ -317,6 +340,16 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(not args.use_tfrecords or args.max_preds_per_seq is not None,
            "--use-tfrecords needs --max-preds-per-seq (the max_predictions_per_seq the records were written with)")
     _check(args.num_workers >= 0, f"--num-workers must not be negative, got {args.num_workers}")
+    if args.delim is not None:
+        args.delim = {"\\t": "\t", "tab": "\t"}.get(args.delim, args.delim)
+        _check(len(args.delim) == 1, f"--delim {args.delim!r}: expected one character, e.g. ',' or '\\t'")
+    sources = [flag for flag, given in (("--train-data", args.train_data), ("--data-path", args.data_path),
+                                        ("--use-npy-data-loader", args.use_npy_data_loader)) if given]
+    _check(len(sources) <= 1, f"{' and '.join(sources)} are exclusive: train from one kind of data")
+    _check(not args.use_npy_data_loader or args.train_data_path or args.train_iters == 0,
+           "--use-npy-data-loader needs --train-data-path (a folder of .npy shards and their sizes file)")
+    _check(not (args.use_tfrecords and (args.data_path or args.use_npy_data_loader)),
+           "--use-tfrecords reads --train-data; it does not combine with --data-path or --use-npy-data-loader")
     _check(args.loss_scale is None or args.fp16, "--loss-scale only applies with --fp16")
     _check_numbers(args)
     mp = args.model_parallel_size
@@ -478,4 +511,7 @@ def get_args(
     except ArgumentError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    from data_utils.corpora import set_delimiter
+
+    set_delimiter(args.delim)  # csv/tsv corpora of this process are read with it
     return args

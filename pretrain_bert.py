@@ -39,7 +39,7 @@ def data_provider(args):
         datasets = build_bert_datasets(
             args.train_data or [], args.valid_data, args.test_data, args.split, args.seq_length,
             args.max_preds_per_seq, tokenizer, args.lazy_loader, args.cache_dir, args.seed, args.text_key,
-            args.presplit_sentences,
+            args.presplit_sentences, eval_text_key=args.eval_text_key,
         )
     return (tokenizer, *datasets)
 

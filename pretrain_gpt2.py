@@ -21,7 +21,7 @@ def data_provider(args):
     tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir)
     train, valid, test = build_gpt2_datasets(
         args.train_data or [], args.valid_data, args.test_data, args.split, args.seq_length, tokenizer,
-        args.lazy_loader, args.cache_dir, args.seed, args.text_key,
+        args.lazy_loader, args.cache_dir, args.seed, args.text_key, eval_text_key=args.eval_text_key,
     )
     return tokenizer, train, valid, test
 

@@ -435,9 +435,9 @@ def _loaders(args, datasets, state: TrainState):
             return None
         if getattr(dataset, "rank_sharded", False):
             return iter(make_data_loader(dataset, args.batch_size, 0, 1, args.seed, consumed // dp_size,
-                                         shuffle, args.num_workers))
+                                         shuffle, args.num_workers, in_order=not args.shuffle))
         return iter(make_data_loader(dataset, args.batch_size, dp_rank, dp_size, args.seed, consumed,
-                                     shuffle, args.num_workers))
+                                     shuffle, args.num_workers, in_order=not args.shuffle))
 
     def eval_factory(dataset):
         if dataset is None:

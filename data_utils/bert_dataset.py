@@ -212,13 +212,14 @@ class BertSentencePairDataset(torch.utils.data.Dataset):
 def build_bert_datasets(train_data: list[str] | None, valid_data: list[str] | None, test_data: list[str] | None,
                         split: str, seq_length: int, max_preds_per_seq: int | None, tokenizer: Tokenizer,
                         lazy: bool, cache_dir: str | None, seed: int, text_key: str = "text",
-                        presplit_sentences: bool = False, group: Any = None
+                        presplit_sentences: bool = False, group: Any = None, eval_text_key: str | None = None
                         ) -> tuple[BertSentencePairDataset | None, BertSentencePairDataset | None,
                                    BertSentencePairDataset | None]:
     """(train, valid, test) sentence-pair datasets; a split without documents is None.
 
     Documents go to splits exactly as in ``build_gpt2_datasets`` (``split`` and ``seed`` over the
-    train data; ``valid_data``/``test_data``, when given, replace those shares). Each corpus is split
+    train data; ``valid_data``/``test_data``, when given, replace those shares, their text under
+    ``eval_text_key``, default ``text_key``). Each corpus is split
     into sentences (``presplit_sentences``: one per line, else Punkt) and tokenized, with ``lazy``
     once into ``cache_dir`` by the first rank of ``group`` while the others wait; every rank of that
     group must call this. The splits sample streams 0, 1 and 2 of ``seed``; valid and test are as
@@ -226,14 +227,14 @@ def build_bert_datasets(train_data: list[str] | None, valid_data: list[str] | No
     """
     check_bert_lengths(seq_length, max_preds_per_seq)
     special_ids(tokenizer)  # fail before tokenizing anything
-    loaded: dict[str, SentenceCorpus] = {}
+    loaded: dict[tuple[str, str], SentenceCorpus] = {}
 
-    def load(path: str) -> SentenceCorpus:
-        if path not in loaded:
-            loaded[path] = load_sentence_corpus(path, tokenizer, lazy, cache_dir, text_key, presplit_sentences, group)
-        return loaded[path]
+    def load(path: str, key: str) -> SentenceCorpus:
+        if (path, key) not in loaded:
+            loaded[path, key] = load_sentence_corpus(path, tokenizer, lazy, cache_dir, key, presplit_sentences, group)
+        return loaded[path, key]
 
-    parts = split_documents(train_data, valid_data, test_data, split, seed, cache_dir, load)
+    parts = split_documents(train_data, valid_data, test_data, split, seed, cache_dir, load, text_key, eval_text_key)
     datasets: list[BertSentencePairDataset | None] = []
     for stream, (name, split_parts) in enumerate(zip(SPLIT_NAMES, parts, strict=True)):
         docs = SentenceDocuments(split_parts)

@@ -10,11 +10,17 @@
   ``tools/fetch_sample_data.py``.
 
 The per-alias variable wins over the json file, which wins over the default. A path to an existing
-file is always accepted as is. Corpora are loose json: one object per line, text under ``text_key``.
+file is always accepted as is.
+
+Corpus files (``read_texts``) are loose json (one object per line, text under ``text_key``; the
+default), tight json (the whole file one json array of objects, recognised by its first character
+``[``, read into memory at once), or csv/tsv by extension (``.csv``, ``.tsv``; a header row names the
+columns, the text is column ``text_key``, the delimiter ``,``/tab or ``--delim``, see ``set_delimiter``).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -25,6 +31,8 @@ from data_utils.errors import DataError
 
 CORPORA_ENV = "MEGATRON_CORPORA"
 CORPUS_ENV_PREFIX = "MEGATRON_CORPUS_"
+
+_DELIMITER: list[str | None] = [None]  # --delim for csv/tsv files; None: by extension
 
 NAMED_CORPORA: dict[str, str] = {
     "wikipedia": "English Wikipedia as loose json (WikiExtractor --json), cleaned",
@@ -168,3 +176,109 @@ def read_loose_json(path: str, text_key: str = "text",
     """
     for lineno, raw in loose_json_lines(path, on_bytes):
         yield loose_json_record(raw, path, lineno, text_key)[text_key]
+
+
+def set_delimiter(delim: str | None) -> None:
+    """Read every csv/tsv corpus of this process with ``delim`` (``--delim``); None: by extension."""
+    if delim is not None:
+        if len(delim) != 1:
+            raise DataError(f"--delim {delim!r}: expected one character, e.g. ',' or '\\t'")
+    _DELIMITER[0] = delim
+
+
+def corpus_format(path: str) -> str:
+    """``"csv"`` for ``.csv``/``.tsv`` files, else ``"json"`` (loose or tight, told apart on reading)."""
+    return "csv" if os.path.splitext(path)[1].lower() in (".csv", ".tsv") else "json"
+
+
+def delimiter(path: str) -> str | None:
+    """The delimiter a csv/tsv ``path`` is read with (None for json): ``--delim``, else by extension."""
+    if corpus_format(path) != "csv":
+        return None
+    if _DELIMITER[0] is not None:
+        return _DELIMITER[0]
+    return "\t" if path.lower().endswith(".tsv") else ","
+
+
+def read_texts(path: str, text_key: str = "text", on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+    """The text of each document of a corpus file: loose json, tight json or csv/tsv (see the module docstring)."""
+    if corpus_format(path) == "csv":
+        yield from _read_csv(path, text_key, on_bytes)
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError as exc:
+        raise DataError(
+            f"cannot open corpus {path}: {exc.strerror}; check --train-data/--valid-data/--test-data"
+        ) from None
+    if head.startswith(b"["):
+        yield from _read_tight_json(path, text_key, on_bytes)
+    else:
+        yield from read_loose_json(path, text_key, on_bytes)
+
+
+def _read_tight_json(path: str, text_key: str, on_bytes: Callable[[int], None] | None) -> Iterator[str]:
+    """Texts of a file holding one json array of objects."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if on_bytes is not None:
+        on_bytes(len(raw))
+    try:
+        records = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg.removesuffix(' at')}; column {exc.colno}); "
+                        "a file starting with '[' must be one json array of objects") from None
+    for n, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: element {n} of the json array is a {type(record).__name__}, expected an object")
+        if not isinstance(record.get(text_key), str):
+            what = "has no key" if text_key not in record else "does not hold a string under"
+            raise DataError(f"{path}: element {n} of the json array {what} {text_key!r}; pass --text-key with the "
+                            "right key")
+        yield record[text_key]
+
+
+def _read_csv(path: str, text_key: str, on_bytes: Callable[[int], None] | None) -> Iterator[str]:
+    """Texts of column ``text_key`` of a csv/tsv file with a header row."""
+    delim = delimiter(path)
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise DataError(
+            f"cannot open corpus {path}: {exc.strerror}; check --train-data/--valid-data/--test-data"
+        ) from None
+
+    def lines() -> Iterator[str]:
+        for raw in f:
+            if on_bytes is not None:
+                on_bytes(len(raw))
+            try:
+                yield raw.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: not UTF-8 ({exc.reason}); re-encode the file") from None
+
+    csv.field_size_limit((1 << 31) - 1)  # documents are long fields (the default limit is 128 KiB)
+    with f:
+        reader = csv.DictReader(lines(), delimiter=delim)
+        try:
+            columns = reader.fieldnames
+        except csv.Error as exc:
+            raise DataError(f"{path}:1: not valid csv ({exc})") from None
+        if not columns:
+            return
+        if text_key not in columns:
+            shown = ", ".join(repr(c) for c in columns)
+            raise DataError(f"{path}:1: no column {text_key!r} in the header (columns: {shown}, split by "
+                            f"{delim!r}); pass --text-key with the right column or --delim with the right "
+                            "delimiter")
+        try:
+            for row in reader:
+                text = row.get(text_key)
+                if text is None:
+                    raise DataError(f"{path}:{reader.line_num}: the row has fewer fields than the header")
+                yield text
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: not valid csv ({exc})") from None

@@ -206,32 +206,33 @@ class GPT2Dataset(torch.utils.data.Dataset):
         return {"text": out}
 
 
-def _split_parts(names: list[str] | None, cache_dir: str | None, load) -> list[tuple[Any, np.ndarray]] | None:
+def _split_parts(names: list[str] | None, cache_dir: str | None, load, text_key: str
+                 ) -> list[tuple[Any, np.ndarray]] | None:
     """Every document of the named corpora, or None when no names are given."""
     if not names:
         return None
-    corpora = [load(path) for path in resolve_corpora(names, cache_dir)]
+    corpora = [load(path, text_key) for path in resolve_corpora(names, cache_dir)]
     return [(c, np.arange(len(c))) for c in corpora]
 
 
 def split_documents(train_data: list[str] | None, valid_data: list[str] | None, test_data: list[str] | None,
-                    split: str, seed: int, cache_dir: str | None, load: Callable[[str], Any]
-                    ) -> list[list[tuple[Any, np.ndarray]]]:
-    """The (train, valid, test) documents as ``[(corpus, indices)]`` lists; ``load(path)`` opens a corpus.
+                    split: str, seed: int, cache_dir: str | None, load: Callable[[str, str], Any],
+                    text_key: str = "text", eval_text_key: str | None = None) -> list[list[tuple[Any, np.ndarray]]]:
+    """The (train, valid, test) documents as ``[(corpus, indices)]`` lists; ``load(path, key)`` opens a corpus.
 
     ``train_data`` (aliases or paths) is split by ``split`` and ``seed`` (``parse_split``);
-    ``valid_data``/``test_data``, when given, serve whole as those splits and their share of the train
-    data goes back to training.
+    ``valid_data``/``test_data``, when given, serve whole as those splits (their text under
+    ``eval_text_key``, default ``text_key``) and their share of the train data goes back to training.
     """
     fractions = parse_split(split, bool(valid_data), bool(test_data))
     parts: list[list[tuple[Any, np.ndarray]]] = [[], [], []]
-    train_parts = _split_parts(train_data, cache_dir, load) or []
+    train_parts = _split_parts(train_data, cache_dir, load, text_key) or []
     assigned = assign_corpus_splits([len(idx) for _, idx in train_parts], fractions, seed)
     for (corpus, idx), which in zip(train_parts, assigned, strict=True):
         for s in range(3):
             parts[s].append((corpus, idx[which == s]))
     for s, names in ((1, valid_data), (2, test_data)):
-        given = _split_parts(names, cache_dir, load)
+        given = _split_parts(names, cache_dir, load, eval_text_key or text_key)
         if given is not None:
             parts[s] = given
         elif fractions[s] > 0 and parts[s] and not sum(len(idx) for _, idx in parts[s]):
@@ -243,22 +244,24 @@ def split_documents(train_data: list[str] | None, valid_data: list[str] | None, 
 
 def build_gpt2_datasets(train_data: list[str] | None, valid_data: list[str] | None, test_data: list[str] | None,
                         split: str, seq_length: int, tokenizer: Tokenizer, lazy: bool, cache_dir: str | None,
-                        seed: int, text_key: str = "text", group: Any = None
+                        seed: int, text_key: str = "text", group: Any = None, eval_text_key: str | None = None
                         ) -> tuple[GPT2Dataset | None, GPT2Dataset | None, GPT2Dataset | None]:
     """(train, valid, test) GPT2 datasets; a split without documents is None.
 
     ``train_data`` (aliases or paths) is split by ``split`` and ``seed``; ``valid_data``/``test_data``,
-    when given, serve whole as those splits and their share of the train data goes to training. With ``lazy``, each corpus is tokenized once into ``cache_dir`` by the first rank of
-    ``group`` (default: every rank) while the others wait; every rank of that group must call this.
+    when given, serve whole as those splits (text under ``eval_text_key``, default ``text_key``) and
+    their share of the train data goes to training. With ``lazy``, each corpus is tokenized once into
+    ``cache_dir`` by the first rank of ``group`` (default: every rank) while the others wait; every
+    rank of that group must call this.
     """
-    loaded: dict[str, InMemoryCorpus | LazyCorpus] = {}
+    loaded: dict[tuple[str, str], InMemoryCorpus | LazyCorpus] = {}
 
-    def load(path: str) -> InMemoryCorpus | LazyCorpus:
-        if path not in loaded:
-            loaded[path] = load_corpus(path, tokenizer, lazy, cache_dir, text_key, group)
-        return loaded[path]
+    def load(path: str, key: str) -> InMemoryCorpus | LazyCorpus:
+        if (path, key) not in loaded:
+            loaded[path, key] = load_corpus(path, tokenizer, lazy, cache_dir, key, group)
+        return loaded[path, key]
 
-    parts = split_documents(train_data, valid_data, test_data, split, seed, cache_dir, load)
+    parts = split_documents(train_data, valid_data, test_data, split, seed, cache_dir, load, text_key, eval_text_key)
     datasets: list[GPT2Dataset | None] = []
     for name, split_parts in zip(SPLIT_NAMES, parts, strict=True):
         docs = Documents(split_parts)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from atomic import remove_orphans, temporary_path
-from data_utils.corpora import read_loose_json
+from data_utils.corpora import delimiter, read_texts
 from data_utils.errors import DataError, warn
 from data_utils.sentences import split_sentences, splitter_identity
 from data_utils.tokenization import Tokenizer
@@ -63,7 +63,7 @@ def _text_chunks(path: str, text_key: str) -> Iterator[list[str]]:
               desc=f"tokenizing {os.path.basename(path)}", disable=not _is_first_rank()) as bar:
         texts: list[str] = []
         chars = 0
-        for text in read_loose_json(path, text_key, on_bytes=bar.update):
+        for text in read_texts(path, text_key, on_bytes=bar.update):
             texts.append(text)
             chars += len(text)
             if len(texts) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
@@ -183,6 +183,8 @@ def cache_folder(path: str, tokenizer: Tokenizer, cache_dir: str, text_key: str 
         "mtime_ns": stat.st_mtime_ns, "tokenizer": getattr(tokenizer, "identity", tokenizer.name),
         "text_key": text_key,
     }
+    if delimiter(path) is not None:
+        ident["delimiter"] = delimiter(path)
     if sentences is not None:
         ident["sentences"] = sentences
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

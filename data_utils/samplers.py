@@ -32,13 +32,14 @@ class DistributedBatchSampler:
     The sample order is the concatenation of per-epoch permutations of ``range(num_samples)``,
     epoch ``e`` shuffled by a torch generator seeded with ``seed + e``; global batches are
     consecutive runs of that order, so one may straddle two epochs. Iteration starts at
-    ``consumed_samples``; the sampler itself holds no other state.
+    ``consumed_samples``; the sampler itself holds no other state. Without ``shuffle`` every epoch
+    walks the samples in order (``--no-shuffle``).
     """
 
     def __init__(self, num_samples: int, batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 consumed_samples: int = 0) -> None:
+                 consumed_samples: int = 0, shuffle: bool = True) -> None:
         _check_layout(num_samples, batch_size, dp_rank, dp_size, consumed_samples)
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.num_samples, self.batch_size, self.seed, self.shuffle = num_samples, batch_size, seed, shuffle
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.global_batch_size = batch_size * dp_size
         self.consumed_samples = consumed_samples
@@ -46,6 +47,8 @@ class DistributedBatchSampler:
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The sample order of ``epoch``."""
+        if not self.shuffle:
+            return np.arange(self.num_samples)
         if self._cached is None or self._cached[0] != epoch:
             gen = torch.Generator().manual_seed(self.seed + epoch)
             self._cached = (epoch, torch.randperm(self.num_samples, generator=gen).numpy())
@@ -138,14 +141,16 @@ class DataIterator:
 
 
 def make_data_loader(dataset: torch.utils.data.Dataset, batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                     consumed_samples: int = 0, shuffle: bool = True, num_workers: int = 0) -> DataIterator:
+                     consumed_samples: int = 0, shuffle: bool = True, num_workers: int = 0,
+                     in_order: bool = False) -> DataIterator:
     """This rank's batches of ``dataset``: endless and shuffled (``shuffle``) or one ordered pass.
 
     ``batch_size`` is per rank; all ranks together consume ``batch_size * dp_size`` samples per step.
+    ``in_order`` makes the endless training batches walk each epoch in sample order instead.
     """
     if shuffle:
         sampler: DistributedBatchSampler | SequentialBatchSampler = DistributedBatchSampler(
-            len(dataset), batch_size, dp_rank, dp_size, seed, consumed_samples)
+            len(dataset), batch_size, dp_rank, dp_size, seed, consumed_samples, shuffle=not in_order)
     else:
         sampler = SequentialBatchSampler(len(dataset), batch_size, dp_rank, dp_size, consumed_samples)
     # A generator of its own: otherwise every new iterator draws its worker seed from the global torch

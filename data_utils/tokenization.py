@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from data_utils.corpora import read_loose_json
+from data_utils.corpora import read_texts
 from data_utils.errors import DataError
 
 GPT2_VOCAB_NAME = "gpt2-vocab.json"
@@ -282,7 +282,7 @@ class _TrainingLines:
     def __iter__(self) -> Iterator[str]:
         try:
             for path in self.files:
-                for text in read_loose_json(path, self.text_key):
+                for text in read_texts(path, self.text_key):
                     for line in text.splitlines():
                         if line.strip():
                             self.count += 1

@@ -119,3 +119,61 @@ def test_non_object_and_non_string_values(tmp_path):
         list(read_loose_json(str(path)))
     with pytest.raises(DataError, match="cannot open corpus"):
         list(read_loose_json(str(tmp_path / "missing.json")))
+
+
+def test_tight_json_array_is_read_like_loose_json(tmp_path):
+    from data_utils.corpora import read_texts
+
+    path = tmp_path / "tight.json"
+    path.write_text(json.dumps([{"text": "one"}, {"text": "two", "id": 2}], indent=2))
+    assert list(read_texts(str(path))) == ["one", "two"]
+    loose = tmp_path / "loose.json"
+    loose.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert list(read_texts(str(loose))) == ["one", "two"]
+    path.write_text('[{"text": "one"}, {"title": "two"}]')
+    with pytest.raises(DataError, match=r"tight.json: element 2 of the json array has no key 'text'"):
+        list(read_texts(str(path)))
+    path.write_text('[{"text": "one"}, ')
+    with pytest.raises(DataError, match=r"tight.json:1: not valid JSON"):
+        list(read_texts(str(path)))
+
+
+def test_csv_and_tsv_with_header_text_column_and_delimiter(tmp_path):
+    from data_utils.corpora import read_texts, set_delimiter
+
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text('id,sentence\n1,"hello, world"\n2,"two\nlines"\n')
+    assert list(read_texts(str(csv_path), "sentence")) == ["hello, world", "two\nlines"]
+    tsv_path = tmp_path / "c.tsv"
+    tsv_path.write_text("id\tsentence\n1\ta, b\n")
+    assert list(read_texts(str(tsv_path), "sentence")) == ["a, b"]
+    semi = tmp_path / "semi.csv"
+    semi.write_text("id;sentence\n1;x,y\n")
+    with pytest.raises(DataError, match=r"semi.csv:1: no column 'sentence' in the header .*--delim"):
+        list(read_texts(str(semi), "sentence"))
+    set_delimiter(";")
+    try:
+        assert list(read_texts(str(semi), "sentence")) == ["x,y"]
+    finally:
+        set_delimiter(None)
+    short = tmp_path / "short.csv"
+    short.write_text("sentence,id\nfine,1\n")
+    assert list(read_texts(str(short), "sentence")) == ["fine"]
+    short.write_text("id,sentence\n1\n")
+    with pytest.raises(DataError, match=r"short.csv:2: the row has fewer fields than the header"):
+        list(read_texts(str(short), "sentence"))
+
+
+def test_eval_text_key_reads_valid_and_test_data_under_their_own_key(tmp_path):
+    from data_utils import build_gpt2_datasets
+    from tests.test_data_common import ByteTokenizer, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.json", [f"train document {i}" for i in range(20)])
+    valid = tmp_path / "valid.json"
+    valid.write_text("".join(json.dumps({"body": f"valid document {i}"}) + "\n" for i in range(5)))
+    tok = ByteTokenizer()
+    _, ds, _ = build_gpt2_datasets([train], [str(valid)], None, "1", 4, tok, False, None, seed=1,
+                                   eval_text_key="body")
+    assert tok.decode(ds.docs[0]) == "valid document 0"
+    with pytest.raises(DataError, match="no key 'text'"):
+        build_gpt2_datasets([train], [str(valid)], None, "1", 4, tok, False, None, seed=1)

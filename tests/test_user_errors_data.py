@@ -157,12 +157,16 @@ def test_an_empty_corpus_names_its_file(tmp_path, capsys):
 
 
 def test_a_split_share_that_comes_to_no_documents_warns(tmp_path, capsys):
-    src = write_jsonl(tmp_path / "c.json", TEXTS[:6])
+    src = write_jsonl(tmp_path / "c.json", TEXTS[:2])  # two documents cannot fill three splits
     train, valid, test = build_gpt2_datasets([src], None, None, "98,1,1", 8, ByteTokenizer(), False, None, seed=1)
     err = capsys.readouterr().err
     assert train is not None and valid is None and test is None
-    assert "warning: --split 98,1,1 gives the valid split 1.0% of 6 documents" in err
+    assert "warning: --split 98,1,1 gives the valid split 1.0% of 2 documents, too few to leave it one" in err
     assert "there is no test data" in err and "--test-data" in err
+    six = write_jsonl(tmp_path / "six.json", TEXTS[:6])  # enough: every non-zero share gets a document
+    train, valid, test = build_gpt2_datasets([six], None, None, "98,1,1", 8, ByteTokenizer(), False, None, seed=1)
+    assert len(valid.docs) == 1 and len(test.docs) == 1 and len(train.docs) == 4
+    assert "warning" not in capsys.readouterr().err
     build_gpt2_datasets([src], None, None, "1", 8, ByteTokenizer(), False, None, seed=1)  # no share: no warning
     build_gpt2_datasets([src], [src], [src], "98,1,1", 8, ByteTokenizer(), False, None, seed=1)  # given whole
     assert "warning" not in capsys.readouterr().err
