@@ -7,8 +7,10 @@ import torch
 import mpu
 from arguments import get_args, transformer_kwargs
 from data_utils import build_gpt2_datasets, make_tokenizer
+from data_utils.blending import build_indexed_datasets, gpt2_member
+from data_utils.npy_dataset import build_npy_datasets
 from model import GPT2Model, TransformerConfig, get_masks_and_position_ids
-from training import pretrain, print_run_summary, run_main
+from training import pretrain, print_run_summary, run_main, samples_needed
 
 
 def model_provider(args, padded_vocab_size: int) -> GPT2Model:
@@ -19,10 +21,21 @@ def model_provider(args, padded_vocab_size: int) -> GPT2Model:
 
 def data_provider(args):
     tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir)
+    if args.use_npy_data_loader:
+        return (tokenizer, *build_npy_datasets(args.train_data_path, args.val_data_path, args.test_data_path,
+                                               args.input_data_sizes_file, args.seq_length, args.cache_dir,
+                                               args.trust_pickle))
     train, valid, test = build_gpt2_datasets(
         args.train_data or [], args.valid_data, args.test_data, args.split, args.seq_length, tokenizer,
         args.lazy_loader, args.cache_dir, args.seed, args.text_key, eval_text_key=args.eval_text_key,
     )
+    if args.data_path:
+        blends = build_indexed_datasets(
+            args.data_path, args.split, args.seed, samples_needed(args), gpt2_member(args.seq_length, tokenizer),
+            tokenizer, gpt2=True, valid_given=bool(args.valid_data), test_given=bool(args.test_data),
+            shuffle=args.shuffle, data_cache_path=args.data_cache_path, cache_dir=args.cache_dir,
+        )
+        train, valid, test = blends[0], valid or blends[1], test or blends[2]
     return tokenizer, train, valid, test
 
 

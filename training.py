@@ -418,6 +418,12 @@ def log_training(stats: _IntervalStats, state: TrainState, args, optimizer: FP16
     logger.write(record)
 
 
+def samples_needed(args) -> tuple[int, int, int]:
+    """Global samples training, one validation pass and the test pass draw (sizes of a presampled blend)."""
+    global_batch = args.batch_size * args.data_parallel_size
+    return args.train_iters * global_batch, args.eval_iters * global_batch, args.eval_iters * global_batch
+
+
 def _loaders(args, datasets, state: TrainState):
     """Train iterator and valid/test iterator factories, on each model-parallel group's first rank.
 
@@ -436,8 +442,10 @@ def _loaders(args, datasets, state: TrainState):
         if getattr(dataset, "rank_sharded", False):
             return iter(make_data_loader(dataset, args.batch_size, 0, 1, args.seed, consumed // dp_size,
                                          shuffle, args.num_workers, in_order=not args.shuffle))
+        # A presampled dataset (a --data-path blend) is in its training order already.
+        in_order = not args.shuffle or getattr(dataset, "presampled", False)
         return iter(make_data_loader(dataset, args.batch_size, dp_rank, dp_size, args.seed, consumed,
-                                     shuffle, args.num_workers, in_order=not args.shuffle))
+                                     shuffle, args.num_workers, in_order=in_order))
 
     def eval_factory(dataset):
         if dataset is None:
@@ -785,7 +793,7 @@ def pretrain(args, model_provider, data_provider, forward_step_provider) -> dict
     set_random_seed(args.seed)
     tokenizer, *datasets = data_provider(args)
     if args.train_iters > 0 and datasets[0] is None:
-        raise ArgumentError("no training data: give --train-data (and a --split with a train share)")
+        raise ArgumentError("no training data: give --train-data or --data-path (and a --split with a train share)")
     padded = pad_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                             args.model_parallel_size)
     saved = ckpt.get("config", {}) if ckpt is not None else {}

@@ -163,16 +163,20 @@ class GPT2Dataset(torch.utils.data.Dataset):
     """Windows of ``seq_length + 1`` tokens over documents joined by ``eod``; ``{'text': int64 array}``.
 
     ``docs`` is any sequence of 1-D token arrays (with a ``lengths`` array, or it is computed).
-    Only the cumulative lengths are precomputed; a sample reads just the documents it overlaps.
+    Only the cumulative lengths are precomputed (or given as ``ends``, ``cumsum(lengths + 1)``); a
+    sample reads just the documents it overlaps.
     """
 
-    def __init__(self, docs: Sequence[np.ndarray], seq_length: int, eod: int, name: str = "train") -> None:
+    def __init__(self, docs: Sequence[np.ndarray], seq_length: int, eod: int, name: str = "train",
+                 lengths: np.ndarray | None = None, ends: np.ndarray | None = None) -> None:
         if seq_length < 1:
             raise DataError(f"--seq-length must be positive, got {seq_length}")
-        lengths = getattr(docs, "lengths", None)
+        if lengths is None:
+            lengths = getattr(docs, "lengths", None)
         self.lengths = np.asarray(lengths if lengths is not None else [len(d) for d in docs], dtype=np.int64)
         self.docs, self.seq_length, self.eod, self.name = docs, seq_length, eod, name
-        self.ends = np.cumsum(self.lengths + 1)  # exclusive end of document j's tokens + its eod
+        # exclusive end of document j's tokens + its eod; ``ends`` may come precomputed (a cached map)
+        self.ends = np.cumsum(self.lengths + 1) if ends is None else ends
         self.num_tokens = int(self.ends[-1]) if len(self.ends) else 0
         self.num_samples = (self.num_tokens - 1) // seq_length if self.num_tokens > seq_length else 0
         if self.num_samples == 0:

@@ -1,0 +1,240 @@
+"""Training from indexed datasets: --data-path parsing, document splits, GPT2/BERT samples, weighted blends."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from data_utils import DataError, build_bert_datasets, build_gpt2_datasets
+from data_utils.blending import (
+    BlendedDataset,
+    bert_member,
+    blend_indices,
+    build_indexed_datasets,
+    gpt2_member,
+    parse_data_path,
+)
+from data_utils.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
+from data_utils.sentences import split_sentences
+from tests.cli import assert_one_line_error
+from tests.test_data_common import ByteTokenizer, write_jsonl
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def _texts(n: int, tag: str) -> list[str]:
+    return [f"{tag}{i} " + " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(3 + i % 9)) for i in range(n)]
+
+
+def _write_indexed(prefix: str, docs: list[list[list[int]]]) -> str:
+    """A .bin/.idx pair of documents given as lists of sequences."""
+    builder = IndexedDatasetBuilder(data_file_path(prefix), np.uint16)
+    for doc in docs:
+        for seq in doc:
+            builder.add_item(np.asarray(seq))
+        builder.end_document()
+    builder.finalize(index_file_path(prefix))
+    return prefix
+
+
+def _gpt2_prefix(folder, texts: list[str], name: str, append_eod: bool = True) -> str:
+    tok = ByteTokenizer()
+    docs = [[tok.encode(t) + ([tok.eod] if append_eod else [])] for t in texts]
+    return _write_indexed(os.path.join(folder, name), docs)
+
+
+def _gpt2_blends(data_path, folder, split="1", samples=(100, 10, 10), shuffle=True, seed=3, seq=8, **kw):
+    tok = ByteTokenizer()
+    return build_indexed_datasets(data_path, split, seed, samples, gpt2_member(seq, tok), tok, gpt2=True,
+                                  shuffle=shuffle, cache_dir=str(folder), **kw)
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["a"], [(1.0, "a")]),
+    (["0.7", "a", "0.3", "b.bin"], [(0.7, "a"), (0.3, "b")]),
+    (["2", "a.idx", "6", "b"], [(0.25, "a"), (0.75, "b")]),
+])
+def test_parse_data_path(values, expected):
+    got = parse_data_path(values)
+    assert [p for _, p in got] == [p for _, p in expected]
+    np.testing.assert_allclose([w for w, _ in got], [w for w, _ in expected])
+
+
+@pytest.mark.parametrize("values, message", [
+    (["0.7", "a", "b"], "are not pairs"),
+    (["a", "0.5", "b", "0.5"], "'a' should be the weight of '0.5'"),
+    (["-0.3", "a", "1.3", "b"], "the weight of 'a' is -0.3; weights must be positive"),
+    (["0", "a", "1", "b"], "the weight of 'a' is 0"),
+    (["nan", "a", "1", "b"], "weights must be positive"),
+])
+def test_parse_data_path_errors(values, message):
+    with pytest.raises(DataError, match=message):
+        parse_data_path(values)
+
+
+def test_blend_proportions_hold_at_every_prefix_and_extend_exactly():
+    d, s = blend_indices([0.7, 0.3], [50, 4000], 10_000, seed=1, split=0)
+    counts = np.cumsum(d == 0)
+    at = np.arange(1, 10_001)
+    assert np.abs(counts - 0.7 * at).max() <= 1.0  # within one sample of the weights after any number of samples
+    assert abs((d == 0).mean() - 0.7) < 0.02
+    d2, s2 = blend_indices([0.7, 0.3], [50, 4000], 4_000, seed=1, split=0)
+    np.testing.assert_array_equal(d2, d[:4000])  # a longer blend starts with the shorter one: resume with more iters
+    np.testing.assert_array_equal(s2, s[:4000])
+    # dataset 0 (50 samples) repeats: each run of 50 draws is one permutation, a new one per epoch
+    first = s[d == 0]
+    for e in range(3):
+        assert sorted(first[50 * e:50 * (e + 1)].tolist()) == list(range(50))
+    assert first[:50].tolist() != first[50:100].tolist()
+    d3, s3 = blend_indices([0.7, 0.3], [50, 4000], 10_000, seed=2, split=0)
+    np.testing.assert_array_equal(d3, d)  # the interleave depends on the weights only
+    assert (s3 != s).any()  # the order within each dataset on the seed
+    _, ordered = blend_indices([0.7, 0.3], [50, 4000], 1000, seed=1, split=0, shuffle=False)
+    assert ordered[d[:1000] == 1].tolist() == list(range(int((d[:1000] == 1).sum())))
+
+
+def test_three_way_blend_and_dataset_index():
+    d, s = blend_indices([1, 2, 7], [10, 10, 10], 1000, seed=0, split=1)
+    np.testing.assert_allclose(np.bincount(d, minlength=3) / 1000, [0.1, 0.2, 0.7], atol=0.002)
+    ds = BlendedDataset([[f"a{i}" for i in range(10)], [f"b{i}" for i in range(10)], [f"c{i}" for i in range(10)]],
+                        d, s)
+    assert ds[0] == ["a", "b", "c"][d[0]] + str(s[0]) and len(ds) == 1000
+
+
+@pytest.mark.parametrize("append_eod", [True, False])
+def test_gpt2_samples_equal_the_json_path_split_for_split(tmp_path, append_eod):
+    texts = _texts(80, "d")
+    prefix = _gpt2_prefix(tmp_path, texts, "corpus", append_eod)
+    json_path = write_jsonl(tmp_path / "corpus.json", texts)
+    tok = ByteTokenizer()
+    expected = build_gpt2_datasets([json_path], None, None, "80,10,10", 8, tok, False, None, seed=3)
+    got = _gpt2_blends([prefix], tmp_path, split="80,10,10", samples=[2 * len(e) for e in expected], shuffle=False)
+    for name, e, g in zip(("train", "valid", "test"), expected, got, strict=True):
+        assert len(g.datasets[0]) == len(e), name
+        member = g.datasets[0]
+        for i in range(len(e)):
+            np.testing.assert_array_equal(member[i]["text"], e[i]["text"])
+        np.testing.assert_array_equal(g[0]["text"], e[0]["text"])  # no shuffle: the blend walks it in order
+        assert g[len(e)]["text"].tolist() == e[0]["text"].tolist()  # then the next epoch
+
+
+def test_blend_of_two_prefixes_draws_by_weight_and_is_cached(tmp_path, monkeypatch):
+    a = _gpt2_prefix(tmp_path, _texts(60, "a"), "a")
+    b = _gpt2_prefix(tmp_path, [t.upper() for t in _texts(60, "b")], "b")
+    train, _, _ = _gpt2_blends(["0.7", a, "0.3", b], tmp_path, samples=(10_000, 0, 0))
+    assert [m.docs.ds.prefix for m in train.datasets] == [a, b]
+    assert np.mean(train.dataset_index == 0) == pytest.approx(0.7, abs=0.001)
+    stream_a = b"".join(t.encode() + b"|" for t in _texts(60, "a"))
+    for i in range(0, 200, 7):  # a sample drawn from a.bin is a window of a's stream (eod shown as '|')
+        text = bytes(t if t < 256 else ord("|") for t in train[i]["text"])
+        assert (text in stream_a) == (train.dataset_index[i] == 0), i
+    cache = tmp_path / "index-cache"  # beside the data
+    assert any(p.name.startswith("a.blend.train.") for p in cache.iterdir())
+    import data_utils.blending as blending
+
+    monkeypatch.setattr(blending, "blend_indices", lambda *a, **k: pytest.fail("rebuilt a cached blend"))
+    monkeypatch.setattr(blending, "assign_corpus_splits", lambda *a, **k: pytest.fail("re-split a cached dataset"))
+    again, _, _ = _gpt2_blends(["0.7", a, "0.3", b], tmp_path, samples=(10_000, 0, 0))
+    np.testing.assert_array_equal(again.sample_index, train.sample_index)
+    assert isinstance(again.sample_index, np.memmap)  # mapped, not read whole
+
+
+def test_data_cache_path_and_a_changed_dataset_gets_new_indices(tmp_path):
+    a = _gpt2_prefix(tmp_path, _texts(40, "a"), "a")
+    elsewhere = tmp_path / "indices"
+    _gpt2_blends([a], tmp_path, data_cache_path=str(elsewhere))
+    before = set(os.listdir(elsewhere))
+    assert before and not (tmp_path / "index-cache").exists()
+    _gpt2_prefix(tmp_path, _texts(41, "a"), "a")  # rewritten: other size
+    train, _, _ = _gpt2_blends([a], tmp_path, data_cache_path=str(elsewhere))
+    assert set(os.listdir(elsewhere)) > before
+    assert len(train.datasets[0].docs) == 41
+
+
+def test_valid_data_given_as_json_takes_its_share_back(tmp_path):
+    a = _gpt2_prefix(tmp_path, _texts(100, "a"), "a")
+    train, valid, test = _gpt2_blends([a], tmp_path, split="80,20,0", samples=(50, 10, 10), valid_given=True)
+    assert valid is None and test is None and len(train.datasets[0].docs) == 100
+
+
+def test_wrong_vocabulary_is_one_line(tmp_path):
+    prefix = _write_indexed(str(tmp_path / "big"), [[[1, 2, 3, 9000]]] * 4)
+    with pytest.raises(DataError, match="holds token id 9000, beyond the tokenizer's 257 ids"):
+        _gpt2_blends([prefix], tmp_path)
+
+
+def test_bert_pairs_from_a_sentence_level_index_equal_the_json_path(tmp_path):
+    from tests.test_bert_dataset import IdTokenizer
+
+    tok = IdTokenizer()
+    texts = ["\n".join(" ".join(f"w{10 + d * 50 + s * 7 + j}" for j in range(1 + (d * s) % 6))
+                       for s in range(2 + d % 5)) for d in range(30)]
+    json_path = write_jsonl(tmp_path / "sents.json", texts)
+    docs = [[tok.encode(s) for s in split_sentences(t, presplit=True)] for t in texts]
+    prefix = _write_indexed(str(tmp_path / "sents"), [[s for s in d if s] for d in docs])
+    expected = build_bert_datasets([json_path], None, None, "80,10,10", 24, 4, tok, False, None, seed=9,
+                                   presplit_sentences=True)
+    got = build_indexed_datasets([prefix], "80,10,10", 9, (10**5,) * 3, bert_member(24, 4, tok, 9), tok, gpt2=False,
+                                 shuffle=False, cache_dir=str(tmp_path))
+    for e, g in zip(expected, got, strict=True):
+        member = g.datasets[0]
+        assert len(member) == len(e)
+        for i in range(0, len(e), 3):
+            for key, value in e[i].items():
+                np.testing.assert_array_equal(member[i][key], value, err_msg=key)
+
+
+def test_bert_refuses_document_level_data(tmp_path):
+    from tests.test_bert_dataset import IdTokenizer
+
+    tok = IdTokenizer()
+    prefix = _write_indexed(str(tmp_path / "docs"), [[[5, 6, 7]], [[8, 9]]])
+    with pytest.raises(DataError, match="--split-sentences"):
+        build_indexed_datasets([prefix], "1", 9, (10, 0, 0), bert_member(24, 4, tok, 9), tok, gpt2=False,
+                               cache_dir=str(tmp_path))
+
+
+def test_pretrain_gpt2_from_a_blend_trains_resumes_exactly_and_refuses_bad_blends(tmp_path):
+    import subprocess
+    import sys
+
+    import data_utils
+    from tests.test_pretrain_gpt2 import REPO, _base_args, _corpus, _losses, _train
+
+    corpus = _corpus(tmp_path)
+    args = _base_args(tmp_path)
+    vocab, merges = args[args.index("--vocab-file") + 1], args[args.index("--merge-file") + 1]
+    tok = data_utils.make_tokenizer("GPT2BPETokenizer", vocab, merges, str(tmp_path / "cache"))
+    texts = list(data_utils.read_loose_json(corpus))
+    prefixes = []
+    for name, part in (("a", texts[:100]), ("b", texts[100:])):
+        docs = [[tok.encode(t) + [tok.eod]] for t in part]
+        prefixes.append(_write_indexed(str(tmp_path / name), docs))
+    blend = f"0.7 {prefixes[0]} 0.3 {prefixes[1]}"
+
+    def argv(**extra):
+        return _base_args(tmp_path, **{"--train-data": None, "--data-path": blend, "--resume-dataloader": True,
+                                        **extra})
+
+    def split_blend(a):  # --data-path takes several values
+        i = a.index("--data-path")
+        return a[:i + 1] + a[i + 1].split() + a[i + 2:]
+
+    unbroken = str(tmp_path / "unbroken")
+    _train(split_blend(argv(**{"--log-dir": unbroken})))
+    ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
+    _train(split_blend(argv(**{"--save": ckpt, "--exit-interval": 10, "--log-dir": resumed})))
+    _train(split_blend(argv(**{"--save": ckpt, "--load": ckpt, "--log-dir": resumed})))
+    expected, got = _losses(unbroken), _losses(resumed)
+    assert sorted(got) == list(range(1, 21)) and got == expected
+    assert expected[20] < expected[1]
+    bad = split_blend(_base_args(tmp_path, **{"--train-data": None, "--data-path": f"-1 {prefixes[0]} 2 {prefixes[1]}",
+                                              "--train-iters": 2}))
+    proc = subprocess.run([sys.executable, "pretrain_gpt2.py", *bad], cwd=REPO, capture_output=True, text=True)
+    assert_one_line_error(proc.returncode, proc.stderr, "weights must be positive")
+    os.remove(prefixes[1] + ".idx")
+    proc = subprocess.run([sys.executable, "pretrain_gpt2.py", *split_blend(argv())], cwd=REPO, capture_output=True,
+                          text=True)
+    assert_one_line_error(proc.returncode, proc.stderr, "b.idx")
