@@ -9,8 +9,9 @@ import torch.nn.functional as F
 import mpu
 from arguments import get_args, transformer_kwargs
 from data_utils import build_bert_datasets, build_tfrecord_datasets, make_tokenizer, resolve_corpora
+from data_utils.blending import bert_member, build_indexed_datasets
 from model import BertModel, bert_config
-from training import pretrain, print_run_summary, run_main
+from training import pretrain, print_run_summary, run_main, samples_needed
 
 BATCH_KEYS = ["text", "types", "is_random", "mask", "mask_labels", "pad_mask"]
 BERT_DEFAULTS = {"layernorm_epsilon": 1e-12, "tokenizer_type": "BertWordPieceTokenizer"}
@@ -41,6 +42,14 @@ def data_provider(args):
             args.max_preds_per_seq, tokenizer, args.lazy_loader, args.cache_dir, args.seed, args.text_key,
             args.presplit_sentences, eval_text_key=args.eval_text_key,
         )
+    if args.data_path:
+        blends = build_indexed_datasets(
+            args.data_path, args.split, args.seed, samples_needed(args),
+            bert_member(args.seq_length, args.max_preds_per_seq, tokenizer, args.seed), tokenizer, gpt2=False,
+            valid_given=bool(args.valid_data), test_given=bool(args.test_data), shuffle=args.shuffle,
+            data_cache_path=args.data_cache_path, cache_dir=args.cache_dir,
+        )
+        datasets = (blends[0], datasets[1] or blends[1], datasets[2] or blends[2])
     return (tokenizer, *datasets)
 
 

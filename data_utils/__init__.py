@@ -20,16 +20,19 @@ from data_utils.bert_dataset import BertSentencePairDataset, SentenceDocuments, 
 from data_utils.corpora import NAMED_CORPORA, read_loose_json, resolve_corpora, resolve_corpus
 from data_utils.datasets import GPT2Dataset, build_gpt2_datasets, parse_split
 from data_utils.errors import DataError
+from data_utils.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, best_dtype
 from data_utils.lazy_loader import SentenceCorpus, load_sentence_corpus
+from data_utils.npy_dataset import NpyShardsDataset, build_npy_datasets
 from data_utils.samplers import DataIterator, DistributedBatchSampler, SequentialBatchSampler, make_data_loader
 from data_utils.sentences import split_sentences
 from data_utils.tf_dl import TFRecordBertDataset, build_tfrecord_datasets, shard_tfrecord_files
 from data_utils.tokenization import Tokenizer, make_tokenizer
 
 __all__ = [
-    "NAMED_CORPORA", "BertSentencePairDataset", "DataError", "DataIterator", "DistributedBatchSampler",
-    "GPT2Dataset", "SentenceCorpus", "SentenceDocuments", "SequentialBatchSampler", "TFRecordBertDataset",
-    "Tokenizer", "build_bert_datasets", "build_gpt2_datasets", "build_tfrecord_datasets", "load_sentence_corpus",
-    "make_data_loader", "make_tokenizer", "parse_split", "read_loose_json", "resolve_corpora", "resolve_corpus",
-    "shard_tfrecord_files", "split_sentences"
+    "BertSentencePairDataset", "DataError", "DataIterator", "DistributedBatchSampler", "GPT2Dataset",
+    "IndexedDataset", "IndexedDatasetBuilder", "NAMED_CORPORA", "NpyShardsDataset", "SentenceCorpus",
+    "SentenceDocuments", "SequentialBatchSampler", "TFRecordBertDataset", "Tokenizer", "best_dtype",
+    "build_bert_datasets", "build_gpt2_datasets", "build_npy_datasets", "build_tfrecord_datasets",
+    "load_sentence_corpus", "make_data_loader", "make_tokenizer", "parse_split", "read_loose_json", "resolve_corpora",
+    "resolve_corpus", "shard_tfrecord_files", "split_sentences"
 ]

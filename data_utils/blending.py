@@ -170,13 +170,13 @@ def _ends_with(ds: IndexedDataset, lengths: np.ndarray, token: int) -> np.ndarra
     last_seq = ds.document_indices[1:][has] - 1
     positions = ds.sequence_pointers[last_seq] // ds.dtype.itemsize + ds.sequence_lengths[last_seq] - 1
     out = np.zeros(len(lengths), dtype=bool)
-    out[has] = ds._tokens[positions] == token
+    out[has] = ds.tokens[positions] == token
     return out
 
 
 def _check_vocabulary(ds: IndexedDataset, vocab_size: int) -> None:
     """DataError when the first tokens of ``ds`` hold an id outside the tokenizer's vocabulary."""
-    head = np.asarray(ds._tokens[:1 << 20])
+    head = np.asarray(ds.tokens[:1 << 20])
     if len(head) and int(head.max()) >= vocab_size:
         raise DataError(f"{ds.prefix}: holds token id {int(head.max())}, beyond the tokenizer's {vocab_size} ids: it "
                         "was prepared with another vocabulary; pass the --tokenizer-type/--vocab-file it was made with")
@@ -225,7 +225,7 @@ class IndexedSentenceCorpus(SentenceCorpus):
 
     @property
     def tokens(self) -> np.ndarray:
-        return self.ds._tokens
+        return self.ds.tokens
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__
