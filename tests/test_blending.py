@@ -238,3 +238,54 @@ def test_pretrain_gpt2_from_a_blend_trains_resumes_exactly_and_refuses_bad_blend
     proc = subprocess.run([sys.executable, "pretrain_gpt2.py", *split_blend(argv())], cwd=REPO, capture_output=True,
                           text=True)
     assert_one_line_error(proc.returncode, proc.stderr, "b.idx")
+
+
+REAL_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_CACHE, "shakespeare.json")),
+                    reason="needs the real sample corpus and GPT-2 vocabulary (tools/fetch_sample_data.py)")
+def test_the_sample_corpus_preprocessed_reads_back_token_for_token_and_trains(tmp_path):
+    import pretrain_gpt2
+    from arguments import get_args
+    from data_utils import IndexedDataset, make_tokenizer
+    from data_utils.lazy_loader import load_corpus
+    from tools.preprocess_data import preprocess
+    from training import pretrain
+
+    corpus = os.path.join(REAL_CACHE, "shakespeare.json")
+    kwargs = {"tokenizer_type": "GPT2BPETokenizer", "cache_dir": REAL_CACHE}
+    preprocess([corpus], kwargs, str(tmp_path / "shakespeare"), append_eod=True, workers=2, progress=False)
+    ds = IndexedDataset(str(tmp_path / "shakespeare_text_document"))
+    tok = make_tokenizer(**kwargs)
+    direct = load_corpus(corpus, tok, lazy=True, cache_dir=str(tmp_path / "cache"))
+    assert ds.num_documents == len(direct) and ds.dtype == np.uint16
+    for d in range(len(direct)):
+        np.testing.assert_array_equal(ds.document(d), np.append(direct[d], tok.eod))
+    argv = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "64",
+            "--max-position-embeddings", "64", "--batch-size", "2", "--train-iters", "3", "--eval-iters", "1",
+            "--eval-interval", "3", "--data-path", str(tmp_path / "shakespeare_text_document"), "--split", "98,1,1",
+            "--cache-dir", REAL_CACHE, "--data-cache-path", str(tmp_path / "indices"), "--num-workers", "0"]
+    results = pretrain(get_args(argv), pretrain_gpt2.model_provider, pretrain_gpt2.data_provider,
+                       pretrain_gpt2.forward_step_provider)
+    assert np.isfinite(results["valid"]["lm_loss"])
+
+
+def test_pretrain_bert_from_a_sentence_level_blend_trains_and_resumes_exactly(tmp_path):
+    from tests.test_pretrain_bert import base_args, losses, train
+    from tools.preprocess_data import preprocess
+
+    argv = base_args(tmp_path)
+    corpus, vocab = argv[argv.index("--train-data") + 1], argv[argv.index("--vocab-file") + 1]
+    kwargs = {"tokenizer_type": "BertWordPieceTokenizer", "vocab_file": vocab, "cache_dir": str(tmp_path / "cache")}
+    preprocess([corpus], kwargs, str(tmp_path / "a"), presplit=True, progress=False)
+    preprocess([corpus], kwargs, str(tmp_path / "b"), presplit=True, progress=False)
+    blend = ["0.6", str(tmp_path / "a_text_sentence"), "0.4", str(tmp_path / "b_text_sentence")]
+    common = {"--train-data": None, "--data-path": blend, "--resume-dataloader": True}
+    unbroken = str(tmp_path / "unbroken")
+    train(base_args(tmp_path, **common, **{"--log-dir": unbroken}))
+    ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
+    train(base_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10, "--log-dir": resumed}))
+    train(base_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt, "--log-dir": resumed}))
+    expected, got = losses(unbroken), losses(resumed)
+    assert sorted(got) == list(range(1, 21)) and got == expected
