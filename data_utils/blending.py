@@ -2,7 +2,8 @@
 
 ``--data-path PREFIX`` trains on ``PREFIX.bin``/``PREFIX.idx`` (``data_utils.indexed_dataset``,
 Megatron-Core's format, written by ``tools/preprocess_data.py``); ``--data-path 0.7 A 0.3 B`` blends
-several, each global sample drawn from a dataset in proportion to its weight.
+several, each global sample drawn from a dataset in proportion to its weight (``--data-path A B``:
+in proportion to their sizes in tokens).
 
 Per dataset, every document goes to train, valid or test by ``--split`` and ``--seed`` exactly as
 for json corpora (``datasets.assign_corpus_splits``). GPT2 reads a split's documents as one token
@@ -54,35 +55,46 @@ INDEX_FORMAT = 1
 CACHE_FOLDER = "index-cache"
 
 
-def parse_data_path(values: Sequence[str]) -> list[tuple[float, str]]:
-    """``[(weight, prefix)]`` from ``--data-path PREFIX`` or ``--data-path W1 PREFIX1 W2 PREFIX2 ...``.
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
-    Weights are normalised to sum to 1. Every prefix must name an existing ``.bin``/``.idx`` pair
-    (a trailing ``.bin`` or ``.idx`` is dropped).
+
+def parse_data_path(values: Sequence[str]) -> list[tuple[float | None, str]]:
+    """``[(weight, prefix)]`` from ``--data-path PREFIX``, ``W1 PREFIX1 W2 PREFIX2 ...`` or ``PREFIX1 PREFIX2 ...``.
+
+    Weights are normalised to sum to 1; prefixes given without any weight get None (each then weighs
+    by its size in tokens, see ``build_indexed_datasets``). A trailing ``.bin`` or ``.idx`` is dropped.
     """
     values = list(values)
-    if len(values) == 1:
-        pairs = [("1", values[0])]
-    else:
-        if len(values) % 2:
-            raise DataError(f"--data-path {' '.join(values)}: a blend is pairs of WEIGHT PREFIX, and {len(values)} "
-                            "values are not pairs (every prefix needs its weight)")
-        pairs = list(zip(values[0::2], values[1::2], strict=True))
+    if not values:
+        raise DataError("--data-path needs at least one PREFIX (tools/preprocess_data.py writes PREFIX.bin/.idx)")
+    if not any(_is_number(v) for v in values):
+        return [(None, _strip(v)) for v in values]
+    if len(values) % 2:
+        raise DataError(f"--data-path {' '.join(values)}: a blend is pairs of WEIGHT PREFIX, and {len(values)} "
+                        "values are not pairs (every prefix needs its weight)")
     blend = []
-    for weight_text, prefix in pairs:
-        try:
-            weight = float(weight_text)
-        except ValueError:
+    for weight_text, prefix in zip(values[0::2], values[1::2], strict=True):
+        if not _is_number(weight_text):
             raise DataError(f"--data-path: {weight_text!r} should be the weight of {prefix!r} (a blend is pairs of "
-                            "WEIGHT PREFIX, e.g. 0.7 A 0.3 B)") from None
+                            "WEIGHT PREFIX, e.g. 0.7 A 0.3 B)")
+        weight = float(weight_text)
         if not math.isfinite(weight) or weight <= 0:
             raise DataError(f"--data-path: the weight of {prefix!r} is {weight_text}; weights must be positive "
                             "(leave a dataset out instead of giving it 0)")
-        for suffix in (".bin", ".idx"):
-            prefix = prefix.removesuffix(suffix)
-        blend.append((weight, prefix))
+        blend.append((weight, _strip(prefix)))
     total = sum(w for w, _ in blend)
     return [(w / total, p) for w, p in blend]
+
+
+def _strip(prefix: str) -> str:
+    for suffix in (".bin", ".idx"):
+        prefix = prefix.removesuffix(suffix)
+    return prefix
 
 
 def _identity(prefix: str) -> dict[str, Any]:
@@ -316,6 +328,9 @@ def build_indexed_datasets(data_path: Sequence[str], split: str, seed: int, num_
     ``--valid-data``/``--test-data`` (``valid_given``, ``test_given``) takes nothing here.
     """
     blend = parse_data_path(data_path)
+    if blend[0][0] is None:  # prefixes without weights: each in proportion to its tokens
+        sizes = [IndexedDataset(prefix).num_tokens for _, prefix in blend]
+        blend = [(size / max(1, sum(sizes)), prefix) for size, (_, prefix) in zip(sizes, blend, strict=True)]
     fractions = parse_split(split, valid_given, test_given)
     root = index_cache_dir(blend[0][1], data_cache_path, cache_dir)
     opened = []

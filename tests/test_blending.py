@@ -52,19 +52,31 @@ def _gpt2_blends(data_path, folder, split="1", samples=(100, 10, 10), shuffle=Tr
 
 
 @pytest.mark.parametrize("values, expected", [
-    (["a"], [(1.0, "a")]),
+    (["a"], [(None, "a")]),
     (["0.7", "a", "0.3", "b.bin"], [(0.7, "a"), (0.3, "b")]),
     (["2", "a.idx", "6", "b"], [(0.25, "a"), (0.75, "b")]),
+    (["a", "b.bin"], [(None, "a"), (None, "b")]),
 ])
 def test_parse_data_path(values, expected):
     got = parse_data_path(values)
     assert [p for _, p in got] == [p for _, p in expected]
-    np.testing.assert_allclose([w for w, _ in got], [w for w, _ in expected])
+    assert [w is None for w, _ in got] == [w is None for w, _ in expected]
+    if expected[0][0] is not None:
+        np.testing.assert_allclose([w for w, _ in got], [w for w, _ in expected])
+
+
+def test_prefixes_without_weights_blend_by_size(tmp_path):
+    a = _gpt2_prefix(tmp_path, _texts(30, "a"), "a")
+    b = _gpt2_prefix(tmp_path, _texts(90, "b"), "b")
+    train, _, _ = _gpt2_blends([a, b], tmp_path, samples=(4000, 0, 0))
+    tokens = [sum(len(t) + 1 for t in _texts(n, tag)) for n, tag in ((30, "a"), (90, "b"))]
+    assert np.mean(train.dataset_index == 0) == pytest.approx(tokens[0] / sum(tokens), abs=0.001)
 
 
 @pytest.mark.parametrize("values, message", [
     (["0.7", "a", "b"], "are not pairs"),
     (["a", "0.5", "b", "0.5"], "'a' should be the weight of '0.5'"),
+    ([], "at least one PREFIX"),
     (["-0.3", "a", "1.3", "b"], "the weight of 'a' is -0.3; weights must be positive"),
     (["0", "a", "1", "b"], "the weight of 'a' is 0"),
     (["nan", "a", "1", "b"], "weights must be positive"),
