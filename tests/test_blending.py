@@ -19,6 +19,7 @@ from data_utils.blending import (
 from data_utils.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
 from data_utils.sentences import split_sentences
 from tests.cli import assert_one_line_error
+from tests.distributed import run_distributed
 from tests.test_data_common import ByteTokenizer, write_jsonl
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -235,13 +236,17 @@ def test_pretrain_gpt2_from_a_blend_trains_resumes_exactly_and_refuses_bad_blend
         return a[:i + 1] + a[i + 1].split() + a[i + 2:]
 
     unbroken = str(tmp_path / "unbroken")
-    _train(split_blend(argv(**{"--log-dir": unbroken})))
+    run_distributed(_train, 1, split_blend(argv(**{"--log-dir": unbroken})))
     ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
-    _train(split_blend(argv(**{"--save": ckpt, "--exit-interval": 10, "--log-dir": resumed})))
-    _train(split_blend(argv(**{"--save": ckpt, "--load": ckpt, "--log-dir": resumed})))
+    run_distributed(_train, 1, split_blend(argv(**{"--save": ckpt, "--exit-interval": 10, "--log-dir": resumed})))
+    run_distributed(_train, 1, split_blend(argv(**{"--save": ckpt, "--load": ckpt, "--log-dir": resumed})))
     expected, got = _losses(unbroken), _losses(resumed)
     assert sorted(got) == list(range(1, 21)) and got == expected
     assert expected[20] < expected[1]
+    data_parallel = str(tmp_path / "dp2")  # the same global samples at data-parallel 2: the same losses
+    run_distributed(_train, 2, split_blend(argv(**{"--log-dir": data_parallel, "--batch-size": 2})))
+    for iteration, value in expected.items():
+        assert _losses(data_parallel)[iteration] == pytest.approx(value, abs=1e-4), iteration
     bad = split_blend(_base_args(tmp_path, **{"--train-data": None, "--data-path": f"-1 {prefixes[0]} 2 {prefixes[1]}",
                                               "--train-iters": 2}))
     proc = subprocess.run([sys.executable, "pretrain_gpt2.py", *bad], cwd=REPO, capture_output=True, text=True)
@@ -252,18 +257,25 @@ def test_pretrain_gpt2_from_a_blend_trains_resumes_exactly_and_refuses_bad_blend
     assert_one_line_error(proc.returncode, proc.stderr, "b.idx")
 
 
+def _pretrain_gpt2(argv: list[str]) -> dict:
+    import pretrain_gpt2
+    from arguments import get_args
+    from training import pretrain
+
+    results = pretrain(get_args(argv), pretrain_gpt2.model_provider, pretrain_gpt2.data_provider,
+                       pretrain_gpt2.forward_step_provider)
+    return {"valid": {k: float(v) for k, v in results["valid"].items()}}
+
+
 REAL_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache")
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_CACHE, "shakespeare.json")),
                     reason="needs the real sample corpus and GPT-2 vocabulary (tools/fetch_sample_data.py)")
 def test_the_sample_corpus_preprocessed_reads_back_token_for_token_and_trains(tmp_path):
-    import pretrain_gpt2
-    from arguments import get_args
     from data_utils import IndexedDataset, make_tokenizer
     from data_utils.lazy_loader import load_corpus
     from tools.preprocess_data import preprocess
-    from training import pretrain
 
     corpus = os.path.join(REAL_CACHE, "shakespeare.json")
     kwargs = {"tokenizer_type": "GPT2BPETokenizer", "cache_dir": REAL_CACHE}
@@ -278,8 +290,7 @@ def test_the_sample_corpus_preprocessed_reads_back_token_for_token_and_trains(tm
             "--max-position-embeddings", "64", "--batch-size", "2", "--train-iters", "3", "--eval-iters", "1",
             "--eval-interval", "3", "--data-path", str(tmp_path / "shakespeare_text_document"), "--split", "98,1,1",
             "--cache-dir", REAL_CACHE, "--data-cache-path", str(tmp_path / "indices"), "--num-workers", "0"]
-    results = pretrain(get_args(argv), pretrain_gpt2.model_provider, pretrain_gpt2.data_provider,
-                       pretrain_gpt2.forward_step_provider)
+    results = run_distributed(_pretrain_gpt2, 1, argv)[0]
     assert np.isfinite(results["valid"]["lm_loss"])
 
 
@@ -295,9 +306,10 @@ def test_pretrain_bert_from_a_sentence_level_blend_trains_and_resumes_exactly(tm
     blend = ["0.6", str(tmp_path / "a_text_sentence"), "0.4", str(tmp_path / "b_text_sentence")]
     common = {"--train-data": None, "--data-path": blend, "--resume-dataloader": True}
     unbroken = str(tmp_path / "unbroken")
-    train(base_args(tmp_path, **common, **{"--log-dir": unbroken}))
+    run_distributed(train, 1, base_args(tmp_path, **common, **{"--log-dir": unbroken}))
     ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
-    train(base_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10, "--log-dir": resumed}))
-    train(base_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt, "--log-dir": resumed}))
+    run_distributed(train, 1, base_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10,
+                                                               "--log-dir": resumed}))
+    run_distributed(train, 1, base_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt, "--log-dir": resumed}))
     expected, got = losses(unbroken), losses(resumed)
     assert sorted(got) == list(range(1, 21)) and got == expected
