@@ -313,3 +313,22 @@ def test_pretrain_bert_from_a_sentence_level_blend_trains_and_resumes_exactly(tm
     run_distributed(train, 1, base_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt, "--log-dir": resumed}))
     expected, got = losses(unbroken), losses(resumed)
     assert sorted(got) == list(range(1, 21)) and got == expected
+
+
+def test_trailing_eod_is_found_by_a_sample_and_a_mixed_sample_checks_every_document(tmp_path, monkeypatch):
+    import data_utils.blending as blending
+    from data_utils import IndexedDataset
+
+    tok = ByteTokenizer()
+    docs = [[tok.encode(t) + [tok.eod]] for t in _texts(50, "a")] + [[[]]]
+    ds = IndexedDataset(_write_indexed(str(tmp_path / "all"), docs))
+    lengths = blending._document_lengths(ds)
+    np.testing.assert_array_equal(blending._ends_with(ds, lengths, tok.eod, sample=5), lengths > 0)
+    mixed = [[tok.encode(t) + ([tok.eod] if i != 37 else [])] for i, t in enumerate(_texts(50, "a"))]
+    ds = IndexedDataset(_write_indexed(str(tmp_path / "mixed"), mixed))
+    lengths = blending._document_lengths(ds)
+    expected = np.arange(50) != 37
+    np.testing.assert_array_equal(blending._ends_with(ds, lengths, tok.eod, sample=50), expected)  # sample sees it
+    got = blending._ends_with(ds, lengths, tok.eod, sample=5)  # a sample of 5 misses doc 37: all are taken to end
+    np.testing.assert_array_equal(got, np.ones(50, dtype=bool))
+    np.testing.assert_array_equal(blending._ends_with(ds, lengths, 7, sample=5), np.zeros(50, dtype=bool))
