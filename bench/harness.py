@@ -28,7 +28,11 @@ def add_common_args(parser: argparse.ArgumentParser, layers: int, hidden: int, h
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                         help="autocast dtype for both models (fp32: none)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, for MFU")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak, for MFU (default on CPU: a GEMM measured in the same run)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile this toolkit's transformer layers, as pretrain_*.py --compile does")
+    parser.add_argument("--compile-peer", action="store_true", help="torch.compile the transformers model too")
 
 
 def init_single_process(seed: int = 1234) -> None:
@@ -57,13 +61,30 @@ def compare(args, models: dict[str, torch.nn.Module], loss_fns: dict[str, LossFn
     Model FLOPs per token: 6 N for the weights plus 12 L s h for the attention scores (forward + backward).
     """
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    if getattr(args, "compile", False):
+        from training import compile_layers
+
+        compile_layers(models["ours"])
+    if getattr(args, "compile_peer", False):
+        models["transformers"].compile()
+    peak, peak_source = args.peak_tflops, "--peak-tflops"
+    gemm_rates: list[float] = []
+    if peak is None and device.type == "cpu":
+        from performance import measure_matmul_tflops
+
+        gemm_rates.append(measure_matmul_tflops(dtype))
+        peak_source = "a GEMM measured in this run"
+    # Both use the fused AdamW kernel: this toolkit's optimizer, and transformers' Trainer default (torch >= 2.8).
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     for step in range(args.steps + 2):
         for name in models:
             elapsed = timed_step(models[name], optimizers[name], loss_fns[name], batch, device, dtype)
             if step >= 2:
                 times[name].append(elapsed)
+    if gemm_rates:
+        gemm_rates.append(measure_matmul_tflops(dtype))
+        peak = max(gemm_rates)
     params = sum(p.numel() for p in models["ours"].parameters())
     tokens_per_step = args.batch_size * args.seq_length
     flops_per_step = tokens_per_step * (6 * params + 12 * args.num_layers * args.seq_length * args.hidden_size)
@@ -72,8 +93,9 @@ def compare(args, models: dict[str, torch.nn.Module], loss_fns: dict[str, LossFn
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, median in medians.items():
         line = f"{name:>13}: median step {1000 * median:8.1f} ms | {tokens_per_step / median:9.0f} tokens/s"
-        if args.peak_tflops:
-            line += f" | MFU {100 * flops_per_step / median / (args.peak_tflops * 1e12):.1f}%"
+        if peak:
+            rate = flops_per_step / median / 1e12
+            line += f" | {rate:.3f} TFLOP/s | MFU {100 * rate / peak:.1f}% of {peak:.3f} TFLOP/s ({peak_source})"
         print(line)
     print(f"ratio ours/transformers step time: {medians['ours'] / medians['transformers']:.3f}")
     mpu.destroy_model_parallel()

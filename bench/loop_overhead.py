@@ -8,10 +8,10 @@ log line plus a ``metrics.jsonl`` record every iteration. The tokenizer reports 
 what they cost with the GPT-2 vocabulary. The bare step is forward + backward + AdamW
 (``bench/harness.py``'s ``timed_step``, as ``bench/gpt2_train_step.py`` times it) on a model built by
 the same ``pretrain_gpt2.model_provider`` with the same flags and padded vocabulary, and by default
-the loop's own AdamW (``training.get_optimizer``: foreach on CPU, fused on CUDA, weight decay on the
-matrices only), so that the difference is the loop and not the optimizer's implementation;
-``--bare-optimizer plain`` takes ``torch.optim.AdamW(params, lr)`` as the harness does (on CPU its
-per-tensor loop is slower than the foreach one, which hides the loop's cost).
+the loop's own AdamW (``training.get_optimizer``: the fused kernel, weight decay on the matrices
+only), so that the difference is the loop and not the optimizer's implementation;
+``--bare-optimizer plain`` takes ``torch.optim.AdamW(params, lr)`` (on CPU its per-tensor loop is
+far slower than the fused kernel, which hides the loop's cost).
 
 Rounds alternate between the two (loop first, then bare first, ...) so that a noisy machine slows
 both alike. The loop's ms/iteration is the median of the differences of consecutive ``elapsed_s`` in
