@@ -153,3 +153,12 @@ def test_real_bert_vocabulary_is_googles_uncased_one():
     assert hashlib.sha256(data).hexdigest() == "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
     tok = make_tokenizer("BertWordPieceTokenizer", cache_dir=REAL_CACHE, model_type="bert-large-uncased")
     assert tok.encode("Hello World") == [7592, 2088] and tok.vocab_size == 30522
+
+
+def test_count_tokens_reads_the_corpus_with_the_project_tokenizer(tmp_path):
+    from tests.test_data_common import write_jsonl, write_tiny_gpt2
+
+    vocab, merges = write_tiny_gpt2(str(tmp_path))
+    corpus = write_jsonl(tmp_path / "c.json", ["the cat", "hello world", ""])
+    docs, tokens = fetch.count_tokens(corpus, vocab, merges)
+    assert docs == 3 and tokens > 10

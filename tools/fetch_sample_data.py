@@ -317,7 +317,9 @@ def count_tokens(corpus: str, vocab_path: str, merges_path: str) -> tuple[int, i
     """Documents and GPT-2 tokens (without end-of-document tokens) in a loose json corpus."""
     tokenization = _import_tokenization()
     tok = tokenization.GPT2BPETokenizer(vocab_path, merges_path)
-    texts = list(tokenization.read_loose_json(corpus))
+    from data_utils.corpora import read_loose_json
+
+    texts = list(read_loose_json(corpus))
     return len(texts), sum(len(ids) for ids in tok.encode_batch(texts))
 
 
