@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mpu
-from arguments import get_args, transformer_kwargs
+from arguments import ArgumentError, get_args, transformer_kwargs
 from data_utils import build_bert_datasets, build_tfrecord_datasets, make_tokenizer, resolve_corpora
 from data_utils.blending import bert_member, build_indexed_datasets
 from model import BertModel, bert_config
@@ -23,6 +23,9 @@ def model_provider(args, padded_vocab_size: int) -> BertModel:
 
 
 def data_provider(args):
+    if args.use_npy_data_loader:
+        raise ArgumentError("--use-npy-data-loader holds GPT2 token shards; BERT reads --train-data, --data-path "
+                            "(tools/preprocess_data.py --split-sentences) or --use-tfrecords")
     sentencepiece_corpus = None
     if args.tokenizer_type == "SentencePieceTokenizer" and not args.use_tfrecords:
         sentencepiece_corpus = resolve_corpora(args.train_data or [], args.cache_dir)  # trained on when absent

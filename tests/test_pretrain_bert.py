@@ -296,6 +296,12 @@ def test_vocab_size_with_a_vocabulary_file_tokenizer_is_refused(tmp_path):
     _assert_one_line_error(_run_cli(base_args(tmp_path, **{"--vocab-size": 100})), "--vocab-size")
 
 
+def test_the_gpt2_npy_loader_is_refused_for_bert(tmp_path):
+    argv = base_args(tmp_path, **{"--train-data": None, "--use-npy-data-loader": True,
+                                  "--train-data-path": str(tmp_path)})
+    _assert_one_line_error(_run_cli(argv), "--use-npy-data-loader holds GPT2 token shards")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_CACHE, "bert-uncased-vocab.txt"))
                     or not os.path.isfile(os.path.join(REAL_CACHE, "shakespeare.json")),
