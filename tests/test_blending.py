@@ -332,3 +332,20 @@ def test_trailing_eod_is_found_by_a_sample_and_a_mixed_sample_checks_every_docum
     got = blending._ends_with(ds, lengths, tok.eod, sample=5)  # a sample of 5 misses doc 37: all are taken to end
     np.testing.assert_array_equal(got, np.ones(50, dtype=bool))
     np.testing.assert_array_equal(blending._ends_with(ds, lengths, 7, sample=5), np.zeros(50, dtype=bool))
+
+
+def test_the_training_loop_reads_a_presampled_blend_in_its_own_order(single_process_group):
+    import argparse
+
+    import training
+
+    blend = BlendedDataset([[{"text": np.array([i])} for i in range(10)]], np.zeros(40, dtype=np.int16),
+                           np.arange(40) % 10)
+    args = argparse.Namespace(batch_size=4, seed=1, num_workers=0, shuffle=True, eval_iters=0)
+    state = training.TrainState()
+    train, _, _ = training._loaders(args, (blend, None, None), state)
+    first = [next(train)["text"].flatten().tolist() for _ in range(3)]
+    assert first == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]  # not reshuffled by the sampler
+    plain = [{"text": np.array([i])} for i in range(40)]
+    train, _, _ = training._loaders(args, (plain, None, None), state)
+    assert next(train)["text"].flatten().tolist() != [0, 1, 2, 3]  # an ordinary dataset is shuffled
