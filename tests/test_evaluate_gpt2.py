@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import evaluate_gpt2
+import evaluation
 import mpu
 from data_utils import make_tokenizer
 from data_utils.detokenizers import wikitext_detokenize
@@ -69,7 +70,7 @@ def test_wikitext_detokenizer_rule_order_cases(raw, expected):
 ])
 def test_windows_score_every_target_exactly_once(targets, length, stride):
     scored = [0] * targets
-    for i, (start, size, first) in enumerate(evaluate_gpt2.lm_windows(targets, length, stride)):
+    for i, (start, size, first) in enumerate(evaluation.lm_windows(targets, length, stride)):
         assert start == i * stride and 1 <= size <= length and start + size <= targets
         assert first == (0 if i == 0 else length - stride) and first < size, "no window without a target"
         for t in range(start + first, start + size):
@@ -110,15 +111,15 @@ def test_window_scores_match_a_plain_loop_and_a_full_pass(single_process_group):
     tokens = torch.randint(0, 64, (61,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         # Many windows, a short last one, batches with padding.
-        windows = evaluate_gpt2.lm_windows(60, 16, 5)
+        windows = evaluation.lm_windows(60, 16, 5)
         assert windows[-1][1] < windows[-2][1], "the last window is short and gets padded in its batch"
-        got_sum, got_count = evaluate_gpt2.score_lm_windows(model, tokens, windows, 4, 0, torch.device("cpu"))
+        got_sum, got_count = evaluation.score_lm_windows(model, tokens, windows, 4, 0, torch.device("cpu"))
         ref_sum, ref_count = _plain_loop_loss(model, tokens, 16, 5)
         assert got_count == ref_count == 60
         assert got_sum == pytest.approx(ref_sum, rel=1e-6)
         # A text that fits one window: the plain full-sequence loss.
         short = tokens[:12]
-        one_sum, one_count = evaluate_gpt2.score_lm_windows(model, short, evaluate_gpt2.lm_windows(11, 16, 5), 4, 0,
+        one_sum, one_count = evaluation.score_lm_windows(model, short, evaluation.lm_windows(11, 16, 5), 4, 0,
                                                             torch.device("cpu"))
         direct = F.cross_entropy(_full_logits(model, short[:-1]), torch.tensor(short[1:]))
         assert one_count == 11
@@ -128,7 +129,7 @@ def test_window_scores_match_a_plain_loop_and_a_full_pass(single_process_group):
 def test_cloze_scoring_is_the_same_padded_and_alone(single_process_group):
     model = _tiny_model(vocab=64)
     gen = torch.Generator().manual_seed(1)
-    examples = [evaluate_gpt2.ClozeExample(torch.randint(0, 64, (n,), generator=gen).tolist(),
+    examples = [evaluation.ClozeExample(torch.randint(0, 64, (n,), generator=gen).tolist(),
                                            torch.randint(0, 64, (k,), generator=gen).tolist())
                 for n, k in ((3, 1), (9, 2), (1, 3), (6, 1), (12, 4))]
     # Make two passages right: their targets are the model's own greedy continuation.
@@ -136,10 +137,10 @@ def test_cloze_scoring_is_the_same_padded_and_alone(single_process_group):
         ctx, tgt = examples[i].context, []
         for _ in range(len(examples[i].target)):
             tgt.append(int(_full_logits(model, ctx + tgt)[-1].argmax()))
-        examples[i] = evaluate_gpt2.ClozeExample(ctx, tgt)
+        examples[i] = evaluation.ClozeExample(ctx, tgt)
     with torch.no_grad():
-        alone = [evaluate_gpt2.score_cloze(model, [e], 1, 0, torch.device("cpu")) for e in examples]
-        batched = evaluate_gpt2.score_cloze(model, examples, 5, 0, torch.device("cpu"))
+        alone = [evaluation.score_cloze(model, [e], 1, 0, torch.device("cpu")) for e in examples]
+        batched = evaluation.score_cloze(model, examples, 5, 0, torch.device("cpu"))
     assert [a[2] for a in alone] == [1, 0, 1, 0, 0]
     assert batched[2] == 2 and batched[1] == sum(a[1] for a in alone) == 11
     assert batched[0] == pytest.approx(sum(a[0] for a in alone), rel=1e-5)
@@ -147,7 +148,7 @@ def test_cloze_scoring_is_the_same_padded_and_alone(single_process_group):
 
 def test_vocab_parallel_argmax_breaks_ties_like_torch(single_process_group):
     logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, 5.0, 5.0, 5.0]])
-    assert evaluate_gpt2.vocab_parallel_argmax(logits).tolist() == [1, 0]
+    assert evaluation.vocab_parallel_argmax(logits).tolist() == [1, 0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,14 +322,14 @@ def _layout_worker(data: dict[str, str]) -> dict:
     logits = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
     logits[0, 1, 50] = 9.0
     local = logits.chunk(2, dim=-1)[mpu.get_model_parallel_rank()]
-    assert torch.equal(evaluate_gpt2.vocab_parallel_argmax(local), logits.argmax(dim=-1))
+    assert torch.equal(evaluation.vocab_parallel_argmax(local), logits.argmax(dim=-1))
     mpu.destroy_model_parallel()
     out = {}
     for mp, ckpt in ((1, data["ckpt"]), (2, ckpt2)):
         for mode, flags in MODES.items():
             args = evaluate_gpt2.parse_args(_eval_argv(data, "--model-parallel-size", str(mp), *flags(data),
                                                        ckpt=ckpt))
-            out[(mp, mode)] = evaluate_gpt2.evaluate(args)
+            out[(mp, mode)] = evaluation.evaluate(args)
             mpu.destroy_model_parallel()
     return out
 
