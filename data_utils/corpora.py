@@ -25,7 +25,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from data_utils.errors import DataError
 
@@ -121,17 +121,22 @@ def resolve_corpora(names: list[str], cache_dir: str | None = None) -> list[str]
     return [path for name in names for path in resolve_corpus(name, cache_dir)]
 
 
+def open_corpus(path: str) -> BinaryIO:
+    """``path`` opened for binary reading; a one-line DataError when it cannot be."""
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise DataError(
+            f"cannot open corpus {path}: {exc.strerror}; check --train-data/--valid-data/--test-data"
+        ) from None
+
+
 def loose_json_lines(path: str, on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
     """``(line number, raw line)`` for each non-blank line of ``path``.
 
     ``on_bytes(n)`` is called with the size of each line read (for a progress bar).
     """
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise DataError(
-            f"cannot open corpus {path}: {exc.strerror}; check --train-data/--valid-data/--test-data"
-        ) from None
+    f = open_corpus(path)
     with f:
         for lineno, raw in enumerate(f, start=1):
             if on_bytes is not None:
@@ -205,13 +210,8 @@ def read_texts(path: str, text_key: str = "text", on_bytes: Callable[[int], None
     if corpus_format(path) == "csv":
         yield from _read_csv(path, text_key, on_bytes)
         return
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    except OSError as exc:
-        raise DataError(
-            f"cannot open corpus {path}: {exc.strerror}; check --train-data/--valid-data/--test-data"
-        ) from None
+    with open_corpus(path) as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"["):
         yield from _read_tight_json(path, text_key, on_bytes)
     else:
@@ -244,12 +244,7 @@ def _read_tight_json(path: str, text_key: str, on_bytes: Callable[[int], None] |
 def _read_csv(path: str, text_key: str, on_bytes: Callable[[int], None] | None) -> Iterator[str]:
     """Texts of column ``text_key`` of a csv/tsv file with a header row."""
     delim = delimiter(path)
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise DataError(
-            f"cannot open corpus {path}: {exc.strerror}; check --train-data/--valid-data/--test-data"
-        ) from None
+    f = open_corpus(path)
 
     def lines() -> Iterator[str]:
         for raw in f:
