@@ -47,7 +47,7 @@ from atomic import remove_orphans, temporary_path
 from data_utils.datasets import SPLIT_NAMES, GPT2Dataset, assign_corpus_splits, parse_split, sample_index
 from data_utils.errors import DataError, warn
 from data_utils.indexed_dataset import IndexedDataset, data_file_path, index_file_path
-from data_utils.lazy_loader import SentenceCorpus, _once_per_group
+from data_utils.lazy_loader import SentenceCorpus, once_per_group
 from data_utils.tokenization import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -166,8 +166,8 @@ class _CachedArrays:
 
 def _build_once(cache: _CachedArrays, build: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]],
                 group: Any) -> None:
-    """``build()`` on the group's first rank unless cached, the others waiting (``lazy_loader._once_per_group``)."""
-    _once_per_group(cache.ready, lambda: cache.write(*build()), group, what=f"the sample index {cache.folder}")
+    """``build()`` on the group's first rank unless cached, the others waiting (``lazy_loader.once_per_group``)."""
+    once_per_group(cache.ready, lambda: cache.write(*build()), group, what=f"the sample index {cache.folder}")
 
 
 def _document_lengths(ds: IndexedDataset) -> np.ndarray:

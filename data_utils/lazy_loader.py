@@ -373,7 +373,7 @@ def set_preparation_group(group: Any) -> None:
     _PREPARATION_GROUP = group
 
 
-def _once_per_group(ready: Callable[[], bool], build: Callable[[], None], group: Any = None,
+def once_per_group(ready: Callable[[], bool], build: Callable[[], None], group: Any = None,
                     what: str = "the cache") -> None:
     """Run ``build`` on the group's first rank while the others wait; then on any rank still not ready.
 
@@ -476,7 +476,7 @@ def _ensure_built(folder: str, build: Callable[[], None], group: Any) -> None:
             warn(f"token cache {folder} is damaged ({fault}); rebuilding it")
         return fault is None
 
-    _once_per_group(ready, build, group)
+    once_per_group(ready, build, group)
 
 
 def load_corpus(path: str, tokenizer: Tokenizer, lazy: bool, cache_dir: str | None = None,

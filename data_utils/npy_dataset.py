@@ -37,7 +37,7 @@ import torch
 from atomic import remove_orphans, temporary_path
 from data_utils.datasets import sample_index
 from data_utils.errors import DataError
-from data_utils.lazy_loader import _once_per_group
+from data_utils.lazy_loader import once_per_group
 
 logger = logging.getLogger(__name__)
 FLAT_FOLDER = "npy_flat"
@@ -159,7 +159,7 @@ def flattened_copy(path: str, cache_dir: str | None, group: Any = None) -> str:
         raise DataError(f"shard {path} is a 2019 object array; {TRUST_FLAG} flattens it into --cache-dir, which is "
                         "not set: pass --cache-dir DIR")
     flat = _flat_path(path, cache_dir)
-    _once_per_group(lambda: _flat_fault(flat) is None,
+    once_per_group(lambda: _flat_fault(flat) is None,
                     lambda: _write_npy_atomically(flat, flatten_object_shard(path)), group, f"a flat copy of {path}")
     return flat
 

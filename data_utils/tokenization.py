@@ -365,7 +365,7 @@ def _train_on_rank_0(model_file: str, train: Callable[[], None]) -> None:
     """
     import torch.distributed as dist
 
-    from data_utils.lazy_loader import _once_per_group  # lazy: lazy_loader imports this module
+    from data_utils.lazy_loader import once_per_group  # lazy: lazy_loader imports this module
 
     def build() -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
@@ -373,7 +373,7 @@ def _train_on_rank_0(model_file: str, train: Callable[[], None]) -> None:
                             "it; put --tokenizer-path on a filesystem every node shares")
         train()
 
-    _once_per_group(lambda: os.path.isfile(model_file), build, what=f"SentencePiece model {model_file}")
+    once_per_group(lambda: os.path.isfile(model_file), build, what=f"SentencePiece model {model_file}")
 
 
 def _sentencepiece() -> Any:
