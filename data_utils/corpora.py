@@ -24,7 +24,7 @@ import csv
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 from data_utils.errors import DataError
@@ -171,6 +171,20 @@ def loose_json_record(raw: bytes, path: str, lineno: int, text_key: str) -> dict
             f"{path}:{lineno}: key {text_key!r} holds a {type(record[text_key]).__name__}, expected a string"
         )
     return record
+
+
+def batched_texts(texts: Iterable[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    """``texts`` in order, in lists of at most ``max_docs`` texts, cut once a list reaches ``max_chars`` characters."""
+    batch: list[str] = []
+    chars = 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def read_loose_json(path: str, text_key: str = "text",

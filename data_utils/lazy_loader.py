@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from atomic import remove_orphans, temporary_path
-from data_utils.corpora import delimiter, read_texts
+from data_utils.corpora import batched_texts, delimiter, read_texts
 from data_utils.errors import DataError, warn
 from data_utils.sentences import split_sentences, splitter_identity
 from data_utils.tokenization import Tokenizer
@@ -61,32 +61,21 @@ def _text_chunks(path: str, text_key: str) -> Iterator[list[str]]:
 
     with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, mininterval=1.0,
               desc=f"tokenizing {os.path.basename(path)}", disable=not _is_first_rank()) as bar:
-        texts: list[str] = []
-        chars = 0
-        for text in read_texts(path, text_key, on_bytes=bar.update):
-            texts.append(text)
-            chars += len(text)
-            if len(texts) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
-                yield texts
-                texts, chars = [], 0
-        if texts:
-            yield texts
+        yield from batched_texts(read_texts(path, text_key, on_bytes=bar.update), _CHUNK_DOCS, _CHUNK_CHARS)
 
 
 def _tokenized_chunks(path: str, tokenizer: Tokenizer, text_key: str, dtype: np.dtype) -> Iterator[list[np.ndarray]]:
     """Lists of per-document token arrays, in file order."""
-    limit = np.iinfo(dtype).max
     for texts in _text_chunks(path, text_key):
-        yield _encode(tokenizer, texts, dtype, limit)
+        yield encode_texts(tokenizer, texts, dtype)
 
 
 def _sentence_chunks(path: str, tokenizer: Tokenizer, text_key: str, dtype: np.dtype,
                      presplit: bool) -> Iterator[tuple[list[np.ndarray], list[int]]]:
     """Per chunk of documents: their sentences' token arrays in order (empty ones dropped), and how many each has."""
-    limit = np.iinfo(dtype).max
     for texts in _text_chunks(path, text_key):
         split = [split_sentences(text, presplit) for text in texts]
-        encoded = _encode(tokenizer, [s for doc in split for s in doc], dtype, limit)
+        encoded = encode_texts(tokenizer, [s for doc in split for s in doc], dtype)
         sentences: list[np.ndarray] = []
         counts: list[int] = []
         pos = 0
@@ -98,7 +87,9 @@ def _sentence_chunks(path: str, tokenizer: Tokenizer, text_key: str, dtype: np.d
         yield sentences, counts
 
 
-def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype, limit: int) -> list[np.ndarray]:
+def encode_texts(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
+    """Each text tokenized as a ``dtype`` array; RuntimeError if the tokenizer returns an id that does not fit."""
+    limit = np.iinfo(dtype).max
     docs = [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts)]
     if any(d.size and (d.max() > limit or d.min() < 0) for d in docs):
         raise RuntimeError(f"{tokenizer.name} returned an id outside {dtype} (vocab_size={tokenizer.vocab_size})")

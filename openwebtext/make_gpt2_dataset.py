@@ -35,8 +35,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from atomic import remove_orphans, temporary_path  # noqa: E402
-from data_utils.corpora import read_loose_json  # noqa: E402
+from data_utils.corpora import batched_texts, read_loose_json  # noqa: E402
 from data_utils.errors import DataError  # noqa: E402
+from data_utils.lazy_loader import encode_texts  # noqa: E402
 from data_utils.tokenization import TOKENIZER_TYPES, Tokenizer, make_tokenizer  # noqa: E402
 
 CHUNK_DOCS, CHUNK_CHARS = 1024, 8 << 20  # documents per tokenizer call, at most
@@ -56,14 +57,9 @@ def shard_name(input_path: str) -> str:
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
     """``texts`` tokenized back to back, each followed by ``tokenizer.eod``, as one ``dtype`` array."""
-    eod = np.array([tokenizer.eod], dtype=np.int64)
-    parts = []
-    for ids in tokenizer.encode_batch(texts):
-        parts += [np.asarray(ids, dtype=np.int64), eod]
-    tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(dtype).max):
-        raise RuntimeError(f"{tokenizer.name} returned an id outside {dtype} (vocab_size={tokenizer.vocab_size})")
-    return tokens.astype(dtype)
+    eod = np.array([tokenizer.eod], dtype=dtype)
+    parts = [part for doc in encode_texts(tokenizer, texts, dtype) for part in (doc, eod)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def _init_worker(tokenizer_kwargs: dict[str, Any]) -> None:
@@ -77,16 +73,7 @@ def _encode_in_worker(texts: list[str], dtype: str) -> np.ndarray:
 
 def text_chunks(path: str, text_key: str, on_bytes) -> Iterator[list[str]]:
     """Lists of document texts of ``path``, in file order, of at most CHUNK_DOCS documents or about CHUNK_CHARS."""
-    texts: list[str] = []
-    chars = 0
-    for text in read_loose_json(path, text_key, on_bytes=on_bytes):
-        texts.append(text)
-        chars += len(text)
-        if len(texts) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
-            yield texts
-            texts, chars = [], 0
-    if texts:
-        yield texts
+    return batched_texts(read_loose_json(path, text_key, on_bytes=on_bytes), CHUNK_DOCS, CHUNK_CHARS)
 
 
 def _npy_header(dtype: np.dtype, length: int) -> bytes:
