@@ -8,7 +8,6 @@ once; nothing changes the result afterwards.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import sys
@@ -16,10 +15,8 @@ import sys
 import torch
 
 from atomic import temporary_path
-
-
-class ArgumentError(ValueError):
-    """A command-line mistake; its message is one line naming the flag and the remedy."""
+from data_utils.corpora import set_delimiter
+from errors import ArgumentError
 
 
 def writable_directory(path: str, flag: str) -> None:
@@ -42,11 +39,17 @@ def writable_directory(path: str, flag: str) -> None:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model", "model shape and regularisation")
-    group.add_argument("--num-layers", type=int, default=24, help="number of transformer layers")
-    group.add_argument("--hidden-size", type=int, default=1024, help="transformer hidden size")
-    group.add_argument("--num-attention-heads", type=int, default=16, help="number of attention heads")
-    group.add_argument("--max-position-embeddings", type=int, default=512,
-                       help="maximum sequence length the position embeddings cover")
+    # The shape flags default to None, "not given": with --load the checkpoint's value applies, without
+    # it MODEL_SHAPE_DEFAULTS (restore.decide_model_config decides, once).
+    group.add_argument("--num-layers", type=int, default=None,
+                       help="number of transformer layers (default: the checkpoint's with --load, else 24)")
+    group.add_argument("--hidden-size", type=int, default=None,
+                       help="transformer hidden size (default: the checkpoint's with --load, else 1024)")
+    group.add_argument("--num-attention-heads", type=int, default=None,
+                       help="number of attention heads (default: the checkpoint's with --load, else 16)")
+    group.add_argument("--max-position-embeddings", type=int, default=None,
+                       help="maximum sequence length the position embeddings cover (default: the checkpoint's "
+                            "with --load, else 512)")
     group.add_argument("--vocab-size", type=int, default=None,
                        help="SentencePieceTokenizer: vocabulary size of a model trained from --train-data "
                             "(default 30522); other tokenizers take it from their vocabulary file")
@@ -56,8 +59,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="pad the vocabulary to a multiple of lcm(this, model-parallel size)")
     group.add_argument("--hidden-dropout", type=float, default=0.1, help="dropout on hidden states")
     group.add_argument("--attention-dropout", type=float, default=0.1, help="dropout on attention probs")
-    group.add_argument("--layernorm-epsilon", type=float, default=1e-5,
-                       help="LayerNorm epsilon (pretrain_bert.py defaults to BERT's 1e-12)")
+    group.add_argument("--layernorm-epsilon", type=float, default=None,
+                       help="LayerNorm epsilon (default: the checkpoint's with --load, else 1e-5; BERT's 1e-12 "
+                            "in pretrain_bert.py)")
     group.add_argument("--init-method-std", type=float, default=0.02, help="std of normal initialisation")
     group.add_argument("--deep-init", action="store_true",
                        help="BERT: scale residual output init by 1/sqrt(2*num_layers) as GPT2 does")
@@ -226,7 +230,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="SentencePieceTokenizer: the model file; trained from --train-data when it is absent")
     group.add_argument("--vocab-file", default=None, help="vocabulary file (GPT2 vocab.json or BERT vocab.txt)")
     group.add_argument("--merge-file", default=None, help="GPT2 BPE merges.txt")
-    group.add_argument("--seq-length", type=int, default=512, help="tokens per training sample")
+    group.add_argument("--seq-length", type=int, default=512,
+                       help="tokens per training sample (generation and evaluation: default the model's "
+                            "position count)")
     group.add_argument("--max-preds-per-seq", type=int, default=None,
                        help="BERT: at most this many masked tokens per sample (required with --use-tfrecords)")
     group.add_argument("--use-tfrecords", action="store_true",
@@ -287,6 +293,40 @@ def _check(condition: bool, message: str) -> None:
         raise ArgumentError(message)
 
 
+# TransformerConfig field -> the flag's destination, for the shape flags a user may give or omit.
+SHAPE_FLAGS = {
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "max_sequence_length": "max_position_embeddings",
+    "intermediate_size": "intermediate_size",
+}
+# The shape of a new model when a flag is not given (intermediate size: 4 x hidden, in the model).
+MODEL_SHAPE_DEFAULTS = {"num_layers": 24, "hidden_size": 1024, "num_attention_heads": 16,
+                        "max_position_embeddings": 512}
+
+
+def flag_name(dest: str) -> str:
+    """``--num-layers`` for ``num_layers``."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_model_shape(shape: dict[str, int | None], model_parallel_size: int, seq_length: int | None,
+                      where: str = "") -> None:
+    """The one check of a model's shape (keyed by flag destination; ``None`` means not known yet)
+    against the model-parallel size and the sequence length; ``where`` names the checkpoint the
+    values came from."""
+    heads, hidden = shape.get("num_attention_heads"), shape.get("hidden_size")
+    positions = shape.get("max_position_embeddings")
+    suffix = f" (the checkpoint's in {where})" if where else ""
+    _check(heads is None or heads % model_parallel_size == 0,
+           f"--num-attention-heads {heads} is not divisible by --model-parallel-size {model_parallel_size}{suffix}")
+    _check(heads is None or hidden is None or hidden % heads == 0,
+           f"--hidden-size {hidden} is not divisible by --num-attention-heads {heads}{suffix}")
+    _check(seq_length is None or positions is None or seq_length <= positions,
+           f"--seq-length {seq_length} exceeds --max-position-embeddings {positions}{suffix}")
+
+
 # Float flags that must be finite and lie in a range: (flag, low, high, low inclusive, high inclusive, why).
 FLOAT_RANGES = (
     ("lr", 0.0, math.inf, True, False, "the peak learning rate"),
@@ -326,11 +366,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject inconsistent settings with one actionable line."""
-    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings"):
+    for flag in (*SHAPE_FLAGS.values(), "seq_length"):
         value = getattr(args, flag)
-        _check(value >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    _check(args.intermediate_size is None or args.intermediate_size >= 1,
-           f"--intermediate-size must be at least 1, got {args.intermediate_size}")
+        _check(value is None or value >= 1, f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     _check(args.vocab_size is None or args.tokenizer_type == "SentencePieceTokenizer",
            "--vocab-size only applies to --tokenizer-type SentencePieceTokenizer (the size of a model it trains); "
            "other tokenizers take it from their vocabulary")
@@ -359,14 +397,12 @@ def validate_args(args: argparse.Namespace) -> None:
            f"launch with torchrun --nproc_per_node {mp} ...")
     _check(args.world_size % mp == 0,
            f"world size {args.world_size} is not divisible by --model-parallel-size {mp}")
-    _check(args.num_attention_heads % mp == 0,
-           f"--num-attention-heads {args.num_attention_heads} is not divisible by --model-parallel-size {mp}")
-    _check(args.hidden_size % args.num_attention_heads == 0,
-           f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
-    # With --load and no --max-position-embeddings the checkpoint's count applies; training checks it then.
-    deferred = bool(args.load) and "max_position_embeddings" not in getattr(args, "explicit_flags", ())
-    _check(deferred or args.seq_length <= args.max_position_embeddings,
-           f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
+    # Without --load the defaults complete the shape; with it, what is given is checked now and the
+    # whole shape once the checkpoint's config is known.
+    shape = {dest: getattr(args, dest) for dest in SHAPE_FLAGS.values()}
+    if not args.load:
+        shape = {dest: MODEL_SHAPE_DEFAULTS.get(dest) if value is None else value for dest, value in shape.items()}
+    check_model_shape(shape, mp, args.seq_length)
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive; pick one")
     islands = [f for f, on in (("--fp32-embedding", args.fp32_embedding), ("--fp32-layernorm", args.fp32_layernorm),
                                ("--fp32-tokentypes", args.fp32_tokentypes)) if on]
@@ -384,6 +420,10 @@ def validate_args(args: argparse.Namespace) -> None:
            f"--max-skipped-fraction must lie in (0, 1], got {args.max_skipped_fraction}")
     _check(args.peak_tflops is None or (math.isfinite(args.peak_tflops) and args.peak_tflops > 0),
            f"--peak-tflops must be a positive number, got {args.peak_tflops}")
+    _check(args.greedy or args.temperature > 0,
+           f"--temperature must be above 0, got {args.temperature}; use --greedy for argmax")
+    _check(args.top_k >= 0, f"--top_k must not be negative, got {args.top_k} (0 keeps every token)")
+    _check(0.0 <= args.top_p <= 1.0, f"--top_p is a probability in [0, 1], got {args.top_p} (0 keeps every token)")
     _check(args.skipped_window >= 1, f"--skipped-window must be at least 1, got {args.skipped_window}")
     _check(args.keep_last_checkpoints is None or args.keep_last_checkpoints >= 1,
            f"--keep-last-checkpoints must be at least 1, got {args.keep_last_checkpoints}")
@@ -446,46 +486,7 @@ def derive_args(args: argparse.Namespace) -> None:
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     args.data_parallel_size = max(1, args.world_size // max(1, args.model_parallel_size))
-    args.params_dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"
-
-
-def pad_vocab_size(vocab_size: int, divisible_by: int, model_parallel_size: int) -> int:
-    """Round the vocabulary up so that every model-parallel rank holds an equal slice.
-
-    The multiple is ``lcm(divisible_by, model_parallel_size)`` rather than Megatron's product, so
-    that the padded size, and with it the initial weights, are the same for every model-parallel
-    size that divides ``divisible_by`` (GPT-2's 50257 pads to 50304 at sizes 1 to 128).
-    """
-    multiple = math.lcm(max(1, divisible_by), model_parallel_size)
-    return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
-def transformer_kwargs(args: argparse.Namespace) -> dict:
-    """The ``TransformerConfig`` fields the model flags set, shared by every entry point's model provider."""
-    return dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        max_sequence_length=args.max_position_embeddings,
-        intermediate_size=args.intermediate_size,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        layernorm_epsilon=args.layernorm_epsilon,
-        init_method_std=args.init_method_std,
-        checkpoint_activations=args.checkpoint_activations,
-        checkpoint_num_layers=args.checkpoint_num_layers,
-        # Derived: the tokenizer's size, set by training.pretrain once the tokenizer is built.
-        unpadded_vocab_size=getattr(args, "unpadded_vocab_size", None),
-    )
-
-
-def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> frozenset[str]:
-    """The destinations of the flags given on the command line (not left at their defaults)."""
-    probe = copy.deepcopy(parser)
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    probe._defaults.clear()
-    return frozenset(vars(probe.parse_args(argv)))
+    args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
 
 
 def get_args(
@@ -496,7 +497,7 @@ def get_args(
 ) -> argparse.Namespace:
     """Parse, derive and validate; on a mistake print one line and exit with status 2.
 
-    ``defaults`` overrides flag defaults for one entry script (BERT's LayerNorm epsilon, say).
+    ``defaults`` overrides flag defaults for one entry script (BERT's tokenizer, say).
     """
     parser = build_parser(description)
     if extra_args_provider is not None:
@@ -504,14 +505,17 @@ def get_args(
     if defaults:
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    args.explicit_flags = _explicit_flags(parser, argv)
     try:
         derive_args(args)
         validate_args(args)
     except ArgumentError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    from data_utils.corpora import set_delimiter
-
     set_delimiter(args.delim)  # csv/tsv corpora of this process are read with it
     return args
+
+
+def distributed_settings(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``initialize.initialize_distributed`` for this run."""
+    return dict(device=args.device, backend=args.distributed_backend, model_parallel_size=args.model_parallel_size,
+                local_rank=args.local_rank, timeout_minutes=args.distributed_timeout_minutes)

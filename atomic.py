@@ -17,6 +17,9 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
 
 ORPHAN_IDLE_S = 24 * 3600  # a temporary nobody has written to for a day is abandoned, whichever host wrote it
 _SUFFIX = ".partial"
@@ -91,3 +94,21 @@ def remove_orphans(folder: str, idle_s: float = ORPHAN_IDLE_S) -> list[str]:
             continue
         removed.append(path)
     return removed
+
+
+@contextmanager
+def atomic_file(path: str, encoding: str = "utf-8") -> Iterator[IO[str]]:
+    """A text file open for writing that becomes ``path`` only when the block succeeds.
+
+    Orphaned temporaries in the folder go first; the file is written under ``temporary_path(path)``,
+    renamed into place at the end of the block, and removed if the block raises.
+    """
+    remove_orphans(os.path.dirname(os.path.abspath(path)))
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "w", encoding=encoding) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -28,13 +28,10 @@ import torch.distributed as dist
 
 import mpu
 from atomic import remove_orphans, temporary_path
+from errors import CheckpointError
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used here; the message names the file and the mismatch."""
 
 
 def get_checkpoint_name(checkpoints_path: str, iteration: int | str, mp_rank: int | None = None) -> str:
@@ -159,7 +156,7 @@ def save_checkpoint(
         except (OSError, RuntimeError) as err:  # a full disk, a lost mount; torch reports some as RuntimeError
             failure = getattr(err, "strerror", None) or str(err).splitlines()[0]
     _agree_on_write(save_dir, iteration, failure)  # doubles as the barrier before the tracker moves
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if mpu.is_rank_0():
         try:
             _atomic_write_text(get_checkpoint_tracker_filename(save_dir), f"{iteration}\n")
         except OSError as err:
@@ -183,10 +180,8 @@ def _agree_on_write(save_dir: str, iteration: int | str, failure: str | None) ->
             previous = None
         kept = f"the previous checkpoint (iteration {previous}) is intact" if previous is not None else \
             "no earlier checkpoint was touched"
-        error = CheckpointError(f"{save_dir}: saving iteration {iteration} failed on rank {rank} ({why}); {kept}; "
-                                "free space (or fix the mount) and rerun the command to resume")
-        error.agreed = True
-        raise error
+        raise CheckpointError(f"{save_dir}: saving iteration {iteration} failed on rank {rank} ({why}); {kept}; "
+                              "free space (or fix the mount) and rerun the command to resume", every_rank=True)
 
 
 def remove_old_checkpoints(save_dir: str, keep: int) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -30,14 +29,13 @@ from torch import nn
 
 import mpu
 from atomic import remove_orphans, temporary_path
-from checkpointing import CheckpointError
-from model import BertModel, GPT2Model, TransformerConfig, bert_config
+from checkpointing import get_checkpoint_name, read_tracker
+from errors import ConversionError
+from model import BertModel, GPT2Model, TransformerConfig, bert_config, optimizer_param_groups, pad_vocab_size
+from model.bert import _HF_LAYER, _HF_TOP, hf_bert_to_megatron
+from model.vocab import repad_vocab_size
 
 MODEL_TYPES = ("gpt2", "bert")
-
-
-class ConversionError(CheckpointError):
-    """Input that cannot be converted; the message names the file or value and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,8 +99,6 @@ class Layout:
 
 
 def model_layout(model_type: str, config: TransformerConfig) -> Layout:
-    from training import optimizer_param_groups
-
     with model_parallel_of_one():
         model = build_model(model_type, config)
     split = {name: (param.partition_dim, param.partition_stride) for name, param in model.named_parameters()
@@ -120,13 +116,8 @@ def check_divisible(config: TransformerConfig, size: int, where: str) -> None:
 
 
 def padded_size(config: TransformerConfig, size: int, divisible_by: int) -> int:
-    """The padded vocabulary at model-parallel ``size``: unchanged when ``size`` splits it, else the
-    training rule (a multiple of lcm(divisible_by, size)) applied to the real vocabulary."""
-    if config.vocab_size % size == 0:
-        return config.vocab_size
-    multiple = math.lcm(max(1, divisible_by), size)
-    real = config.unpadded_vocab_size or config.vocab_size
-    return ((real + multiple - 1) // multiple) * multiple
+    """The padded vocabulary at model-parallel ``size`` (``model.repad_vocab_size``)."""
+    return repad_vocab_size(config.vocab_size, config.unpadded_vocab_size, size, divisible_by)
 
 
 def _resize_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -467,8 +458,6 @@ def hf_to_full(model_type: str, hf_state: dict[str, torch.Tensor], config: Trans
                seed: int = 1234) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Full tensors in our names from a Hugging Face state dict, and the heads that were newly initialised
     (a ``BertModel`` carries no pretraining heads)."""
-    from model.bert import hf_bert_to_megatron
-
     state = {k: v.float() if v.is_floating_point() else v for k, v in hf_state.items()}
     _check_tied(state, where)
     fresh: list[str] = []
@@ -520,8 +509,6 @@ def _take(state: dict[str, torch.Tensor], key: str, used: set[str], where: str) 
 
 
 def _bert_used_keys(num_layers: int) -> set[str]:
-    from model.bert import _HF_LAYER, _HF_TOP
-
     keys = set(_HF_TOP.values())
     for i in range(num_layers):
         prefix = f"bert.encoder.layer.{i}."
@@ -533,8 +520,6 @@ def _bert_used_keys(num_layers: int) -> set[str]:
 def full_to_hf(model_type: str, full: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
     """Hugging Face ``GPT2LMHeadModel`` / ``BertForPreTraining`` tensors (tied copies left out, the
     vocabulary cut back to the tokenizer's size) from full tensors in our names."""
-    from model.bert import _HF_LAYER, _HF_TOP
-
     vocab = config.unpadded_vocab_size or config.vocab_size
     out: dict[str, torch.Tensor] = {}
     if model_type == "gpt2":
@@ -591,8 +576,6 @@ def import_hf(hf_dir: str, target: int, divisible_by: int = 128, seed: int = 123
               ) -> tuple[list[dict[str, Any]], list[str]]:
     """A Hugging Face folder as per-rank ``release`` states at model-parallel size ``target``, and the
     names of newly initialised heads."""
-    from arguments import pad_vocab_size
-
     hf_config = read_hf_config(hf_dir)
     where = os.path.join(hf_dir, "config.json")
     model_type = hf_model_type(hf_config, where)
@@ -609,19 +592,6 @@ def import_hf(hf_dir: str, target: int, divisible_by: int = 128, seed: int = 123
                 "tokenizer_model_type": "bert-base-cased" if cased else "bert-base-uncased"}
     args.update(make_vocab_size_divisible_by=divisible_by, imported_from=os.path.abspath(hf_dir))
     return release_states(model_type, config, full, target, args, hf_dir), fresh
-
-
-def read_load_state(args) -> dict[str, Any] | None:
-    """This model-parallel rank's state from ``--load``: a checkpoint directory, or with
-    ``--load-openai`` / ``--eval-hf`` a Hugging Face GPT-2 folder converted in memory (weights only,
-    like a ``release`` checkpoint). ``None`` when the directory holds no checkpoint yet."""
-    from checkpointing import load_checkpoint_state
-
-    if getattr(args, "load_openai", False) or getattr(args, "eval_hf", False):
-        states, _ = import_hf(args.load, mpu.get_model_parallel_world_size(), args.make_vocab_size_divisible_by,
-                              args.seed)
-        return states[mpu.get_model_parallel_rank()]
-    return load_checkpoint_state(args.load)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,8 +648,7 @@ KNOWN_VOCAB_SIZES = (50257, 30522, 28996)
 
 def pad_2019(vocab_size: int, divisible_by: int, model_parallel_size: int) -> int:
     """The 2019 code's padded vocabulary: the next multiple of ``divisible_by * model_parallel_size``."""
-    multiple = max(1, divisible_by) * model_parallel_size
-    return -(-vocab_size // multiple) * multiple
+    return pad_vocab_size(vocab_size, divisible_by, model_parallel_size, rule_2019=True)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -695,8 +664,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _ours_from_2019(model: dict[str, torch.Tensor], where: str) -> tuple[str, dict[str, torch.Tensor]]:
     """(model type, tensors under our names, still partitioned) from one rank's 2019 state dict."""
-    from model.bert import _HF_LAYER, _HF_TOP
-
     model = _flatten(model)
     if "language_model.embedding.word_embeddings.weight" in model:  # the 2020 nested layout of NGC's GPT-2
         if any(k.startswith(("lm_head.", "binary_head.")) for k in model):
@@ -742,8 +709,6 @@ def import_megatron2019(load_dir: str, target: int = 1, vocab_size: int | None =
     ``release`` states of this toolkit at size ``target``, and a line saying how the vocabulary was read."""
     import pickle
 
-    from arguments import pad_vocab_size
-    from checkpointing import get_checkpoint_name, read_tracker
 
     if not os.path.isdir(load_dir):
         raise ConversionError(f"{load_dir}: no such directory")

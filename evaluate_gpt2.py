@@ -8,24 +8,22 @@ runs the mode on every rank, prints one summary line and, with ``--results-file`
 
 from __future__ import annotations
 
-import torch.distributed as dist
-
+import mpu
 from arguments import get_args
-from evaluation import UNKNOWN_POSITIONS, evaluate, summary, write_results
-from training import print_rank_0, run_main
+from evaluation import evaluate, summary, write_results
+from initialize import print_rank_0, run_main
 
 
 def parse_args(argv: list[str] | None = None):
-    """The shared flags, with the position count left to the checkpoint unless given."""
-    return get_args(argv, description="GPT2 zero-shot evaluation",
-                    defaults={"max_position_embeddings": UNKNOWN_POSITIONS})
+    """The shared flags; the window (--seq-length) defaults to the checkpoint's position count."""
+    return get_args(argv, description="GPT2 zero-shot evaluation", defaults={"seq_length": None})
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = evaluate(args)
     print_rank_0(summary(results))
-    if args.results_file and dist.get_rank() == 0:
+    if args.results_file and mpu.is_rank_0():
         write_results(args.results_file, results)
         print_rank_0(f"results in {args.results_file}")
 

@@ -17,11 +17,11 @@
   window keeps its last tokens.
 * Loose-json perplexity (``--webtext-eval``): the file is cut into ``--eval-seq-length`` windows
   exactly as a ``--valid-data`` corpus in training; its first ``--eval-iters`` batches of
-  ``--eval-batch-size`` windows (fewer when the file is shorter) go through ``pretrain_gpt2``'s forward
-  step (``--eod-mask-loss``, ``--reset-position-ids``, ``--reset-attention-mask`` apply), and ``loss``
-  is the mean of the batch losses.
+  ``--eval-batch-size`` windows (fewer when the file is shorter) go through GPT2's training forward
+  step, ``model.gpt2_forward_step`` (``--eod-mask-loss``, ``--reset-position-ids``,
+  ``--reset-attention-mask`` apply), and ``loss`` is the mean of the batch losses.
 
-The shape comes from the checkpoint (``inference.load_gpt2_for_inference``); the window defaults to
+The shape comes from the checkpoint (``restore.load_gpt2_for_inference``); the window defaults to
 ``--seq-length`` when given, else the checkpoint's position count. Every rank reads and tokenizes
 the data itself; batches are dealt round-robin to the data-parallel ranks and the sums are
 all-reduced, so the numbers do not depend on the model- or data-parallel layout. Rank 0 prints
@@ -43,14 +43,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import mpu
-from arguments import ArgumentError
-from data_utils import DataError, build_gpt2_datasets, make_tokenizer, read_loose_json
+from arguments import distributed_settings
+from atomic import atomic_file
+from data_utils import build_gpt2_datasets, make_tokenizer, read_loose_json
 from data_utils.detokenizers import wikitext_detokenize
-from inference import load_gpt2_for_inference
-from training import initialize_distributed
+from errors import ArgumentError, DataError
+from initialize import initialize_distributed
+from model import gpt2_forward_step
+from restore import load_gpt2_for_inference
 
 # The position count comes from the checkpoint; until it is loaded, --seq-length has no bound to break.
-UNKNOWN_POSITIONS = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +117,7 @@ def _my_batches(num_items: int, batch_size: int) -> list[range]:
 
 
 def _progress(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="batch", disable=dist.get_rank() != 0)
+    return tqdm(total=total, desc=desc, unit="batch", disable=not mpu.is_rank_0())
 
 
 def _forward(model, rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,8 +244,6 @@ def evaluate_lambada(args, tokenizer, model, device: torch.device, window: int) 
 
 
 def evaluate_webtext(args, tokenizer, model, device: torch.device, window: int) -> dict[str, Any]:
-    from pretrain_gpt2 import forward_step_provider
-
     _, valid, _ = build_gpt2_datasets(None, args.valid_data, None, "1", window, tokenizer, args.lazy_loader,
                                       args.cache_dir, args.seed, _text_key(args))
     batch_size = _batch_size(args)
@@ -251,7 +251,8 @@ def evaluate_webtext(args, tokenizer, model, device: torch.device, window: int) 
     if num_batches < 1:
         raise DataError(f"{args.valid_data[0]}: {len(valid)} windows of {window} tokens, fewer than one batch of "
                         f"{batch_size}; lower --eval-batch-size or --seq-length, or give --eval-iters 1 or more")
-    forward_step = forward_step_provider(args, tokenizer, device)
+    forward_step = gpt2_forward_step(tokenizer.eod, device, args.reset_position_ids, args.reset_attention_mask,
+                                     args.eod_mask_loss)
     feeds = mpu.get_model_parallel_rank() == 0  # the forward step broadcasts the batch to the rest of the group
     loss_sum = 0.0
     batches = _my_batches(num_batches * batch_size, batch_size)
@@ -285,13 +286,12 @@ def _mode(args) -> str:
     return "lambada" if args.cloze_eval else "webtext" if args.webtext_eval else "wikitext"
 
 
-def _window(args) -> int:
-    """--eval-seq-length, else an explicit --seq-length, else the checkpoint's position count."""
-    explicit = getattr(args, "explicit_flags", frozenset())
-    window = args.eval_seq_length or (args.seq_length if "seq_length" in explicit else args.max_position_embeddings)
-    if not 1 <= window <= args.max_position_embeddings:
+def _window(args, positions: int) -> int:
+    """--eval-seq-length, else --seq-length, else the checkpoint's position count."""
+    window = args.eval_seq_length or args.seq_length or positions
+    if not 1 <= window <= positions:
         raise ArgumentError(f"evaluation window {window} (--eval-seq-length/--seq-length) must be between 1 and the "
-                            f"checkpoint's --max-position-embeddings {args.max_position_embeddings}")
+                            f"checkpoint's --max-position-embeddings {positions}")
     return window
 
 
@@ -303,11 +303,9 @@ def _check_results_file(path: str | None) -> None:
 
 def write_results(path: str, results: dict[str, Any]) -> None:
     """Write ``results`` as one JSON object to ``path`` through a temporary file and a rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         json.dump(results, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def evaluate(args) -> dict[str, Any]:
@@ -317,11 +315,11 @@ def evaluate(args) -> dict[str, Any]:
     text = read_wikitext(args.valid_data[0]) if mode == "wikitext" else None
     if mode == "lambada" and not os.path.isfile(args.valid_data[0]):  # before the minutes a large model takes to load
         raise DataError(f"--valid-data {args.valid_data[0]}: no such file; give a LAMBADA json file")
-    device = initialize_distributed(args)
+    device = initialize_distributed(**distributed_settings(args))
     tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir,
                                model_type=args.tokenizer_model_type, tokenizer_path=args.tokenizer_path)
     model, loaded = load_gpt2_for_inference(args, tokenizer, device)
-    window = _window(args)
+    window = _window(args, loaded.config.max_sequence_length)
     with torch.no_grad():
         if mode == "wikitext":
             results = evaluate_wikitext(args, text, tokenizer, model, device, window)

@@ -19,14 +19,15 @@ import sys
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
-from arguments import ArgumentError, get_args
+import mpu
+from arguments import distributed_settings, get_args
+from atomic import atomic_file
 from data_utils import make_tokenizer
-from data_utils.errors import DataError
+from errors import ArgumentError, DataError
 from generation import SamplingParams, TextStream, broadcast_prompts, generate
-from inference import load_gpt2_for_inference
-from training import initialize_distributed, run_main
+from initialize import initialize_distributed, run_main
+from restore import load_gpt2_for_inference
 
 PROMPT = "Context prompt (stop to exit) >>> "
 Batch = list[tuple[str, list[int]]]  # (prompt text, prompt ids fed to the model)
@@ -52,7 +53,7 @@ def check_mode_args(args) -> None:
 def context_length(args, model) -> int:
     """Tokens a sequence may hold: ``--seq-length`` if given, capped by the model's positions."""
     positions = model.config.max_sequence_length
-    return min(args.seq_length, positions) if "seq_length" in args.explicit_flags else positions
+    return positions if args.seq_length is None else min(args.seq_length, positions)
 
 
 def encode_prompt(tokenizer, text: str, context: int, where: str) -> list[int]:
@@ -100,12 +101,13 @@ def file_prompts(args, tokenizer, context: int) -> Iterator[Batch]:
 
 
 class AtomicJsonLines:
-    """JSON lines into ``path`` through a temporary file renamed on success; removed on failure."""
+    """JSON lines into ``path`` through ``atomic.atomic_file``: renamed into place on success, removed on failure."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.tmp = path, f"{path}.tmp.{os.getpid()}"
+        self.path = path
+        self._context = atomic_file(path)
         try:
-            self.file = open(self.tmp, "w", encoding="utf-8")
+            self.file = self._context.__enter__()
         except OSError as err:
             raise DataError(f"--sample-output-file {path}: cannot write there ({err.strerror})") from None
 
@@ -115,12 +117,8 @@ class AtomicJsonLines:
     def __enter__(self) -> AtomicJsonLines:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.remove(self.tmp)
+    def __exit__(self, exc_type, exc, tb) -> bool | None:
+        return self._context.__exit__(exc_type, exc, tb)
 
 
 def decode_batches(source: Iterator[Batch] | None, decode: Decode,
@@ -200,15 +198,15 @@ def write_samples(args, tokenizer, context: int, decode: Decode) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args(argv, description="GPT2 text generation")
-    params = SamplingParams.from_args(args)
+    args = get_args(argv, description="GPT2 text generation", defaults={"seq_length": None})
+    params = SamplingParams(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     check_mode_args(args)
-    device = initialize_distributed(args)
+    device = initialize_distributed(**distributed_settings(args))
     tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir)
     model, loaded = load_gpt2_for_inference(args, tokenizer, device)
     context = context_length(args, model)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    is_rank_0 = dist.get_rank() == 0
+    is_rank_0 = mpu.is_rank_0()
     terminal = Terminal(tokenizer) if is_rank_0 and not (args.sample_input_file or args.num_samples) else None
 
     def decode(prompts: list[list[int]]) -> list[list[int]]:

@@ -30,8 +30,7 @@ import torch
 import torch.distributed as dist
 
 import mpu
-from arguments import ArgumentError
-from data_utils.errors import DataError
+from errors import DataError
 
 TokenCallback = Callable[[int, int], None]
 
@@ -48,17 +47,6 @@ class SamplingParams:
     """Keep the ``k`` most likely tokens (0: all)."""
     top_p: float = 0.0
     """Keep the smallest set of most likely tokens whose probability reaches ``p`` (0 or 1: all)."""
-
-    @classmethod
-    def from_args(cls, args) -> SamplingParams:
-        """The sampling flags, checked: an ``ArgumentError`` names a flag out of range."""
-        if not args.greedy and not args.temperature > 0:
-            raise ArgumentError(f"--temperature must be above 0, got {args.temperature}; use --greedy for argmax")
-        if args.top_k < 0:
-            raise ArgumentError(f"--top_k must not be negative, got {args.top_k} (0 keeps every token)")
-        if not 0.0 <= args.top_p <= 1.0:
-            raise ArgumentError(f"--top_p is a probability in [0, 1], got {args.top_p} (0 keeps every token)")
-        return cls(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -235,20 +223,20 @@ def broadcast_prompts(prompts: Sequence[Sequence[int]] | None = None, failed: bo
         return None if failed or prompts is None else [list(p) for p in prompts]
     device = mpu.collective_device()
     header = torch.zeros(3, dtype=torch.long)
-    if dist.get_rank() == 0:
+    if mpu.is_rank_0():
         status = _FAILED if failed else _DONE if prompts is None else _BATCH
         header[:] = torch.tensor([status, len(prompts or []), max((len(p) for p in prompts or []), default=0)])
     header = header.to(device)
     dist.broadcast(header, 0)
     status, batch, width = header.tolist()
     if status == _FAILED:
-        if dist.get_rank() == 0:
+        if mpu.is_rank_0():
             return None
         raise DataError("global rank 0 stopped reading prompts (its error says why)")
     if status == _DONE:
         return None
     body = torch.zeros(batch, width + 1, dtype=torch.long)  # [length, tokens..., 0 padding]
-    if dist.get_rank() == 0:
+    if mpu.is_rank_0():
         for row, prompt in enumerate(prompts):
             body[row, 0] = len(prompt)
             body[row, 1:1 + len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)

@@ -14,12 +14,15 @@ a table of common GPUs by name, else (CPU) a short matrix multiply measured once
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
 from typing import Any
 
 import torch
+
+import mpu
 
 # Dense peak TFLOP/s by (name fragment, precision): vendors' datasheets, without sparsity. fp32 is the
 # plain (non-tensor-core) rate: a run that does not enable TF32 gets this one.
@@ -88,8 +91,12 @@ def model_flops_per_token(config: Any, seq_length: int) -> float:
     return 6.0 * weights + 12.0 * layers * seq_length * h
 
 
-def precision_name(args: Any) -> str:
-    return "fp16" if getattr(args, "fp16", False) else "bf16" if getattr(args, "bf16", False) else "fp32"
+PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """``fp16``, ``bf16`` or ``fp32``: the key of the peak tables for a run whose parameters are ``dtype``."""
+    return PRECISION_NAMES[dtype]
 
 
 _MEASURED: dict[tuple[str, str], float] = {}
@@ -137,3 +144,29 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
                 "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+
+
+@dataclasses.dataclass
+class Performance:
+    """What a run's log lines need to report its speed: timers, model FLOPs per token and the peak for MFU."""
+
+    timers: Timers
+    device: torch.device
+    flops_per_token: float
+    peak_tflops: float | None
+    peak_source: str = ""
+
+    @classmethod
+    def for_run(cls, config: Any, seq_length: int, device: torch.device, precision: str, log_timers: bool = False,
+                explicit_peak: float | None = None) -> Performance:
+        """Timers (enabled by ``log_timers``), the FLOPs of ``config`` at ``seq_length`` and the peak
+        for MFU: ``explicit_peak`` (``--peak-tflops``), the GPU table on CUDA, or measured on CPU
+        when timing; rank 0 prints which."""
+        flops = model_flops_per_token(config, seq_length) if config is not None else 0.0
+        peak, source = None, ""
+        if explicit_peak or device.type == "cuda" or log_timers:
+            peak, source = peak_tflops(device, precision, explicit_peak)
+        if peak is not None and mpu.is_rank_0():
+            print(f" > MFU against {peak:.1f} TFLOP/s per device ({source}); model FLOPs per token "
+                  f"{flops / 1e6:.1f}M (6N + 12Lsh)", flush=True)
+        return cls(Timers(log_timers, device), device, flops, peak, source)

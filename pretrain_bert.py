@@ -7,18 +7,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mpu
-from arguments import ArgumentError, get_args, transformer_kwargs
+from arguments import get_args
 from data_utils import build_bert_datasets, build_tfrecord_datasets, make_tokenizer, resolve_corpora
 from data_utils.blending import bert_member, build_indexed_datasets
-from model import BertModel, bert_config
-from training import pretrain, print_run_summary, run_main, samples_needed
+from errors import ArgumentError
+from initialize import run_main
+from metrics import print_run_summary
+from model import BERT_DEFAULTS, BertModel, TransformerConfig
+from training import pretrain, samples_needed
 
 BATCH_KEYS = ["text", "types", "is_random", "mask", "mask_labels", "pad_mask"]
-BERT_DEFAULTS = {"layernorm_epsilon": 1e-12, "tokenizer_type": "BertWordPieceTokenizer"}
+FLAG_DEFAULTS = {"tokenizer_type": "BertWordPieceTokenizer"}
 
 
-def model_provider(args, padded_vocab_size: int) -> BertModel:
-    config = bert_config(vocab_size=padded_vocab_size, scaled_init=args.deep_init, **transformer_kwargs(args))
+def model_provider(config: TransformerConfig) -> BertModel:
+    """BERT of ``config`` (``model.BERT_DEFAULTS`` under the flags and the checkpoint's shape)."""
     return BertModel(config, parallel_output=True)
 
 
@@ -83,8 +86,9 @@ def forward_step_provider(args, tokenizer, device: torch.device):
 
 
 def main() -> None:
-    args = get_args(description="BERT pretraining", defaults=BERT_DEFAULTS)
-    results = pretrain(args, model_provider, data_provider, forward_step_provider)
+    args = get_args(description="BERT pretraining", defaults=FLAG_DEFAULTS)
+    results = pretrain(args, model_provider, data_provider, forward_step_provider,
+                       model_defaults={**BERT_DEFAULTS, "scaled_init": args.deep_init})
     print_run_summary(results, lambda v: f"validation lm loss {v['lm_loss']:.4f}, nsp loss {v['nsp_loss']:.4f}")
 
 

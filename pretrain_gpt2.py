@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import torch
 
-import mpu
-from arguments import get_args, transformer_kwargs
+from arguments import get_args
 from data_utils import build_gpt2_datasets, make_tokenizer
 from data_utils.blending import build_indexed_datasets, gpt2_member
 from data_utils.npy_dataset import build_npy_datasets
-from model import GPT2Model, TransformerConfig, get_masks_and_position_ids
-from training import pretrain, print_run_summary, run_main, samples_needed
+from initialize import run_main
+from metrics import print_run_summary
+from model import GPT2Model, TransformerConfig, gpt2_forward_step
+from training import pretrain, samples_needed
 
 
-def model_provider(args, padded_vocab_size: int) -> GPT2Model:
-    # GPT2 always scales the residual output projections by 1/sqrt(2L).
-    config = TransformerConfig(vocab_size=padded_vocab_size, scaled_init=True, **transformer_kwargs(args))
+def model_provider(config: TransformerConfig) -> GPT2Model:
+    """GPT2 of ``config``: TransformerConfig's defaults are GPT2's (pre-LN, tanh GELU, causal, and the
+    residual output projections scaled by 1/sqrt(2L))."""
     return GPT2Model(config, parallel_output=True)
 
 
@@ -40,23 +41,8 @@ def data_provider(args):
 
 
 def forward_step_provider(args, tokenizer, device: torch.device):
-    eod = tokenizer.eod
-
-    def forward_step(batch, model):
-        text = mpu.broadcast_data(["text"], batch, torch.int64)["text"].to(device)  # (b, s + 1)
-        tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
-        attention_mask, position_ids = get_masks_and_position_ids(
-            tokens, eod, args.reset_position_ids, args.reset_attention_mask
-        )
-        loss_mask = torch.ones(tokens.shape, dtype=torch.float32, device=device)
-        if args.eod_mask_loss:
-            loss_mask[tokens == eod] = 0.0
-        logits = model(tokens, position_ids, attention_mask)  # (b, s, V/p)
-        losses = mpu.vocab_parallel_cross_entropy(logits, labels)
-        loss = (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
-        return loss, {"lm_loss": loss.detach()}
-
-    return forward_step
+    return gpt2_forward_step(tokenizer.eod, device, args.reset_position_ids, args.reset_attention_mask,
+                             args.eod_mask_loss)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from arguments import get_args  # noqa: E402
 from data_utils.blending import CACHE_FOLDER  # noqa: E402
 from data_utils.indexed_dataset import (  # noqa: E402
     IndexedDataset,
@@ -64,7 +65,12 @@ from data_utils.indexed_dataset import (  # noqa: E402
     data_file_path,
     index_file_path,
 )
-from data_utils.tokenization import GPT2_MERGES_NAME, GPT2_VOCAB_NAME  # noqa: E402
+from data_utils.tokenization import (  # noqa: E402
+    GPT2_MERGES_NAME,
+    GPT2_VOCAB_NAME,
+    make_tokenizer,  # noqa: E402
+)
+from pretrain_gpt2 import data_provider  # noqa: E402
 
 EOD = 50256  # GPT-2's <|endoftext|>; ordinary tokens are drawn below it
 CHUNK_TOKENS = 1 << 24  # tokens generated and written per step (32 MB of uint16)
@@ -230,10 +236,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import cProfile
     import io
     import pstats
-
-    from arguments import get_args
-    from data_utils.tokenization import make_tokenizer
-    from pretrain_gpt2 import data_provider
 
     out: dict[str, Any] = {}
     args = get_args(spec["argv"])

@@ -26,10 +26,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arguments import pad_vocab_size  # noqa: E402
 from bench.harness import DTYPES, init_single_process  # noqa: E402
 from generation import SamplingParams, generate  # noqa: E402
-from model import GPT2Model, TransformerConfig  # noqa: E402
+from model import (  # noqa: E402
+    GPT2Model,
+    TransformerConfig,
+    pad_vocab_size,  # noqa: E402
+)
 
 
 def parse_args() -> argparse.Namespace:

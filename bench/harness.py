@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 
 import mpu
+from performance import measure_matmul_tflops
+from training import compile_layers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LossFn = Callable[..., torch.Tensor]
@@ -62,16 +64,12 @@ def compare(args, models: dict[str, torch.nn.Module], loss_fns: dict[str, LossFn
     """
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if getattr(args, "compile", False):
-        from training import compile_layers
-
         compile_layers(models["ours"])
     if getattr(args, "compile_peer", False):
         models["transformers"].compile()
     peak, peak_source = args.peak_tflops, "--peak-tflops"
     gemm_rates: list[float] = []
     if peak is None and device.type == "cpu":
-        from performance import measure_matmul_tflops
-
         gemm_rates.append(measure_matmul_tflops(dtype))
         peak_source = "a GEMM measured in this run"
     # Both use the fused AdamW kernel: this toolkit's optimizer, and transformers' Trainer default (torch >= 2.8).

@@ -50,18 +50,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pretrain_gpt2  # noqa: E402
-from arguments import get_args, pad_vocab_size  # noqa: E402
+from arguments import get_args  # noqa: E402
 from bench.gpt2_train_step import step_ours  # noqa: E402
 from bench.harness import DTYPES, init_single_process, timed_step  # noqa: E402
-from training import (  # noqa: E402
-    TrainState,
-    _loaders,
-    _reduce_metrics,
-    get_optimizer,
-    pretrain,
-    setup_model_and_optimizer,
-    train_step,
-)
+from metrics import reduce_metrics  # noqa: E402
+from restore import TrainState, decide_model_config  # noqa: E402
+from training import build_data_iterators, get_optimizer, pretrain, setup_model_and_optimizer, train_step  # noqa: E402
 
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
          "they you were her all she there would their we him been has when who will more no if out so said").split()
@@ -153,9 +147,9 @@ def run_loop(args, folder: str, corpus: str, name: str, console) -> list[dict]:
 def build_bare(args, folder: str, corpus: str, device: torch.device):
     """The same model as the loop's (same provider, flags and padded vocabulary), its AdamW and a batch."""
     run_args = get_args(loop_argv(args, folder, corpus, args.iters, os.path.join(folder, "unused")))
-    run_args.unpadded_vocab_size = args.vocab_size
-    padded = pad_vocab_size(args.vocab_size, run_args.make_vocab_size_divisible_by, 1)
-    model = pretrain_gpt2.model_provider(run_args, padded).to(device)
+    config = decide_model_config(run_args, args.vocab_size)
+    padded = config.vocab_size
+    model = pretrain_gpt2.model_provider(config).to(device)
     model.train()
     if args.bare_optimizer == "loop":
         optimizer = get_optimizer(model, run_args)
@@ -173,19 +167,17 @@ def step_pairs(args, folder: str, corpus: str, bare, device: torch.device, conso
     run_args = get_args(loop_argv(args, folder, corpus, 10**6, os.path.join(folder, "pairs")))
     with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
         tokenizer, *datasets = pretrain_gpt2.data_provider(run_args)
-        run_args.unpadded_vocab_size = args.vocab_size
-        padded = pad_vocab_size(args.vocab_size, run_args.make_vocab_size_divisible_by, 1)
         loop_model, loop_optimizer, scheduler = setup_model_and_optimizer(
-            run_args, pretrain_gpt2.model_provider, padded, device)
+            run_args, pretrain_gpt2.model_provider, decide_model_config(run_args, args.vocab_size), device)
         forward_step = pretrain_gpt2.forward_step_provider(run_args, tokenizer, device)
-        train_iter = _loaders(run_args, datasets, TrainState())[0]
+        train_iter = build_data_iterators(run_args, datasets, TrainState())[0]
 
     def loop_step() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         metrics, _, _ = train_step(forward_step, train_iter, loop_model, loop_optimizer, scheduler, run_args)
-        _reduce_metrics(metrics)  # a .cpu(): synchronises
+        reduce_metrics(metrics)  # a .cpu(): synchronises
         return time.perf_counter() - start
 
     loop_ms, bare_ms = [], []

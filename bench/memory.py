@@ -37,10 +37,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from arguments import pad_vocab_size  # noqa: E402
 from bench.gpt2_train_step import step_ours  # noqa: E402
 from bench.harness import DTYPES, init_single_process, timed_step  # noqa: E402
-from model import GPT2Model, TransformerConfig  # noqa: E402
+from model import (  # noqa: E402
+    GPT2Model,
+    TransformerConfig,
+    pad_vocab_size,  # noqa: E402
+)
 
 VARIANTS = ("plain", "checkpointed")
 

@@ -44,10 +44,12 @@ import numpy as np
 import torch
 
 from atomic import remove_orphans, temporary_path
+from data_utils.bert_dataset import BertSentencePairDataset, SentenceDocuments
+from data_utils.coordination import once_per_group
 from data_utils.datasets import SPLIT_NAMES, GPT2Dataset, assign_corpus_splits, parse_split, sample_index
 from data_utils.errors import DataError, warn
 from data_utils.indexed_dataset import IndexedDataset, data_file_path, index_file_path
-from data_utils.lazy_loader import SentenceCorpus, once_per_group
+from data_utils.lazy_loader import SentenceCorpus
 from data_utils.tokenization import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -166,7 +168,7 @@ class _CachedArrays:
 
 def _build_once(cache: _CachedArrays, build: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]],
                 group: Any) -> None:
-    """``build()`` on the group's first rank unless cached, the others waiting (``lazy_loader.once_per_group``)."""
+    """``build()`` on the group's first rank unless cached, the others waiting (``coordination.once_per_group``)."""
     once_per_group(cache.ready, lambda: cache.write(*build()), group, what=f"the sample index {cache.folder}")
 
 
@@ -400,8 +402,6 @@ def gpt2_member(seq_length: int, tokenizer: Tokenizer) -> Callable[..., IndexedG
 def bert_member(seq_length: int, max_preds_per_seq: int | None, tokenizer: Tokenizer, seed: int
                 ) -> Callable[..., Any]:
     """``make_dataset`` for BERT sentence pairs over one sentence-level dataset's split (stream ``3 k + split``)."""
-    from data_utils.bert_dataset import BertSentencePairDataset, SentenceDocuments
-
     def make(split: int, k: int, name: str, ds: IndexedDataset, cache: _CachedArrays) -> Any:
         docs = SentenceDocuments([(IndexedSentenceCorpus(ds), np.asarray(cache.load(f"{name}_docs")))])
         return BertSentencePairDataset(docs, seq_length, max_preds_per_seq, tokenizer, seed, 3 * k + split,

@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
+import mpu
 from atomic import remove_orphans, temporary_path
+from data_utils.coordination import once_per_group
 from data_utils.corpora import batched_texts, delimiter, read_texts
 from data_utils.errors import DataError, warn
 from data_utils.sentences import split_sentences, splitter_identity
@@ -48,19 +50,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _is_first_rank() -> bool:
-    """True without torch.distributed or on global rank 0 (only it draws progress bars)."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _text_chunks(path: str, text_key: str) -> Iterator[list[str]]:
     """Lists of document texts, in file order, with a progress bar over the file's bytes."""
     from tqdm import tqdm
 
     with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, mininterval=1.0,
-              desc=f"tokenizing {os.path.basename(path)}", disable=not _is_first_rank()) as bar:
+              desc=f"tokenizing {os.path.basename(path)}", disable=not mpu.is_rank_0()) as bar:
         yield from batched_texts(read_texts(path, text_key, on_bytes=bar.update), _CHUNK_DOCS, _CHUNK_CHARS)
 
 
@@ -352,50 +347,6 @@ def build_sentence_cache(path: str, tokenizer: Tokenizer, folder: str, text_key:
                 "num_tokens": int(sentence_offsets[-1]), "format": CACHE_FORMAT}
 
     _build_atomically(path, folder, write)
-
-
-_PREPARATION_GROUP: Any = None
-
-
-def set_preparation_group(group: Any) -> None:
-    """The process group to wait in while one rank builds a cache, when the caller names none: the
-    whole job with a timeout long enough for tokenizing a large corpus (``training`` sets it)."""
-    global _PREPARATION_GROUP
-    _PREPARATION_GROUP = group
-
-
-def once_per_group(ready: Callable[[], bool], build: Callable[[], None], group: Any = None,
-                    what: str = "the cache") -> None:
-    """Run ``build`` on the group's first rank while the others wait; then on any rank still not ready.
-
-    Without torch.distributed (or in a group of one) it just builds when not ready. The second
-    chance covers cache folders that are not shared between nodes. ``group`` None waits in the
-    preparation group (``set_preparation_group``), else the default group.
-    """
-    import torch.distributed as dist
-
-    if group is None:
-        group = _PREPARATION_GROUP
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        if not ready():
-            build()
-        return
-    first = dist.get_global_rank(group, 0) if group is not None else 0
-    failure: list[Any] = [None]
-    if dist.get_rank() == first and not ready():
-        try:
-            build()
-        except Exception as exc:
-            failure = [(type(exc) is DataError, str(exc))]
-            dist.broadcast_object_list(failure, src=first, group=group)
-            raise
-    dist.broadcast_object_list(failure, src=first, group=group)  # doubles as the barrier
-    if failure[0] is not None:
-        is_data_error, message = failure[0]
-        raise (DataError if is_data_error else RuntimeError)(f"rank {first} failed to build {what}: {message}")
-    if not ready():
-        build()
 
 
 def _check_source(path: str, lazy: bool, cache_dir: str | None) -> None:

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from atomic import remove_orphans, temporary_path
+from data_utils.coordination import once_per_group
 from data_utils.datasets import sample_index
 from data_utils.errors import DataError
-from data_utils.lazy_loader import once_per_group
 
 logger = logging.getLogger(__name__)
 FLAT_FOLDER = "npy_flat"

@@ -1,8 +1,10 @@
 """Transformer models built from ``mpu`` layers."""
 
-from .bert import BertModel, bert_config, hf_bert_to_megatron, load_full_state_dict
-from .gpt2 import GPT2Model, get_masks_and_position_ids
+from .bert import BERT_DEFAULTS, BertModel, bert_config, hf_bert_to_megatron, load_full_state_dict
+from .gpt2 import GPT2Model, get_masks_and_position_ids, gpt2_forward_step
+from .parameters import optimizer_param_groups
 from .transformer import (
+    SHAPE_FIELDS,
     KVCache,
     ParallelMLP,
     ParallelSelfAttention,
@@ -12,8 +14,10 @@ from .transformer import (
     init_method_normal,
     scaled_init_method,
 )
+from .vocab import pad_vocab_size, padding_multiple, repad_vocab_size
 
 __all__ = [
+    "BERT_DEFAULTS",
     "BertModel",
     "KVCache",
     "GPT2Model",
@@ -21,11 +25,17 @@ __all__ = [
     "ParallelSelfAttention",
     "ParallelTransformer",
     "ParallelTransformerLayer",
+    "SHAPE_FIELDS",
     "TransformerConfig",
     "bert_config",
     "hf_bert_to_megatron",
     "load_full_state_dict",
     "get_masks_and_position_ids",
+    "gpt2_forward_step",
     "init_method_normal",
+    "optimizer_param_groups",
+    "pad_vocab_size",
+    "padding_multiple",
+    "repad_vocab_size",
     "scaled_init_method",
 ]

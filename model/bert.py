@@ -15,13 +15,15 @@ import mpu
 
 from .transformer import LayerNorm, ParallelTransformer, TransformerConfig, init_method_normal, mask_padded_vocab
 
+# BERT's departures from ``TransformerConfig``'s (GPT2's) defaults: post-LN, exact GELU, bidirectional,
+# two token types, LayerNorm epsilon 1e-12 and no depth-scaled initialisation (``--deep-init`` turns it on).
+BERT_DEFAULTS = dict(post_layernorm=True, exact_gelu=True, causal_attention=False, num_tokentypes=2,
+                     layernorm_epsilon=1e-12, scaled_init=False)
+
 
 def bert_config(**kwargs) -> TransformerConfig:
-    """A ``TransformerConfig`` with BERT's defaults: post-LN, exact GELU, bidirectional, two token types,
-    LayerNorm epsilon 1e-12 and no depth-scaled initialisation (``--deep-init`` turns it on)."""
-    defaults = dict(post_layernorm=True, exact_gelu=True, causal_attention=False, num_tokentypes=2,
-                    layernorm_epsilon=1e-12, scaled_init=False)
-    return TransformerConfig(**{**defaults, **kwargs})
+    """A ``TransformerConfig`` with ``BERT_DEFAULTS`` under ``kwargs``."""
+    return TransformerConfig(**{**BERT_DEFAULTS, **kwargs})
 
 
 def _linear(in_features: int, out_features: int, std: float) -> nn.Linear:

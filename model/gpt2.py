@@ -92,3 +92,30 @@ def get_masks_and_position_ids(
         starts = torch.cummax(eod_after, dim=1).values
         position_ids = position_ids - starts
     return attention_mask, position_ids
+
+
+def gpt2_forward_step(eod: int, device: torch.device, reset_position_ids: bool = False,
+                      reset_attention_mask: bool = False, eod_mask_loss: bool = False):
+    """The forward step of GPT2 language modelling, as ``training.pretrain`` and evaluation call it.
+
+    ``forward_step(batch, model) -> (loss, {"lm_loss": loss})``: ``batch["text"]`` holds token windows
+    ``(b, s + 1)`` on the first rank of each model-parallel group (``None`` elsewhere; it is broadcast
+    to the group). Tokens are ``text[:, :-1]``, labels ``text[:, 1:]``; the loss is the mean
+    vocab-parallel cross entropy over the labels, leaving out end-of-document inputs with
+    ``eod_mask_loss``. The masks and positions follow ``get_masks_and_position_ids``.
+    """
+
+    def forward_step(batch, model):
+        text = mpu.broadcast_data(["text"], batch, torch.int64)["text"].to(device)  # (b, s + 1)
+        tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+        attention_mask, position_ids = get_masks_and_position_ids(tokens, eod, reset_position_ids,
+                                                                  reset_attention_mask)
+        loss_mask = torch.ones(tokens.shape, dtype=torch.float32, device=device)
+        if eod_mask_loss:
+            loss_mask[tokens == eod] = 0.0
+        logits = model(tokens, position_ids, attention_mask)  # (b, s, V/p)
+        losses = mpu.vocab_parallel_cross_entropy(logits, labels)
+        loss = (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        return loss, {"lm_loss": loss.detach()}
+
+    return forward_step

@@ -20,6 +20,11 @@ import mpu
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
+# The config fields that fix a model's tensors and what they mean: a checkpoint fits a model only
+# when these agree.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length",
+                "intermediate_size", "num_tokentypes", "post_layernorm", "unpadded_vocab_size")
+
 
 @dataclass(frozen=True)
 class TransformerConfig:

@@ -16,6 +16,7 @@ from .initialize import (
     get_model_parallel_src_rank,
     get_model_parallel_world_size,
     initialize_model_parallel,
+    is_rank_0,
     model_parallel_is_initialized,
 )
 from .layers import (
@@ -79,6 +80,7 @@ __all__ = [
     "get_model_parallel_world_size",
     "get_rng_tracker",
     "initialize_model_parallel",
+    "is_rank_0",
     "model_parallel_cuda_manual_seed",
     "model_parallel_is_initialized",
     "model_parallel_manual_seed",

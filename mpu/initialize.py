@@ -151,3 +151,9 @@ def group_rank(group: dist.ProcessGroup | None) -> int:
     if group is None:
         return get_model_parallel_rank()
     return dist.get_rank(group=group)
+
+
+def is_rank_0() -> bool:
+    """Whether this process is global rank 0 of the job, or the only process (no group yet): the one
+    that prints, logs and writes files shared by the job."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -28,6 +28,7 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data_utils import make_tokenizer  # noqa: E402
 from openwebtext.common import (  # noqa: E402
     atomic_output,
     byte_progress,
@@ -126,8 +127,6 @@ def main(argv: list[str] | None = None) -> None:
     require_file(args.input, "INPUT")
     check_output(args.output, args.force, [args.input], "OUTPUT")
     from langdetect import DetectorFactory
-
-    from data_utils import make_tokenizer
 
     DetectorFactory.seed = args.seed
     tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir)

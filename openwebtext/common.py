@@ -32,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as `python openwebtext/STEP.py`: the repository's modules must import
     sys.path.insert(0, REPO)
 
+import initialize  # noqa: E402
 from atomic import remove_orphans, temporary_path  # noqa: E402
 from data_utils.corpora import loose_json_record  # noqa: E402
 from data_utils.errors import DataError  # noqa: E402
@@ -41,19 +42,15 @@ JSON_SUFFIXES = (".json", ".jsonl")  # the files taken from a folder of loose js
 _WHITESPACE = re.compile(r"\s+")
 
 
+def _write_failure(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}; check the path, its permissions and free space"
+
+
 def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
-    """Run a step's ``main(argv)``; a user mistake becomes ``error: ...`` on stderr and exit status 1."""
-    try:
-        main(argv)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except OSError as exc:  # a full disk, a folder we may not write to
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}; check the path, its permissions and free space",
-              file=sys.stderr, flush=True)
-        return 1
-    return 0
+    """Run a step's ``main(argv)``; a user mistake or a failed write (a full disk, a folder we may not
+    write to) becomes ``error: ...`` on stderr and exit status 1 (``initialize.run_cli``)."""
+    return initialize.run_cli(lambda: main(argv), _write_failure)
 
 
 def expand_inputs(paths: Sequence[str], flag: str, exclude: Iterable[str] = (),

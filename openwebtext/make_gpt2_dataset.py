@@ -39,6 +39,7 @@ from data_utils.corpora import batched_texts, read_loose_json  # noqa: E402
 from data_utils.errors import DataError  # noqa: E402
 from data_utils.lazy_loader import encode_texts  # noqa: E402
 from data_utils.tokenization import TOKENIZER_TYPES, Tokenizer, make_tokenizer  # noqa: E402
+from initialize import run_cli  # noqa: E402
 
 CHUNK_DOCS, CHUNK_CHARS = 1024, 8 << 20  # documents per tokenizer call, at most
 _worker_tokenizer: Tokenizer | None = None  # each --workers process builds its own
@@ -206,15 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                         "model_type": args.tokenizer_model_type, "tokenizer_path": args.tokenizer_path,
                         "train_files": args.input, "text_key": args.text_key}
     start = time.monotonic()
-    try:
-        counts = make_dataset(args.input, args.output_dir, args.sizes_file, tokenizer_kwargs, args.text_key,
-                              args.workers, args.force)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: cannot write in --output-dir {args.output_dir}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    counts: dict = {}
+    status = run_cli(lambda: counts.update(make_dataset(args.input, args.output_dir, args.sizes_file,
+                                                        tokenizer_kwargs, args.text_key, args.workers, args.force)),
+                     lambda exc: f"cannot write in --output-dir {args.output_dir}: {exc.strerror or exc}")
+    if status:
+        return status
     for name, (docs, tokens) in counts.items():
         print(f"  {name}: {docs} documents, {tokens} tokens")
     docs, tokens = (sum(c[k] for c in counts.values()) for k in (0, 1))

@@ -22,6 +22,7 @@ from atomic import remove_orphans, temporary_path  # noqa: E402
 from data_utils.corpora import loose_json_lines, loose_json_record  # noqa: E402
 from data_utils.errors import DataError  # noqa: E402
 from data_utils.sentences import split_sentences  # noqa: E402
+from initialize import run_cli  # noqa: E402
 
 
 def records(path: str, text_key: str, on_bytes) -> Iterator[dict]:
@@ -65,14 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="where to write the corpus with one sentence per line")
     parser.add_argument("--text-key", default="text", help="key of the document text (default: text)")
     args = parser.parse_args(argv)
-    try:
-        docs, sentences = presplit(args.input, args.output, args.text_key)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
-        return 1
+    counts: list[int] = []
+    status = run_cli(lambda: counts.extend(presplit(args.input, args.output, args.text_key)),
+                     lambda exc: f"cannot write {args.output}: {exc.strerror}")
+    if status:
+        return status
+    docs, sentences = counts
     print(f"wrote {args.output}: {docs} documents, {sentences} sentences")
     return 0
 

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from atomic import remove_orphans, temporary_path  # noqa: E402
 from data_utils.errors import DataError  # noqa: E402
+from initialize import run_cli  # noqa: E402
 
 SPLITS = ("train", "dev", "test")
 MAP_HEADER = "file\tline #"
@@ -192,14 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234, help="shuffling seed (default: 1234)")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
     args = parser.parse_args(argv)
-    try:
-        written = split_json(args.input_files, args.output_dir, args.test_percent, args.seed, args.force)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: cannot write in --output_dir {args.output_dir}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    written: dict[str, int] = {}
+    status = run_cli(lambda: written.update(split_json(args.input_files, args.output_dir, args.test_percent,
+                                                        args.seed, args.force)),
+                     lambda exc: f"cannot write in --output_dir {args.output_dir}: {exc.strerror or exc}")
+    if status:
+        return status
     total = sum(written.values())
     for name, count in written.items():
         print(f"  {os.path.join(args.output_dir, name + '.json')}: {count} lines ({count / total:.1%})")

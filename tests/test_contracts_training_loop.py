@@ -119,7 +119,8 @@ def test_weight_decay_groups_exclude_exactly_biases_and_layernorms(single_proces
     import importlib
 
     from arguments import get_args
-    from training import optimizer_param_groups, setup_model_and_optimizer
+    from model import optimizer_param_groups
+    from training import setup_model_and_optimizer
 
     module = importlib.import_module(entry)
     argv = _base_args(tmp_path, **{"--weight-decay": 0.03, **flags})

@@ -421,9 +421,9 @@ def _name_2019(model_type: str, ours: str) -> str:
 @pytest.mark.parametrize("model_type,vocab,given,nested", [
     ("gpt2", 300, True, False), ("bert", 90, True, False), ("gpt2", 50257, False, False), ("gpt2", 300, True, True)])
 def test_2019_checkpoint_imports_only_with_trust_pickle(tmp_path, capsys, model_type, vocab, given, nested):
-    from arguments import pad_vocab_size
     from checkpointing import read_all_ranks
     from conversion import full_model_state, pad_2019
+    from model import pad_vocab_size
 
     assert pad_2019(50257, 128, 1) == 50304 and pad_2019(50257, 128, 2) == 50432 and pad_2019(30522, 128, 1) == 30592
     old, new = str(tmp_path / "old"), str(tmp_path / "new")
@@ -565,9 +565,10 @@ def hf_tiny_bpe(tmp_path_factory) -> dict:
 
 
 def _inference_logits(argv: list[str]) -> tuple[tuple, np.ndarray]:
+    from inference import load_gpt2_for_inference
+
     from arguments import get_args
     from data_utils import make_tokenizer
-    from inference import load_gpt2_for_inference
     from training import initialize_distributed
 
     args = get_args(argv)

