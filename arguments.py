@@ -19,6 +19,34 @@ from data_utils.corpora import set_delimiter
 from errors import ArgumentError
 
 
+class Arguments(argparse.Namespace):
+    """The parsed flags and the values derived from them; read-only once ``get_args`` returns it.
+
+    Setting an attribute afterwards raises ``AttributeError``: decide a value once (e.g. the model
+    config in ``restore.decide_model_config``) and pass it down instead of writing it here.
+    """
+
+    _sealed: set[int] = set()  # ids of the sealed instances (a Namespace keeps no private attributes)
+
+    def seal(self) -> Arguments:
+        Arguments._sealed.add(id(self))
+        return self
+
+    def __setattr__(self, name: str, value) -> None:
+        if id(self) in Arguments._sealed:
+            raise AttributeError(f"args.{name} is read-only after get_args; decide the value once and pass it "
+                                 "down instead")
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if id(self) in Arguments._sealed:
+            raise AttributeError(f"args.{name} is read-only after get_args")
+        super().__delattr__(name)
+
+    def __del__(self) -> None:
+        Arguments._sealed.discard(id(self))
+
+
 def writable_directory(path: str, flag: str) -> None:
     """``path`` is a directory this process can write in, created if absent; else one ``ArgumentError``."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -504,7 +532,7 @@ def get_args(
         extra_args_provider(parser)
     if defaults:
         parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv, namespace=Arguments())
     try:
         derive_args(args)
         validate_args(args)
@@ -512,7 +540,7 @@ def get_args(
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     set_delimiter(args.delim)  # csv/tsv corpora of this process are read with it
-    return args
+    return args.seal()
 
 
 def distributed_settings(args: argparse.Namespace) -> dict:

@@ -65,9 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.num_layers is None:
-        args.num_layers = 12 if args.device == "cuda" else 4
-    return args
+    layers = args.num_layers or (12 if args.device == "cuda" else 4)
+    return argparse.Namespace(**{**vars(args), "num_layers": layers})
 
 
 def current_rss_mb() -> float:

@@ -56,10 +56,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per process (default: "
                                                                     "cores / processes)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of {', '.join(LAYOUTS)}")
+    parser.add_argument("--layouts", default=list(LAYOUTS), help=f"comma-separated, of {', '.join(LAYOUTS)}",
+                        type=lambda text: [name.strip() for name in text.split(",") if name.strip()])
     parser.add_argument("--timeout", type=float, default=600, help="seconds before a run is killed")
     args = parser.parse_args()
-    args.layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
     unknown = [name for name in args.layouts if name not in LAYOUTS]
     if unknown or "single" not in args.layouts:
         parser.error(f"--layouts: {', '.join(unknown) or 'single is needed'} (choose from {', '.join(LAYOUTS)}; "

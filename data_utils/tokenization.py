@@ -43,6 +43,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+import mpu
 from data_utils.coordination import once_per_group
 from data_utils.corpora import read_texts
 from data_utils.errors import DataError
@@ -366,8 +367,9 @@ def _train_on_rank_0(model_file: str, train: Callable[[], None]) -> None:
     A failure on rank 0 reaches the others as an error instead of a hang; a rank that still cannot
     see the model afterwards (a folder not shared between nodes) says so.
     """
+
     def build() -> None:
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if not mpu.is_rank_0():
             raise DataError(f"rank 0 has SentencePiece model {model_file} but rank {dist.get_rank()} cannot see "
                             "it; put --tokenizer-path on a filesystem every node shares")
         train()
