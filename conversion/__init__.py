@@ -18,11 +18,14 @@ from errors import ConversionError
 
 from .huggingface import (
     BERT_ARCHITECTURES,
+    BERT_LAYER_NAMES,
+    BERT_TOP_NAMES,
     GPT2_ARCHITECTURES,
     GPT2_TANH_GELUS,
     TOKENIZER_FILES,
     config_from_hf,
     full_to_hf,
+    hf_bert_to_megatron,
     hf_config_from,
     hf_model_type,
     hf_to_full,
@@ -48,6 +51,8 @@ from .reshard import full_model_state, release_states, reshard_states
 
 __all__ = [
     "BERT_ARCHITECTURES",
+    "BERT_LAYER_NAMES",
+    "BERT_TOP_NAMES",
     "GPT2_ARCHITECTURES",
     "GPT2_TANH_GELUS",
     "KNOWN_VOCAB_SIZES",
@@ -61,6 +66,7 @@ __all__ = [
     "config_from_hf",
     "full_model_state",
     "full_to_hf",
+    "hf_bert_to_megatron",
     "hf_config_from",
     "hf_model_type",
     "hf_to_full",

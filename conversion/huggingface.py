@@ -21,7 +21,6 @@ import torch
 
 from errors import ConversionError
 from model import TransformerConfig, bert_config, pad_vocab_size
-from model.bert import _HF_LAYER, _HF_TOP, hf_bert_to_megatron
 
 from .layout import check_divisible, resize_rows
 from .reshard import release_states
@@ -45,6 +44,36 @@ _GPT2_TOP = {
     "position_embeddings.weight": "transformer.wpe.weight",
     "transformer.final_layernorm.weight": "transformer.ln_f.weight",
     "transformer.final_layernorm.bias": "transformer.ln_f.bias",
+}
+# BERT: ours -> Hugging Face ``BertForPreTraining``'s name, under ``bert.encoder.layer.{i}.`` for a layer's.
+# The fused query/key/value is the one tensor made of three of theirs (``hf_bert_to_megatron``).
+BERT_LAYER_NAMES = {
+    "attention.dense.weight": "attention.output.dense.weight",
+    "attention.dense.bias": "attention.output.dense.bias",
+    "input_layernorm.weight": "attention.output.LayerNorm.weight",
+    "input_layernorm.bias": "attention.output.LayerNorm.bias",
+    "mlp.dense_h_to_4h.weight": "intermediate.dense.weight",
+    "mlp.dense_h_to_4h.bias": "intermediate.dense.bias",
+    "mlp.dense_4h_to_h.weight": "output.dense.weight",
+    "mlp.dense_4h_to_h.bias": "output.dense.bias",
+    "post_attention_layernorm.weight": "output.LayerNorm.weight",
+    "post_attention_layernorm.bias": "output.LayerNorm.bias",
+}
+BERT_TOP_NAMES = {
+    "embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
+    "embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
+    "embeddings.tokentype_embeddings.weight": "bert.embeddings.token_type_embeddings.weight",
+    "embeddings.layernorm.weight": "bert.embeddings.LayerNorm.weight",
+    "embeddings.layernorm.bias": "bert.embeddings.LayerNorm.bias",
+    "pooler.weight": "bert.pooler.dense.weight",
+    "pooler.bias": "bert.pooler.dense.bias",
+    "lm_head.dense.weight": "cls.predictions.transform.dense.weight",
+    "lm_head.dense.bias": "cls.predictions.transform.dense.bias",
+    "lm_head.layernorm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "lm_head.layernorm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "lm_head.bias": "cls.predictions.bias",
+    "nsp_head.weight": "cls.seq_relationship.weight",
+    "nsp_head.bias": "cls.seq_relationship.bias",
 }
 # Buffers and tied copies a Hugging Face file may carry that hold no weights of their own.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "lm_head.weight",
@@ -185,6 +214,24 @@ def _fresh_bert_heads(config: TransformerConfig, seed: int) -> dict[str, torch.T
     }
 
 
+def hf_bert_to_megatron(hf_state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Full (unpartitioned) ``BertModel`` tensors from a Hugging Face ``BertForPreTraining`` state dict.
+
+    Query, key and value are stacked into the fused ``query_key_value`` (``[Q; K; V]`` rows, which
+    is the layout the stride-3 column-parallel split expects). The vocabulary keeps its size:
+    ``hf_to_full`` pads it.
+    """
+    out = {ours: hf_state[theirs] for ours, theirs in BERT_TOP_NAMES.items()}
+    for i in range(num_layers):
+        prefix = f"bert.encoder.layer.{i}."
+        for ours, theirs in BERT_LAYER_NAMES.items():
+            out[f"transformer.layers.{i}.{ours}"] = hf_state[prefix + theirs]
+        for kind in ("weight", "bias"):
+            out[f"transformer.layers.{i}.attention.query_key_value.{kind}"] = torch.cat(
+                [hf_state[f"{prefix}attention.self.{name}.{kind}"] for name in ("query", "key", "value")])
+    return out
+
+
 def hf_to_full(model_type: str, hf_state: dict[str, torch.Tensor], config: TransformerConfig, where: str,
                seed: int = 1234) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Full tensors in our names from a Hugging Face state dict, and the heads that were newly initialised
@@ -240,10 +287,10 @@ def _take(state: dict[str, torch.Tensor], key: str, used: set[str], where: str) 
 
 
 def _bert_used_keys(num_layers: int) -> set[str]:
-    keys = set(_HF_TOP.values())
+    keys = set(BERT_TOP_NAMES.values())
     for i in range(num_layers):
         prefix = f"bert.encoder.layer.{i}."
-        keys |= {prefix + theirs for theirs in _HF_LAYER.values()}
+        keys |= {prefix + theirs for theirs in BERT_LAYER_NAMES.values()}
         keys |= {f"{prefix}attention.self.{n}.{k}" for n in ("query", "key", "value") for k in ("weight", "bias")}
     return keys
 
@@ -262,11 +309,11 @@ def full_to_hf(model_type: str, full: dict[str, torch.Tensor], config: Transform
                 out[f"transformer.h.{i}.{theirs}"] = tensor.t() if transposed else tensor
         out["transformer.wte.weight"] = out["transformer.wte.weight"][:vocab]
     else:
-        for ours, theirs in _HF_TOP.items():
+        for ours, theirs in BERT_TOP_NAMES.items():
             out[theirs] = full[ours]
         for i in range(config.num_layers):
             prefix = f"bert.encoder.layer.{i}."
-            for ours, theirs in _HF_LAYER.items():
+            for ours, theirs in BERT_LAYER_NAMES.items():
                 out[prefix + theirs] = full[f"transformer.layers.{i}.{ours}"]
             for kind in ("weight", "bias"):
                 q, k, v = full[f"transformer.layers.{i}.attention.query_key_value.{kind}"].chunk(3)

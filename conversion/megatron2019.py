@@ -21,8 +21,8 @@ import torch
 from checkpointing import get_checkpoint_name, read_tracker
 from errors import ConversionError
 from model import TransformerConfig, bert_config, pad_vocab_size
-from model.bert import _HF_LAYER, _HF_TOP
 
+from .huggingface import BERT_LAYER_NAMES, BERT_TOP_NAMES
 from .layout import merge_parts, model_layout, repad
 from .reshard import release_states
 
@@ -62,7 +62,7 @@ def _ours_from_2019(model: dict[str, torch.Tensor], where: str) -> tuple[str, di
         return "gpt2", {k: v for k, v in model.items() if not k.endswith("attention.masked_bias")}
     if "bert.embeddings.word_embeddings.weight" not in model:
         raise ConversionError(f"{where}: neither a 2019 GPT2 nor a 2019 BERT checkpoint (no word embeddings)")
-    theirs_to_ours = {theirs: ours for ours, theirs in _HF_TOP.items()}
+    theirs_to_ours = {theirs: ours for ours, theirs in BERT_TOP_NAMES.items()}
     out = {}
     for key, value in model.items():
         if key in ("cls.predictions.decoder_weight", "cls.predictions.decoder.weight") or key.endswith("position_ids"):
@@ -80,7 +80,7 @@ def _ours_from_2019(model: dict[str, torch.Tensor], where: str) -> tuple[str, di
             raise ConversionError(f"{where}: separate query/key/value ({key}): a pre-model-parallel BERT; "
                                   "convert it with tools/hf_checkpoint.py import (its names are Hugging Face's)")
         else:
-            ours = {theirs: o for o, theirs in _HF_LAYER.items()}.get(rest)
+            ours = {theirs: o for o, theirs in BERT_LAYER_NAMES.items()}.get(rest)
             if ours is None:
                 raise ConversionError(f"{where}: unknown tensor {key}")
             out[f"transformer.layers.{index}.{ours}"] = value
