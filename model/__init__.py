@@ -1,6 +1,6 @@
 """Transformer models built from ``mpu`` layers."""
 
-from .bert import BERT_DEFAULTS, BertModel, bert_config, hf_bert_to_megatron, load_full_state_dict
+from .bert import BERT_DEFAULTS, BertModel, bert_config
 from .gpt2 import GPT2Model, get_masks_and_position_ids, gpt2_forward_step
 from .parameters import optimizer_param_groups
 from .transformer import (
@@ -28,8 +28,6 @@ __all__ = [
     "SHAPE_FIELDS",
     "TransformerConfig",
     "bert_config",
-    "hf_bert_to_megatron",
-    "load_full_state_dict",
     "get_masks_and_position_ids",
     "gpt2_forward_step",
     "init_method_normal",

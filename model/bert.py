@@ -1,8 +1,8 @@
 """BERT: word + position + token-type embeddings, a post-LN parallel transformer, pooler, MLM and NSP heads.
 
-Parameter names map one to one onto Hugging Face ``BertForPreTraining`` (see
-``hf_bert_to_megatron``), the fused query/key/value weight being the only tensor built from
-three of theirs.
+Parameter names map one to one onto Hugging Face ``BertForPreTraining``, the fused query/key/value
+weight being the only tensor built from three of theirs; the name tables and the conversion live in
+``conversion.huggingface``.
 """
 
 from __future__ import annotations
@@ -116,70 +116,3 @@ class BertModel(nn.Module):
             lm_logits = mpu.gather_from_model_parallel_region(lm_logits)
         return lm_logits, nsp_logits
 
-
-_HF_LAYER = {
-    "attention.dense.weight": "attention.output.dense.weight",
-    "attention.dense.bias": "attention.output.dense.bias",
-    "input_layernorm.weight": "attention.output.LayerNorm.weight",
-    "input_layernorm.bias": "attention.output.LayerNorm.bias",
-    "mlp.dense_h_to_4h.weight": "intermediate.dense.weight",
-    "mlp.dense_h_to_4h.bias": "intermediate.dense.bias",
-    "mlp.dense_4h_to_h.weight": "output.dense.weight",
-    "mlp.dense_4h_to_h.bias": "output.dense.bias",
-    "post_attention_layernorm.weight": "output.LayerNorm.weight",
-    "post_attention_layernorm.bias": "output.LayerNorm.bias",
-}
-_HF_TOP = {
-    "embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
-    "embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
-    "embeddings.tokentype_embeddings.weight": "bert.embeddings.token_type_embeddings.weight",
-    "embeddings.layernorm.weight": "bert.embeddings.LayerNorm.weight",
-    "embeddings.layernorm.bias": "bert.embeddings.LayerNorm.bias",
-    "pooler.weight": "bert.pooler.dense.weight",
-    "pooler.bias": "bert.pooler.dense.bias",
-    "lm_head.dense.weight": "cls.predictions.transform.dense.weight",
-    "lm_head.dense.bias": "cls.predictions.transform.dense.bias",
-    "lm_head.layernorm.weight": "cls.predictions.transform.LayerNorm.weight",
-    "lm_head.layernorm.bias": "cls.predictions.transform.LayerNorm.bias",
-    "lm_head.bias": "cls.predictions.bias",
-    "nsp_head.weight": "cls.seq_relationship.weight",
-    "nsp_head.bias": "cls.seq_relationship.bias",
-}
-
-
-def hf_bert_to_megatron(hf_state: dict[str, torch.Tensor], num_layers: int,
-                        padded_vocab_size: int | None = None) -> dict[str, torch.Tensor]:
-    """Full (unpartitioned) ``BertModel`` tensors from a Hugging Face ``BertForPreTraining`` state dict.
-
-    Query, key and value are stacked into the fused ``query_key_value`` (``[Q; K; V]`` rows, which
-    is the layout the stride-3 column-parallel split expects). With ``padded_vocab_size`` the word
-    embedding gets zero rows and the LM bias zero entries up to that size.
-    """
-    out = {ours: hf_state[theirs] for ours, theirs in _HF_TOP.items()}
-    for i in range(num_layers):
-        prefix = f"bert.encoder.layer.{i}."
-        for ours, theirs in _HF_LAYER.items():
-            out[f"transformer.layers.{i}.{ours}"] = hf_state[prefix + theirs]
-        for kind in ("weight", "bias"):
-            out[f"transformer.layers.{i}.attention.query_key_value.{kind}"] = torch.cat(
-                [hf_state[f"{prefix}attention.self.{name}.{kind}"] for name in ("query", "key", "value")])
-    if padded_vocab_size is not None:
-        for key in ("embeddings.word_embeddings.weight", "lm_head.bias"):
-            tensor = out[key]
-            extra = padded_vocab_size - tensor.shape[0]
-            out[key] = torch.cat([tensor, tensor.new_zeros((extra, *tensor.shape[1:]))]) if extra > 0 else tensor
-    return out
-
-
-def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Load full tensors into a model-parallel model, each rank keeping its own slice by the
-    parameters' ``partition_dim``/``partition_stride`` tags."""
-    rank, world = mpu.get_model_parallel_rank(), mpu.get_model_parallel_world_size()
-    params = dict(model.named_parameters())
-    local = {}
-    for name, tensor in full.items():
-        param = params.get(name)
-        if param is not None and getattr(param, "model_parallel", False) and world > 1:
-            tensor = mpu.partition_tensor(tensor, world, rank, param.partition_dim, param.partition_stride)
-        local[name] = tensor
-    model.load_state_dict(local)

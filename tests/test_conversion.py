@@ -408,14 +408,14 @@ def _write_2019_checkpoint(folder: str, model_type: str, vocab: int, mp: int, ne
 def _name_2019(model_type: str, ours: str) -> str:
     if model_type == "gpt2":
         return ours
-    from model.bert import _HF_LAYER, _HF_TOP
+    from conversion import BERT_LAYER_NAMES, BERT_TOP_NAMES
 
-    if ours in _HF_TOP:
-        return _HF_TOP[ours]
+    if ours in BERT_TOP_NAMES:
+        return BERT_TOP_NAMES[ours]
     _, _, index, rest = ours.split(".", 3)
     if rest.startswith("attention.query_key_value"):
         return f"bert.encoder.layer.{index}.attention.self.{rest[len('attention.'):]}"
-    return f"bert.encoder.layer.{index}.{_HF_LAYER[rest]}"
+    return f"bert.encoder.layer.{index}.{BERT_LAYER_NAMES[rest]}"
 
 
 @pytest.mark.parametrize("model_type,vocab,given,nested", [

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mpu
-from model import BertModel, bert_config, hf_bert_to_megatron, load_full_state_dict
+from conversion import hf_to_full, release_states
+from model import BertModel, bert_config
 from tests.distributed import gather_full_parameters, run_distributed
 
 VOCAB, PADDED = 90, 128
@@ -41,7 +42,11 @@ def _parity_worker(mp: int) -> None:
     try:
         mpu.model_parallel_cuda_manual_seed(0)
         model = BertModel(CONFIG).eval()
-        load_full_state_dict(model, hf_bert_to_megatron(hf.state_dict(), CONFIG.num_layers, PADDED))
+        # The import's own path: renamed and padded to PADDED rows, then this rank's slice by the layout.
+        full, fresh = hf_to_full("bert", hf.state_dict(), CONFIG, "BertForPreTraining")
+        assert fresh == []
+        states = release_states("bert", CONFIG, full, mp, {}, "BertForPreTraining")
+        model.load_state_dict(states[mpu.get_model_parallel_rank()]["model"])
         ids, types, keep = _inputs()
         with torch.no_grad():
             ref = hf(input_ids=ids, token_type_ids=types, attention_mask=keep, output_hidden_states=True)
