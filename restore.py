@@ -104,11 +104,12 @@ def read_load_state(args) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def decide_shape(args, stored: dict[str, Any] | None, where: str = "") -> dict[str, Any]:
+def decide_shape(args, stored: dict[str, Any] | None, where: str = "", training: bool = True) -> dict[str, Any]:
     """The shape fields of the model (``TransformerConfig`` names): each flag that is given, else the
     checkpoint's ``stored`` config, else the default; with the LayerNorm epsilon when known. A given
     flag that contradicts the checkpoint is a ``CheckpointError``; the result is checked against the
-    model-parallel size and ``--seq-length`` (``where`` names the checkpoint in the messages)."""
+    model-parallel size and, for ``training`` (generation and evaluation cap their window at the
+    positions instead), ``--seq-length`` (``where`` names the checkpoint in the messages)."""
     stored = stored or {}
     shape: dict[str, Any] = {}
     for field, dest in SHAPE_FLAGS.items():
@@ -126,7 +127,7 @@ def decide_shape(args, stored: dict[str, Any] | None, where: str = "") -> dict[s
     if epsilon is not None:
         shape["layernorm_epsilon"] = epsilon
     check_model_shape({dest: shape.get(field) for field, dest in SHAPE_FLAGS.items()}, args.model_parallel_size,
-                      args.seq_length, where if stored else "")
+                      args.seq_length if training else None, where if stored else "")
     return shape
 
 
@@ -220,7 +221,7 @@ def load_gpt2_for_inference(args, tokenizer, device: torch.device,
     saved = _stored_config(args.load, ckpt.get("config", {}))
     if saved.get("post_layernorm") or saved.get("num_tokentypes"):
         raise CheckpointError(f"{args.load}: this is a BERT checkpoint; generation and evaluation take GPT2 ones")
-    decide_shape(args, saved, args.load)
+    decide_shape(args, saved, args.load, training=False)
     check_vocabulary(args.load, saved, tokenizer.vocab_size, args.make_vocab_size_divisible_by)
     config = TransformerConfig(**{**saved, "hidden_dropout": 0.0, "attention_dropout": 0.0,
                                   "checkpoint_activations": False})
