@@ -24,7 +24,7 @@ from data_utils.lazy_loader import SentenceCorpus, cache_folder, load_sentence_c
 from data_utils.samplers import collate
 from data_utils.sentences import make_punkt_splitter, split_sentences, splitter_identity
 from data_utils.tokenization import BertWordPieceTokenizer, Tokenizer
-from tests.test_data_common import REPO, ByteTokenizer, write_jsonl
+from tests.helpers import REPO, ByteTokenizer, write_jsonl
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 FIRST_ID = 10

@@ -19,7 +19,7 @@ from data_utils.tokenization import (
     make_tokenizer,
 )
 from tests.distributed import run_distributed
-from tests.test_data_common import REAL_CACHE
+from tests.helpers import REAL_CACHE
 
 REAL_BERT_VOCAB = os.path.join(REAL_CACHE, "bert-uncased-vocab.txt")
 MIXED_TEXT = "Héllo, World! Naïve café 東京 unbelievable don't qzxv\tTHE END."

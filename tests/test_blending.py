@@ -20,7 +20,7 @@ from data_utils.indexed_dataset import IndexedDatasetBuilder, data_file_path, in
 from data_utils.sentences import split_sentences
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
-from tests.test_data_common import ByteTokenizer, write_jsonl
+from tests.helpers import ByteTokenizer, write_jsonl
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 

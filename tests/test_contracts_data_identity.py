@@ -24,7 +24,7 @@ import torch
 from data_utils import build_gpt2_datasets
 from data_utils.lazy_loader import cache_folder, load_corpus
 from data_utils.tokenization import GPT2_EOD_TOKEN, make_tokenizer
-from tests.test_data_common import TINY_MERGES, gpt2_byte_chars, write_jsonl
+from tests.helpers import TINY_MERGES, gpt2_byte_chars, write_jsonl
 
 EOD = 256  # right after the byte tokens, before the merges: not 0 and not vocab_size - 1
 TEXTS = ["the cat", "hello world", "", "or the", "the world the world", "he"]

@@ -166,7 +166,7 @@ def test_csv_and_tsv_with_header_text_column_and_delimiter(tmp_path):
 
 def test_eval_text_key_reads_valid_and_test_data_under_their_own_key(tmp_path):
     from data_utils import build_gpt2_datasets
-    from tests.test_data_common import ByteTokenizer, write_jsonl
+    from tests.helpers import ByteTokenizer, write_jsonl
 
     train = write_jsonl(tmp_path / "train.json", [f"train document {i}" for i in range(20)])
     valid = tmp_path / "valid.json"

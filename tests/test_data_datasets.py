@@ -9,7 +9,7 @@ from data_utils import build_gpt2_datasets, parse_split
 from data_utils.datasets import Documents, GPT2Dataset, assign_corpus_splits, assign_splits, document_hashes
 from data_utils.errors import DataError
 from data_utils.lazy_loader import InMemoryCorpus
-from tests.test_data_common import ByteTokenizer, write_jsonl
+from tests.helpers import ByteTokenizer, write_jsonl
 
 
 @pytest.mark.parametrize("split, expected", [

@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 from data_utils.tokenization import make_tokenizer
-from tests.test_data_common import REAL_CACHE, REPO, gpt2_byte_chars
+from tests.helpers import REAL_CACHE, REPO, gpt2_byte_chars
 
 spec = importlib.util.spec_from_file_location("fetch_sample_data", os.path.join(REPO, "tools", "fetch_sample_data.py"))
 fetch = importlib.util.module_from_spec(spec)
@@ -156,7 +156,7 @@ def test_real_bert_vocabulary_is_googles_uncased_one():
 
 
 def test_count_tokens_reads_the_corpus_with_the_project_tokenizer(tmp_path):
-    from tests.test_data_common import write_jsonl, write_tiny_gpt2
+    from tests.helpers import write_jsonl, write_tiny_gpt2
 
     vocab, merges = write_tiny_gpt2(str(tmp_path))
     corpus = write_jsonl(tmp_path / "c.json", ["the cat", "hello world", ""])

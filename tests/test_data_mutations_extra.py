@@ -21,8 +21,8 @@ from data_utils.corpora import read_texts, set_delimiter
 from data_utils.datasets import assign_splits, document_hashes, parse_split
 from data_utils.lazy_loader import load_corpus
 from data_utils.samplers import make_data_loader
+from tests.helpers import ByteTokenizer
 from tests.test_blending import _gpt2_blends, _gpt2_prefix, _texts, _write_indexed
-from tests.test_data_common import ByteTokenizer
 
 
 @pytest.fixture

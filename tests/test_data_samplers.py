@@ -12,7 +12,7 @@ from data_utils import DataError, GPT2Dataset, SequentialBatchSampler, make_data
 from data_utils.datasets import Documents
 from data_utils.lazy_loader import load_corpus
 from data_utils.samplers import DistributedBatchSampler
-from tests.test_data_common import ByteTokenizer, write_jsonl
+from tests.helpers import ByteTokenizer, write_jsonl
 
 
 def rank_batches(num_samples, batch_size, dp_size, seed, consumed, steps):

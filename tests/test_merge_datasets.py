@@ -11,8 +11,8 @@ import pytest
 
 from data_utils import DataError, IndexedDataset
 from tests.cli import assert_one_line_error
+from tests.helpers import write_jsonl, write_tiny_gpt2
 from tests.test_blending import _write_indexed
-from tests.test_data_common import write_jsonl, write_tiny_gpt2
 from tools.merge_datasets import input_prefixes, merge
 from tools.preprocess_data import preprocess
 

@@ -20,8 +20,8 @@ from data_utils.indexed_dataset import IndexedDataset
 from data_utils.lazy_loader import load_sentence_corpus
 from data_utils.tokenization import make_tokenizer
 from tests.cli import assert_one_line_error
+from tests.helpers import REPO, write_jsonl, write_tiny_gpt2
 from tests.test_bert_tokenizers import write_vocab
-from tests.test_data_common import REPO, write_jsonl, write_tiny_gpt2
 from tools import preprocess_data as pp
 
 TEXTS = [

@@ -12,7 +12,7 @@ import pytest
 
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
-from tests.test_data_common import REAL_CACHE
+from tests.helpers import REAL_CACHE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the cat sat on a mat while dog ran with other dogs around world and birds sang in trees near "

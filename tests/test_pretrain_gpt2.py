@@ -11,7 +11,7 @@ import pytest
 
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
-from tests.test_data_common import write_jsonl, write_tiny_gpt2
+from tests.helpers import write_jsonl, write_tiny_gpt2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the cat sat on the mat while the dog ran with other dogs around the world".split()

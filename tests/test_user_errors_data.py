@@ -23,7 +23,7 @@ from data_utils.datasets import build_gpt2_datasets
 from data_utils.errors import DataError
 from data_utils.lazy_loader import cache_fault, load_corpus, load_sentence_corpus
 from tests.cli import assert_one_line_error
-from tests.test_data_common import ByteTokenizer, write_jsonl, write_tiny_gpt2
+from tests.helpers import ByteTokenizer, write_jsonl, write_tiny_gpt2
 from tests.test_user_errors import _checksums, _main
 
 TEXTS = [f"document {i}. " + "It has words. " * (1 + i % 5) for i in range(40)]

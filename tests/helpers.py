@@ -1,4 +1,7 @@
-"""Helpers shared by the data tests (no tests here): tiny vocabularies, a byte tokenizer, jsonl files."""
+"""Builders shared by the tests (no tests here): tiny vocabularies, stand-in tokenizers, corpora, pretraining runs.
+
+Every test module imports what it shares with another from here, never from another test module.
+"""
 
 from __future__ import annotations
 
