@@ -21,7 +21,7 @@ import mpu
 from fp16 import DynamicLossScaler, FP16_Module, FP16_Optimizer, LossScaler
 from learning_rates import AnnealingLR
 from model import GPT2Model, TransformerConfig
-from tests.test_pretrain_gpt2 import _base_args
+from tests.helpers import gpt2_args
 
 CONFIG = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
                            max_sequence_length=16, hidden_dropout=0.0, attention_dropout=0.0)
@@ -94,7 +94,7 @@ def _setup(tmp_path, **flags):
     from arguments import get_args
     from training import setup_model_and_optimizer
 
-    args = get_args(_base_args(tmp_path, **flags))
+    args = get_args(gpt2_args(tmp_path, **flags))
     mpu.model_parallel_cuda_manual_seed(args.seed)
     model, optimizer, scheduler = setup_model_and_optimizer(args, pretrain_gpt2.model_provider, 320,
                                                             torch.device("cpu"))

@@ -21,8 +21,7 @@ from data_utils.corpora import read_texts, set_delimiter
 from data_utils.datasets import assign_splits, document_hashes, parse_split
 from data_utils.lazy_loader import load_corpus
 from data_utils.samplers import make_data_loader
-from tests.helpers import ByteTokenizer
-from tests.test_blending import _gpt2_blends, _gpt2_prefix, _texts, _write_indexed
+from tests.helpers import ByteTokenizer, gpt2_blends, numbered_texts, write_gpt2_prefix, write_indexed
 
 
 @pytest.fixture
@@ -162,45 +161,45 @@ def test_the_fill_in_takes_the_document_nearest_the_empty_split():
 
 @pytest.mark.parametrize("append_eod", [True, False])
 def test_indexed_documents_are_shown_without_their_trailing_eod(tmp_path, append_eod):
-    texts = _texts(12, "d")
-    prefix = _gpt2_prefix(tmp_path, texts, "docs", append_eod)
-    train, _, _ = _gpt2_blends([prefix], tmp_path, samples=(10, 0, 0), shuffle=False)
+    texts = numbered_texts(12, "d")
+    prefix = write_gpt2_prefix(tmp_path, texts, "docs", append_eod)
+    train, _, _ = gpt2_blends([prefix], tmp_path, samples=(10, 0, 0), shuffle=False)
     docs, tok = train.datasets[0].docs, ByteTokenizer()
     assert [docs[i].tolist() for i in range(len(docs))] == [tok.encode(t) for t in texts]
 
 
 def _train_doc_ids(prefix: str, folder, split: str, seed: int) -> list[int]:
-    train, _, _ = _gpt2_blends([prefix], folder, split=split, seed=seed, samples=(20, 0, 0))
+    train, _, _ = gpt2_blends([prefix], folder, split=split, seed=seed, samples=(20, 0, 0))
     return train.datasets[0].docs.doc_ids.tolist()
 
 
 def test_the_cached_document_split_follows_seed_and_split(tmp_path):
-    prefix = _gpt2_prefix(tmp_path, _texts(60, "d"), "docs")
+    prefix = write_gpt2_prefix(tmp_path, numbered_texts(60, "d"), "docs")
     for split, seed in (("50,25,25", 3), ("50,25,25", 4), ("80,10,10", 4), ("50,25,25", 3)):
         expected = np.flatnonzero(assign_splits(60, parse_split(split), seed) == 0).tolist()
         assert _train_doc_ids(prefix, tmp_path, split, seed) == expected, (split, seed)
 
 
 def test_the_cached_blend_follows_weights_and_shuffle(tmp_path):
-    a = _gpt2_prefix(tmp_path, _texts(40, "a"), "a")
-    b = _gpt2_prefix(tmp_path, _texts(40, "b"), "b")
+    a = write_gpt2_prefix(tmp_path, numbered_texts(40, "a"), "a")
+    b = write_gpt2_prefix(tmp_path, numbered_texts(40, "b"), "b")
     for wa, wb in (("0.7", "0.3"), ("0.3", "0.7")):
-        train, _, _ = _gpt2_blends([wa, a, wb, b], tmp_path, samples=(1000, 0, 0))
+        train, _, _ = gpt2_blends([wa, a, wb, b], tmp_path, samples=(1000, 0, 0))
         assert np.mean(train.dataset_index == 0) == pytest.approx(float(wa), abs=0.002)
-    shuffled, _, _ = _gpt2_blends([a], tmp_path, samples=(30, 0, 0))
-    ordered, _, _ = _gpt2_blends([a], tmp_path, samples=(30, 0, 0), shuffle=False)
+    shuffled, _, _ = gpt2_blends([a], tmp_path, samples=(30, 0, 0))
+    ordered, _, _ = gpt2_blends([a], tmp_path, samples=(30, 0, 0), shuffle=False)
     assert shuffled.sample_index.tolist() != list(range(30))
     assert ordered.sample_index.tolist() == list(range(30))
 
 
 def test_a_split_that_needs_no_samples_gets_no_blend(tmp_path):
-    prefix = _gpt2_prefix(tmp_path, _texts(60, "d"), "docs")
-    train, valid, test = _gpt2_blends([prefix], tmp_path, split="80,10,10", samples=(50, 0, 10))
+    prefix = write_gpt2_prefix(tmp_path, numbered_texts(60, "d"), "docs")
+    train, valid, test = gpt2_blends([prefix], tmp_path, split="80,10,10", samples=(50, 0, 10))
     assert len(train) == 50 and valid is None and len(test) == 10
 
 
 def test_a_failed_index_build_leaves_nothing_and_the_next_run_builds(tmp_path, monkeypatch):
-    prefix = _gpt2_prefix(tmp_path, _texts(30, "d"), "docs")
+    prefix = write_gpt2_prefix(tmp_path, numbered_texts(30, "d"), "docs")
     real_save, calls = np.save, []
 
     def disk_full_on_the_second_array(path, array, *args, **kwargs):
@@ -211,17 +210,17 @@ def test_a_failed_index_build_leaves_nothing_and_the_next_run_builds(tmp_path, m
 
     monkeypatch.setattr(np, "save", disk_full_on_the_second_array)
     with pytest.raises(OSError, match="No space left"):
-        _gpt2_blends([prefix], tmp_path, samples=(20, 0, 0))
+        gpt2_blends([prefix], tmp_path, samples=(20, 0, 0))
     assert os.listdir(tmp_path / "index-cache") == []  # no half-written folder, no temporary left
     monkeypatch.undo()
-    train, _, _ = _gpt2_blends([prefix], tmp_path, samples=(20, 0, 0))
+    train, _, _ = gpt2_blends([prefix], tmp_path, samples=(20, 0, 0))
     assert train.datasets[0].docs.doc_ids.tolist() == list(range(30)) and len(train) == 20
 
 
 def test_a_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path):
-    prefix = _write_indexed(str(tmp_path / "edge"), [[[1, 2, 3, 257]]] * 4)
+    prefix = write_indexed(str(tmp_path / "edge"), [[[1, 2, 3, 257]]] * 4)
     with pytest.raises(DataError, match="holds token id 257, beyond the tokenizer's 257 ids"):
-        _gpt2_blends([prefix], tmp_path)
+        gpt2_blends([prefix], tmp_path)
     tok = ByteTokenizer(vocab_size=258)  # one id more: accepted
     train, _, _ = build_indexed_datasets([prefix], "1", 3, (10, 0, 0), gpt2_member(8, tok), tok, gpt2=True,
                                          cache_dir=str(tmp_path))
@@ -231,7 +230,7 @@ def test_a_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path):
 def test_each_indexed_sample_checks_its_ids_against_the_vocabulary(tmp_path):
     # The up-front check reads only the first 2**20 tokens; each sample checks its own ids as well.
     docs = [[[5, 6, 7, 8, 9, 10, 11]] for _ in range(6)] + [[[1, 2, 257, 3, 4, 5, 6, 7, 8, 9]]]
-    prefix = _write_indexed(str(tmp_path / "late"), docs)
+    prefix = write_indexed(str(tmp_path / "late"), docs)
     wide = ByteTokenizer(vocab_size=258)
     train, _, _ = build_indexed_datasets([prefix], "1", 3, (10, 0, 0), gpt2_member(8, wide), wide, gpt2=True,
                                          cache_dir=str(tmp_path))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import mpu
 from fp16 import DynamicLossScaler, FP16_Module, FP16_Optimizer, LossScaler
 from tests.distributed import run_distributed
-from tests.test_pretrain_gpt2 import _base_args, _losses, _metrics, _run_cli, _train
+from tests.helpers import gpt2_args, gpt2_losses, read_metrics, run_gpt2_cli, train_gpt2
 
 
 def test_dynamic_scale_halves_after_hysteresis_overflows_and_grows_after_a_clean_window():
@@ -143,14 +143,14 @@ def test_fp16_run_resumed_from_a_checkpoint_continues_exactly(tmp_path):
     common = {"--fp16": True, "--initial-loss-scale": 2.0**20, "--loss-scale-window": 5, "--resume-dataloader": True,
               "--hidden-dropout": 0.1, "--lr": 3e-3}
     unbroken = str(tmp_path / "unbroken")
-    run_distributed(_train, 1, _base_args(tmp_path, **common, **{"--log-dir": unbroken}))
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **common, **{"--log-dir": unbroken}))
     ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
-    run_distributed(_train, 1, _base_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10,
-                                                                 "--log-dir": resumed}))
-    run_distributed(_train, 1, _base_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt,
-                                                                 "--log-dir": resumed}))
-    expected = {r["iteration"]: r for r in _metrics(unbroken)}
-    got = {r["iteration"]: r for r in _metrics(resumed)}
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10,
+                                                                    "--log-dir": resumed}))
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt,
+                                                                    "--log-dir": resumed}))
+    expected = {r["iteration"]: r for r in read_metrics(unbroken)}
+    got = {r["iteration"]: r for r in read_metrics(resumed)}
     assert sorted(got) == list(range(1, 21))
     for iteration in range(11, 21):
         for key in ("lm_loss", "loss_scale", "skipped_iters", "grad_norm"):
@@ -162,11 +162,11 @@ def test_fp16_run_resumed_from_a_checkpoint_continues_exactly(tmp_path):
 @pytest.mark.slow
 def test_bf16_with_fp32_islands_trains(tmp_path):
     log_dir = str(tmp_path / "bf16")
-    run_distributed(_train, 1, _base_args(tmp_path, **{"--bf16": True, "--fp32-layernorm": True,
-                                                       "--fp32-embedding": True, "--log-dir": log_dir}))
-    losses = _losses(log_dir)
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **{"--bf16": True, "--fp32-layernorm": True,
+                                                          "--fp32-embedding": True, "--log-dir": log_dir}))
+    losses = gpt2_losses(log_dir)
     assert losses[20] < losses[1] - 0.5
-    assert all(r["loss_scale"] == 1.0 and r["skipped_iters"] == 0 for r in _metrics(log_dir))
+    assert all(r["loss_scale"] == 1.0 and r["skipped_iters"] == 0 for r in read_metrics(log_dir))
 
 
 @pytest.mark.slow
@@ -176,8 +176,8 @@ def test_local_and_torch_ddp_give_the_same_losses_as_one_process(tmp_path):
     losses = {}
     for name, (world, flags) in runs.items():
         log_dir = str(tmp_path / name)
-        run_distributed(_train, world, _base_args(tmp_path, **flags, **{"--log-dir": log_dir}))
-        losses[name] = _losses(log_dir)
+        run_distributed(train_gpt2, world, gpt2_args(tmp_path, **flags, **{"--log-dir": log_dir}))
+        losses[name] = gpt2_losses(log_dir)
     for name in runs:  # every iteration on every side, so the comparison below cannot pass on nothing
         assert sorted(losses[name]) == list(range(1, 21)), name
     for iteration, value in losses["local"].items():
@@ -191,8 +191,8 @@ def test_fp32_allreduce_of_bf16_gradients_agrees_between_ddp_implementations(tmp
     for impl in ("local", "torch"):
         log_dir = str(tmp_path / impl)
         flags = {"--bf16": True, "--fp32-allreduce": True, "--batch-size": 2, "--DDP-impl": impl, "--log-dir": log_dir}
-        run_distributed(_train, 2, _base_args(tmp_path, **flags))
-        losses[impl] = _losses(log_dir)
+        run_distributed(train_gpt2, 2, gpt2_args(tmp_path, **flags))
+        losses[impl] = gpt2_losses(log_dir)
     assert sorted(losses["local"]) == sorted(losses["torch"]) == list(range(1, 21))
     for iteration, value in losses["local"].items():
         assert losses["torch"][iteration] == pytest.approx(value, abs=1e-3), iteration
@@ -204,8 +204,8 @@ def test_half_precision_training_on_cuda(tmp_path, precision):
     log_dir = str(tmp_path / "gpu")
     flags = {precision: True, "--device": "cuda", "--log-dir": log_dir, "--initial-loss-scale": 2.0**16,
              "--checkpoint-activations": True, "--hidden-dropout": 0.1}
-    run_distributed(_train, 1, _base_args(tmp_path, **flags))
-    losses = _losses(log_dir)
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **flags))
+    losses = gpt2_losses(log_dir)
     assert losses[20] < losses[1] - 0.5
     assert os.path.exists(os.path.join(log_dir, "metrics.jsonl"))
 
@@ -213,11 +213,11 @@ def test_half_precision_training_on_cuda(tmp_path, precision):
 @pytest.mark.gpu
 def test_fp16_cli_on_cuda_uses_nccl_and_trains(tmp_path):
     log_dir = str(tmp_path / "cli")
-    argv = _base_args(tmp_path, **{"--fp16": True, "--device": "cuda", "--initial-loss-scale": 2.0**16,
-                                   "--log-dir": log_dir})
-    proc = _run_cli(argv)
+    argv = gpt2_args(tmp_path, **{"--fp16": True, "--device": "cuda", "--initial-loss-scale": 2.0**16,
+                                  "--log-dir": log_dir})
+    proc = run_gpt2_cli(argv)
     assert proc.returncode == 0, proc.stderr
-    losses = _losses(log_dir)
+    losses = gpt2_losses(log_dir)
     assert losses[20] < losses[1] - 0.5
 
 
@@ -225,14 +225,14 @@ def test_fp16_cli_on_cuda_uses_nccl_and_trains(tmp_path):
 @pytest.mark.parametrize("how", ["--finetune", "--no-load-optim"])
 def test_half_precision_masters_follow_weights_loaded_without_optimizer_state(tmp_path, how):
     ckpt = str(tmp_path / "ckpt")
-    run_distributed(_train, 1, _base_args(tmp_path, **{"--fp16": True, "--initial-loss-scale": 2.0**16,
-                                                       "--lr": 3e-3, "--save": ckpt}))
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **{"--fp16": True, "--initial-loss-scale": 2.0**16,
+                                                          "--lr": 3e-3, "--save": ckpt}))
     log_dir = str(tmp_path / "second")
     # A negligible learning rate: one step must leave the loaded model's loss where it was.
     flags = {"--fp16": True, "--initial-loss-scale": 2.0**16, "--lr": 1e-12, "--load": ckpt, how: True,
              "--train-iters": 1 if how == "--finetune" else 21, "--eval-interval": 1, "--log-dir": log_dir}
-    run_distributed(_train, 1, _base_args(tmp_path, **flags))
-    valid = [r["lm_loss"] for r in _metrics(log_dir, "valid")]
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **flags))
+    valid = [r["lm_loss"] for r in read_metrics(log_dir, "valid")]
     assert valid[-1] < 5.0, "the loaded (trained) weights were not used"
     assert valid[-1] == pytest.approx(valid[0], abs=1e-2)
 
@@ -240,10 +240,10 @@ def test_half_precision_masters_follow_weights_loaded_without_optimizer_state(tm
 @pytest.mark.slow
 def test_fp32_checkpoint_resumes_under_fp16_with_a_fresh_dynamic_scale(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    run_distributed(_train, 1, _base_args(tmp_path, **{"--save": ckpt, "--exit-interval": 10}))
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **{"--save": ckpt, "--exit-interval": 10}))
     log_dir = str(tmp_path / "fp16")
-    run_distributed(_train, 1, _base_args(tmp_path, **{"--fp16": True, "--initial-loss-scale": 2.0**16,
-                                                       "--load": ckpt, "--log-dir": log_dir}))
-    train = _metrics(log_dir)
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **{"--fp16": True, "--initial-loss-scale": 2.0**16,
+                                                          "--load": ckpt, "--log-dir": log_dir}))
+    train = read_metrics(log_dir)
     assert [r["iteration"] for r in train] == list(range(11, 21))
     assert train[0]["loss_scale"] == 2.0**16
