@@ -1,8 +1,10 @@
-"""Training from indexed datasets: --data-path parsing, document splits, GPT2/BERT samples, weighted blends."""
+"""Training from indexed datasets: --data-path parsing, document splits, GPT2/BERT samples, weighted blends,
+their index caches and the vocabulary checks."""
 
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -10,11 +12,14 @@ import pytest
 from data_utils import DataError, build_bert_datasets, build_gpt2_datasets
 from data_utils.blending import (
     BlendedDataset,
+    IndexedGPT2Dataset,
     bert_member,
     blend_indices,
     build_indexed_datasets,
+    gpt2_member,
     parse_data_path,
 )
+from data_utils.datasets import assign_splits, parse_split
 from data_utils.sentences import split_sentences
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
@@ -329,3 +334,122 @@ def test_the_training_loop_reads_a_presampled_blend_in_its_own_order(single_proc
     plain = [{"text": np.array([i])} for i in range(40)]
     train, _, _ = training._loaders(args, (plain, None, None), state)
     assert next(train)["text"].flatten().tolist() != [0, 1, 2, 3]  # an ordinary dataset is shuffled
+
+
+# --- the blend's key order and its per-(split, dataset) shuffles ------------------------------------------------------
+# Rules the tests above left open, each found by injecting a bug that they missed.
+
+def _reference_blend(weights: list[int], n: int) -> list[int]:
+    """The documented rule in exact arithmetic: draw c of dataset k has key (c + 1/2) / w_k; ties to the lower k."""
+    w = [Fraction(x, sum(weights)) for x in weights]
+    keys = sorted(((c + Fraction(1, 2)) / wk, k) for k, wk in enumerate(w) for c in range(n + 1))
+    return [k for _, k in keys[:n]]
+
+
+@pytest.mark.parametrize("weights", [[1, 3], [1, 1], [1, 1, 2], [3, 1, 4]])
+def test_the_blend_takes_draws_in_key_order_with_ties_to_the_lower_dataset(weights):
+    # Normalised, these weights are exact binary fractions, so the float keys order as the exact ones.
+    dataset_index, _ = blend_indices(weights, [1000] * len(weights), 400, seed=0, split=0)
+    assert dataset_index.tolist() == _reference_blend(weights, 400)
+    if weights == [1, 3]:  # by hand: keys 2, 6, 10 for dataset 0 and 2/3, 2, 10/3, 14/3, 6 ... for dataset 1
+        assert dataset_index[:12].tolist() == [1, 0, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1]
+
+
+def test_each_split_and_each_dataset_of_a_blend_has_its_own_order():
+    d, train = blend_indices([1, 1], [50, 50], 400, seed=1, split=0)
+    d_valid, valid = blend_indices([1, 1], [50, 50], 400, seed=1, split=1)
+    np.testing.assert_array_equal(d, d_valid)  # the interleave depends on the weights only
+    for k in (0, 1):
+        assert sorted(train[d == k][:50].tolist()) == list(range(50))
+        assert train[d == k][:50].tolist() != valid[d == k][:50].tolist(), k  # valid is not train's order
+    assert train[d == 0][:50].tolist() != train[d == 1][:50].tolist()  # nor do equal-sized datasets share one
+
+
+# --- eod handling of indexed documents, the index caches and the vocabulary checks ------------------------------------
+# Rules the tests above left open, each found by injecting a bug that they missed.
+
+@pytest.mark.parametrize("append_eod", [True, False])
+def test_indexed_documents_are_shown_without_their_trailing_eod(tmp_path, append_eod):
+    texts = numbered_texts(12, "d")
+    prefix = write_gpt2_prefix(tmp_path, texts, "docs", append_eod)
+    train, _, _ = gpt2_blends([prefix], tmp_path, samples=(10, 0, 0), shuffle=False)
+    docs, tok = train.datasets[0].docs, ByteTokenizer()
+    assert [docs[i].tolist() for i in range(len(docs))] == [tok.encode(t) for t in texts]
+
+
+def _train_doc_ids(prefix: str, folder, split: str, seed: int) -> list[int]:
+    train, _, _ = gpt2_blends([prefix], folder, split=split, seed=seed, samples=(20, 0, 0))
+    return train.datasets[0].docs.doc_ids.tolist()
+
+
+def test_the_cached_document_split_follows_seed_and_split(tmp_path):
+    prefix = write_gpt2_prefix(tmp_path, numbered_texts(60, "d"), "docs")
+    for split, seed in (("50,25,25", 3), ("50,25,25", 4), ("80,10,10", 4), ("50,25,25", 3)):
+        expected = np.flatnonzero(assign_splits(60, parse_split(split), seed) == 0).tolist()
+        assert _train_doc_ids(prefix, tmp_path, split, seed) == expected, (split, seed)
+
+
+def test_the_cached_blend_follows_weights_and_shuffle(tmp_path):
+    a = write_gpt2_prefix(tmp_path, numbered_texts(40, "a"), "a")
+    b = write_gpt2_prefix(tmp_path, numbered_texts(40, "b"), "b")
+    for wa, wb in (("0.7", "0.3"), ("0.3", "0.7")):
+        train, _, _ = gpt2_blends([wa, a, wb, b], tmp_path, samples=(1000, 0, 0))
+        assert np.mean(train.dataset_index == 0) == pytest.approx(float(wa), abs=0.002)
+    shuffled, _, _ = gpt2_blends([a], tmp_path, samples=(30, 0, 0))
+    ordered, _, _ = gpt2_blends([a], tmp_path, samples=(30, 0, 0), shuffle=False)
+    assert shuffled.sample_index.tolist() != list(range(30))
+    assert ordered.sample_index.tolist() == list(range(30))
+
+
+def test_a_split_that_needs_no_samples_gets_no_blend(tmp_path):
+    prefix = write_gpt2_prefix(tmp_path, numbered_texts(60, "d"), "docs")
+    train, valid, test = gpt2_blends([prefix], tmp_path, split="80,10,10", samples=(50, 0, 10))
+    assert len(train) == 50 and valid is None and len(test) == 10
+
+
+def test_a_failed_index_build_leaves_nothing_and_the_next_run_builds(tmp_path, monkeypatch):
+    prefix = write_gpt2_prefix(tmp_path, numbered_texts(30, "d"), "docs")
+    real_save, calls = np.save, []
+
+    def disk_full_on_the_second_array(path, array, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(path, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", disk_full_on_the_second_array)
+    with pytest.raises(OSError, match="No space left"):
+        gpt2_blends([prefix], tmp_path, samples=(20, 0, 0))
+    assert os.listdir(tmp_path / "index-cache") == []  # no half-written folder, no temporary left
+    monkeypatch.undo()
+    train, _, _ = gpt2_blends([prefix], tmp_path, samples=(20, 0, 0))
+    assert train.datasets[0].docs.doc_ids.tolist() == list(range(30)) and len(train) == 20
+
+
+def test_a_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path):
+    prefix = write_indexed(str(tmp_path / "edge"), [[[1, 2, 3, 257]]] * 4)
+    with pytest.raises(DataError, match="holds token id 257, beyond the tokenizer's 257 ids"):
+        gpt2_blends([prefix], tmp_path)
+    tok = ByteTokenizer(vocab_size=258)  # one id more: accepted
+    train, _, _ = build_indexed_datasets([prefix], "1", 3, (10, 0, 0), gpt2_member(8, tok), tok, gpt2=True,
+                                         cache_dir=str(tmp_path))
+    assert 257 in train[0]["text"].tolist()
+
+
+def test_each_indexed_sample_checks_its_ids_against_the_vocabulary(tmp_path):
+    # The up-front check reads only the first 2**20 tokens; each sample checks its own ids as well.
+    docs = [[[5, 6, 7, 8, 9, 10, 11]] for _ in range(6)] + [[[1, 2, 257, 3, 4, 5, 6, 7, 8, 9]]]
+    prefix = write_indexed(str(tmp_path / "late"), docs)
+    wide = ByteTokenizer(vocab_size=258)
+    train, _, _ = build_indexed_datasets([prefix], "1", 3, (10, 0, 0), gpt2_member(8, wide), wide, gpt2=True,
+                                         cache_dir=str(tmp_path))
+    member = train.datasets[0]
+    narrow = IndexedGPT2Dataset(member.docs, member.ends, 8, 256, 257, "train")
+    holding = [i for i in range(len(member)) if 257 in member[i]["text"].tolist()]
+    assert holding and len(holding) < len(member)
+    for i in range(len(member)):
+        if i in holding:
+            with pytest.raises(DataError, match="holds token id 257, beyond the tokenizer's 257 ids"):
+                narrow[i]
+        else:
+            np.testing.assert_array_equal(narrow[i]["text"], member[i]["text"])
