@@ -23,38 +23,11 @@ from data_utils.errors import DataError
 from data_utils.lazy_loader import SentenceCorpus, cache_folder, load_sentence_corpus
 from data_utils.samplers import collate
 from data_utils.sentences import make_punkt_splitter, split_sentences, splitter_identity
-from data_utils.tokenization import BertWordPieceTokenizer, Tokenizer
-from tests.test_data_common import REPO, ByteTokenizer, write_jsonl
+from data_utils.tokenization import BertWordPieceTokenizer
+from tests.helpers import CLS, MASK, PAD, REPO, SEP, UNK, ByteTokenizer, IdTokenizer, write_jsonl
 
-PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 FIRST_ID = 10
 SCRIPT = os.path.join(REPO, "scripts", "presplit_sentences_json.py")
-
-
-class IdTokenizer(Tokenizer):
-    """Word ``w<k>`` is id ``k`` (punctuation stripped, other words ignored); BERT specials are ids 0-4."""
-
-    name = "IdTokenizer"
-    cls, sep, mask, pad = CLS, SEP, MASK, PAD
-
-    def __init__(self, vocab_size: int = 100_000) -> None:
-        self._vocab_size, self.calls = vocab_size, 0
-
-    def encode(self, text: str) -> list[int]:
-        self.calls += 1
-        words = [w.strip(".!?,") for w in text.split()]
-        return [int(w[1:]) for w in words if w.startswith("w")]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(f"w{i}" for i in ids)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return SEP
 
 
 class Truth:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 
 import pytest
@@ -19,22 +18,10 @@ from data_utils.tokenization import (
     make_tokenizer,
 )
 from tests.distributed import run_distributed
-from tests.test_data_common import REAL_CACHE
+from tests.helpers import REAL_CACHE, SMALL_WORDPIECE_VOCAB, write_syllable_corpus, write_wordpiece_vocab
 
 REAL_BERT_VOCAB = os.path.join(REAL_CACHE, "bert-uncased-vocab.txt")
 MIXED_TEXT = "Héllo, World! Naïve café 東京 unbelievable don't qzxv\tTHE END."
-SMALL_VOCAB = [
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",  # 0..4
-    "hello", "world", "naive", "cafe", "the", "end",  # 5..10: what the uncased text becomes
-    "H", "##éllo", "World", "Na", "##ïve", "café", "THE", "E", "##ND",  # 11..19: the cased pieces
-    "東", "京", "un", "##believ", "##able", "don", "t", ",", "!", ".", "'",  # 20..30: shared
-]
-
-
-def write_vocab(path, tokens=SMALL_VOCAB) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(tokens) + "\n")
-    return str(path)
 
 
 def transformers_ids(vocab_path: str, lower_case: bool, text: str) -> list[int]:
@@ -52,7 +39,7 @@ def transformers_ids(vocab_path: str, lower_case: bool, text: str) -> list[int]:
 
 
 def test_wordpiece_uncased_and_cased_ids_match_transformers(tmp_path):
-    vocab = write_vocab(tmp_path / "vocab.txt")
+    vocab = write_wordpiece_vocab(tmp_path / "vocab.txt")
     uncased = make_tokenizer("BertWordPieceTokenizer", vocab_file=vocab, model_type="bert-base-uncased")
     cased = make_tokenizer("BertWordPieceTokenizer", vocab_file=vocab, model_type="bert-base-cased")
     # hello , world ! naive cafe 東 京 un ##believ ##able don ' t [UNK] the end .
@@ -65,32 +52,32 @@ def test_wordpiece_uncased_and_cased_ids_match_transformers(tmp_path):
 
 
 def test_wordpiece_special_ids_and_identity(tmp_path):
-    reordered = ["zzz", *SMALL_VOCAB[5:], "[MASK]", "[SEP]", "[CLS]", "[PAD]", "[UNK]"]
-    vocab = write_vocab(tmp_path / "vocab.txt", reordered)
+    reordered = ["zzz", *SMALL_WORDPIECE_VOCAB[5:], "[MASK]", "[SEP]", "[CLS]", "[PAD]", "[UNK]"]
+    vocab = write_wordpiece_vocab(tmp_path / "vocab.txt", reordered)
     tok = BertWordPieceTokenizer(vocab)
-    n = len(SMALL_VOCAB)  # the specials now sit at the end, [MASK] first: n - 4 .. n
+    n = len(SMALL_WORDPIECE_VOCAB)  # the specials now sit at the end, [MASK] first: n - 4 .. n
     assert (tok.pad, tok.cls, tok.sep, tok.mask, tok.eod, tok.vocab_size) == (n - 1, n - 2, n - 3, n - 4, n - 3, n + 1)
     cased = BertWordPieceTokenizer(vocab, lower_case=False)
-    other = BertWordPieceTokenizer(write_vocab(tmp_path / "other.txt", [*SMALL_VOCAB, "extra"]))
+    other = BertWordPieceTokenizer(write_wordpiece_vocab(tmp_path / "other.txt", [*SMALL_WORDPIECE_VOCAB, "extra"]))
     assert len({tok.identity, cased.identity, other.identity}) == 3
-    assert tok.identity == BertWordPieceTokenizer(write_vocab(tmp_path / "copy.txt", reordered)).identity
+    assert tok.identity == BertWordPieceTokenizer(write_wordpiece_vocab(tmp_path / "copy.txt", reordered)).identity
 
 
 def test_wordpiece_cache_lookup_prefers_the_model_file_then_the_shared_one(tmp_path):
-    write_vocab(tmp_path / "bert-uncased-vocab.txt")
+    write_wordpiece_vocab(tmp_path / "bert-uncased-vocab.txt")
     shared = make_tokenizer("BertWordPieceTokenizer", cache_dir=str(tmp_path), model_type="bert-large-uncased")
-    write_vocab(tmp_path / "bert-large-uncased-vocab.txt", [*SMALL_VOCAB[:5], "world", "hello"])
+    write_wordpiece_vocab(tmp_path / "bert-large-uncased-vocab.txt", [*SMALL_WORDPIECE_VOCAB[:5], "world", "hello"])
     own = make_tokenizer("BertWordPieceTokenizer", cache_dir=str(tmp_path), model_type="bert-large-uncased")
     default = make_tokenizer("BertWordPieceTokenizer", cache_dir=str(tmp_path))
     assert (shared.encode("hello world"), own.encode("hello world"), default.encode("hello world")) == (
         [5, 6], [6, 5], [5, 6])
-    write_vocab(tmp_path / "bert-cased-vocab.txt", [*SMALL_VOCAB[:5], "Hello", "hello"])
+    write_wordpiece_vocab(tmp_path / "bert-cased-vocab.txt", [*SMALL_WORDPIECE_VOCAB[:5], "Hello", "hello"])
     cased = make_tokenizer("BertWordPieceTokenizer", cache_dir=str(tmp_path), model_type="bert-base-cased-whole-word")
     assert cased.encode("Hello hello") == [5, 6]
 
 
 def test_wordpiece_missing_vocabulary_is_one_line_naming_paths_and_remedy(tmp_path):
-    write_vocab(tmp_path / "bert-uncased-vocab.txt")
+    write_wordpiece_vocab(tmp_path / "bert-uncased-vocab.txt")
     with pytest.raises(DataError) as err:
         make_tokenizer("BertWordPieceTokenizer", cache_dir=str(tmp_path), model_type="bert-base-cased")
     msg = str(err.value)
@@ -121,20 +108,6 @@ def test_real_bert_vocabulary_matches_transformers(model_type, tmp_path):
 
 # --- SentencePieceTokenizer ---------------------------------------------------------------------
 
-SYLLABLES = ["ka", "to", "ri", "men", "sa", "lo", "pe", "dar", "qui", "no", "vel", "ush", "tra", "bi", "ge"]
-
-
-def write_corpus(path, docs: int = 100, seed: int = 0) -> str:
-    """Loose json of ``docs`` documents of 3 lines each (with blank lines between): 300 lines of text."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(150)]
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(docs):
-            lines = [" ".join(rng.choice(words) for _ in range(12)) + rng.choice(".!?") for _ in range(3)]
-            f.write(json.dumps({"text": "\n\n".join(lines) + "\n", "id": 1}) + "\n")
-    return str(path)
-
-
 def count_training(monkeypatch) -> list[dict]:
     """Record the keyword arguments and the sentences of every sentencepiece training, then train."""
     calls, real = [], spm.SentencePieceTrainer.train
@@ -150,7 +123,7 @@ def count_training(monkeypatch) -> list[dict]:
 
 
 def test_sentencepiece_trains_once_then_reuses(tmp_path, monkeypatch, capsys):
-    corpus = write_corpus(tmp_path / "corpus.json")
+    corpus = write_syllable_corpus(tmp_path / "corpus.json")
     calls = count_training(monkeypatch)
     path = str(tmp_path / "spm" / "tok.model")
     tok = make_tokenizer("SentencePieceTokenizer", tokenizer_path=path, vocab_size=200, train_files=[corpus])
@@ -172,7 +145,7 @@ def test_sentencepiece_trains_once_then_reuses(tmp_path, monkeypatch, capsys):
 
 
 def test_sentencepiece_reserved_tokens_are_single_ids_that_encode_never_makes(tmp_path):
-    tok = SentencePieceTokenizer(str(tmp_path / "tok"), [write_corpus(tmp_path / "c.json")], vocab_size=200)
+    tok = SentencePieceTokenizer(str(tmp_path / "tok"), [write_syllable_corpus(tmp_path / "c.json")], vocab_size=200)
     assert os.path.isfile(tmp_path / "tok.model") and os.path.isfile(tmp_path / "tok.vocab")
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
     assert [sp.id_to_piece(i) for i in (tok.pad, tok.cls, tok.sep, tok.mask)] == ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
@@ -187,7 +160,7 @@ def test_sentencepiece_reserved_tokens_are_single_ids_that_encode_never_makes(tm
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram", "char", "word"])
 def test_sentencepiece_model_types(tmp_path, model_type):
-    corpus = write_corpus(tmp_path / "c.json")
+    corpus = write_syllable_corpus(tmp_path / "c.json")
     tok = make_tokenizer("SentencePieceTokenizer", tokenizer_path=str(tmp_path / "t.model"), vocab_size=100,
                          train_files=[corpus], model_type=model_type)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "t.model"))
@@ -204,7 +177,7 @@ def test_sentencepiece_model_types(tmp_path, model_type):
 
 
 def test_sentencepiece_bad_requests_are_one_line_errors_and_leave_no_files(tmp_path):
-    corpus = write_corpus(tmp_path / "c.json")
+    corpus = write_syllable_corpus(tmp_path / "c.json")
     folder = tmp_path / "spm"
     folder.mkdir()
     cases = [
@@ -241,7 +214,7 @@ def test_sentencepiece_corpus_errors_keep_file_and_line(tmp_path):
 
 
 def test_sentencepiece_corrupt_or_foreign_model_is_a_data_error(tmp_path):
-    corpus = write_corpus(tmp_path / "c.json")
+    corpus = write_syllable_corpus(tmp_path / "c.json")
     (tmp_path / "t.model").write_bytes(b"not a model" * 20)
     with pytest.raises(DataError, match="cannot load SentencePiece model .*t.model") as err:
         make_tokenizer("SentencePieceTokenizer", tokenizer_path=str(tmp_path / "t.model"), vocab_size=200,
@@ -279,7 +252,7 @@ def _train_in_group(folder: str, corpus: str) -> list:
 
 
 def test_sentencepiece_rank_0_trains_while_rank_1_waits_and_hears_of_failures(tmp_path):
-    corpus = write_corpus(tmp_path / "c.json")
+    corpus = write_syllable_corpus(tmp_path / "c.json")
     rank0, rank1 = run_distributed(_train_in_group, 2, str(tmp_path), corpus, timeout=120)
     (r0, ids0, calls0, id0), (r1, ids1, calls1, id1) = rank0[0], rank1[0]
     assert (r0, r1, calls0, calls1) == (0, 1, 1, 0)

@@ -1,8 +1,10 @@
-"""Training from indexed datasets: --data-path parsing, document splits, GPT2/BERT samples, weighted blends."""
+"""Training from indexed datasets: --data-path parsing, document splits, GPT2/BERT samples, weighted blends,
+their index caches and the vocabulary checks."""
 
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -10,46 +12,34 @@ import pytest
 from data_utils import DataError, build_bert_datasets, build_gpt2_datasets
 from data_utils.blending import (
     BlendedDataset,
+    IndexedGPT2Dataset,
     bert_member,
     blend_indices,
     build_indexed_datasets,
     gpt2_member,
     parse_data_path,
 )
-from data_utils.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
+from data_utils.datasets import assign_splits, parse_split
 from data_utils.sentences import split_sentences
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
-from tests.test_data_common import ByteTokenizer, write_jsonl
-
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-
-
-def _texts(n: int, tag: str) -> list[str]:
-    return [f"{tag}{i} " + " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(3 + i % 9)) for i in range(n)]
-
-
-def _write_indexed(prefix: str, docs: list[list[list[int]]]) -> str:
-    """A .bin/.idx pair of documents given as lists of sequences."""
-    builder = IndexedDatasetBuilder(data_file_path(prefix), np.uint16)
-    for doc in docs:
-        for seq in doc:
-            builder.add_item(np.asarray(seq))
-        builder.end_document()
-    builder.finalize(index_file_path(prefix))
-    return prefix
-
-
-def _gpt2_prefix(folder, texts: list[str], name: str, append_eod: bool = True) -> str:
-    tok = ByteTokenizer()
-    docs = [[tok.encode(t) + ([tok.eod] if append_eod else [])] for t in texts]
-    return _write_indexed(os.path.join(folder, name), docs)
-
-
-def _gpt2_blends(data_path, folder, split="1", samples=(100, 10, 10), shuffle=True, seed=3, seq=8, **kw):
-    tok = ByteTokenizer()
-    return build_indexed_datasets(data_path, split, seed, samples, gpt2_member(seq, tok), tok, gpt2=True,
-                                  shuffle=shuffle, cache_dir=str(folder), **kw)
+from tests.helpers import (
+    REPO,
+    ByteTokenizer,
+    IdTokenizer,
+    bert_args,
+    bert_losses,
+    gpt2_args,
+    gpt2_blends,
+    gpt2_losses,
+    numbered_texts,
+    train_bert,
+    train_gpt2,
+    write_gpt2_corpus,
+    write_gpt2_prefix,
+    write_indexed,
+    write_jsonl,
+)
 
 
 @pytest.mark.parametrize("values, expected", [
@@ -67,10 +57,10 @@ def test_parse_data_path(values, expected):
 
 
 def test_prefixes_without_weights_blend_by_size(tmp_path):
-    a = _gpt2_prefix(tmp_path, _texts(30, "a"), "a")
-    b = _gpt2_prefix(tmp_path, _texts(90, "b"), "b")
-    train, _, _ = _gpt2_blends([a, b], tmp_path, samples=(4000, 0, 0))
-    tokens = [sum(len(t) + 1 for t in _texts(n, tag)) for n, tag in ((30, "a"), (90, "b"))]
+    a = write_gpt2_prefix(tmp_path, numbered_texts(30, "a"), "a")
+    b = write_gpt2_prefix(tmp_path, numbered_texts(90, "b"), "b")
+    train, _, _ = gpt2_blends([a, b], tmp_path, samples=(4000, 0, 0))
+    tokens = [sum(len(t) + 1 for t in numbered_texts(n, tag)) for n, tag in ((30, "a"), (90, "b"))]
     assert np.mean(train.dataset_index == 0) == pytest.approx(tokens[0] / sum(tokens), abs=0.001)
 
 
@@ -118,12 +108,12 @@ def test_three_way_blend_and_dataset_index():
 
 @pytest.mark.parametrize("append_eod", [True, False])
 def test_gpt2_samples_equal_the_json_path_split_for_split(tmp_path, append_eod):
-    texts = _texts(80, "d")
-    prefix = _gpt2_prefix(tmp_path, texts, "corpus", append_eod)
+    texts = numbered_texts(80, "d")
+    prefix = write_gpt2_prefix(tmp_path, texts, "corpus", append_eod)
     json_path = write_jsonl(tmp_path / "corpus.json", texts)
     tok = ByteTokenizer()
     expected = build_gpt2_datasets([json_path], None, None, "80,10,10", 8, tok, False, None, seed=3)
-    got = _gpt2_blends([prefix], tmp_path, split="80,10,10", samples=[2 * len(e) for e in expected], shuffle=False)
+    got = gpt2_blends([prefix], tmp_path, split="80,10,10", samples=[2 * len(e) for e in expected], shuffle=False)
     for name, e, g in zip(("train", "valid", "test"), expected, got, strict=True):
         assert len(g.datasets[0]) == len(e), name
         member = g.datasets[0]
@@ -134,12 +124,12 @@ def test_gpt2_samples_equal_the_json_path_split_for_split(tmp_path, append_eod):
 
 
 def test_blend_of_two_prefixes_draws_by_weight_and_is_cached(tmp_path, monkeypatch):
-    a = _gpt2_prefix(tmp_path, _texts(60, "a"), "a")
-    b = _gpt2_prefix(tmp_path, [t.upper() for t in _texts(60, "b")], "b")
-    train, _, _ = _gpt2_blends(["0.7", a, "0.3", b], tmp_path, samples=(10_000, 0, 0))
+    a = write_gpt2_prefix(tmp_path, numbered_texts(60, "a"), "a")
+    b = write_gpt2_prefix(tmp_path, [t.upper() for t in numbered_texts(60, "b")], "b")
+    train, _, _ = gpt2_blends(["0.7", a, "0.3", b], tmp_path, samples=(10_000, 0, 0))
     assert [m.docs.ds.prefix for m in train.datasets] == [a, b]
     assert np.mean(train.dataset_index == 0) == pytest.approx(0.7, abs=0.001)
-    stream_a = b"".join(t.encode() + b"|" for t in _texts(60, "a"))
+    stream_a = b"".join(t.encode() + b"|" for t in numbered_texts(60, "a"))
     for i in range(0, 200, 7):  # a sample drawn from a.bin is a window of a's stream (eod shown as '|')
         text = bytes(t if t < 256 else ord("|") for t in train[i]["text"])
         assert (text in stream_a) == (train.dataset_index[i] == 0), i
@@ -149,44 +139,42 @@ def test_blend_of_two_prefixes_draws_by_weight_and_is_cached(tmp_path, monkeypat
 
     monkeypatch.setattr(blending, "blend_indices", lambda *a, **k: pytest.fail("rebuilt a cached blend"))
     monkeypatch.setattr(blending, "assign_corpus_splits", lambda *a, **k: pytest.fail("re-split a cached dataset"))
-    again, _, _ = _gpt2_blends(["0.7", a, "0.3", b], tmp_path, samples=(10_000, 0, 0))
+    again, _, _ = gpt2_blends(["0.7", a, "0.3", b], tmp_path, samples=(10_000, 0, 0))
     np.testing.assert_array_equal(again.sample_index, train.sample_index)
     assert isinstance(again.sample_index, np.memmap)  # mapped, not read whole
 
 
 def test_data_cache_path_and_a_changed_dataset_gets_new_indices(tmp_path):
-    a = _gpt2_prefix(tmp_path, _texts(40, "a"), "a")
+    a = write_gpt2_prefix(tmp_path, numbered_texts(40, "a"), "a")
     elsewhere = tmp_path / "indices"
-    _gpt2_blends([a], tmp_path, data_cache_path=str(elsewhere))
+    gpt2_blends([a], tmp_path, data_cache_path=str(elsewhere))
     before = set(os.listdir(elsewhere))
     assert before and not (tmp_path / "index-cache").exists()
-    _gpt2_prefix(tmp_path, _texts(41, "a"), "a")  # rewritten: other size
-    train, _, _ = _gpt2_blends([a], tmp_path, data_cache_path=str(elsewhere))
+    write_gpt2_prefix(tmp_path, numbered_texts(41, "a"), "a")  # rewritten: other size
+    train, _, _ = gpt2_blends([a], tmp_path, data_cache_path=str(elsewhere))
     assert set(os.listdir(elsewhere)) > before
     assert len(train.datasets[0].docs) == 41
 
 
 def test_valid_data_given_as_json_takes_its_share_back(tmp_path):
-    a = _gpt2_prefix(tmp_path, _texts(100, "a"), "a")
-    train, valid, test = _gpt2_blends([a], tmp_path, split="80,20,0", samples=(50, 10, 10), valid_given=True)
+    a = write_gpt2_prefix(tmp_path, numbered_texts(100, "a"), "a")
+    train, valid, test = gpt2_blends([a], tmp_path, split="80,20,0", samples=(50, 10, 10), valid_given=True)
     assert valid is None and test is None and len(train.datasets[0].docs) == 100
 
 
 def test_wrong_vocabulary_is_one_line(tmp_path):
-    prefix = _write_indexed(str(tmp_path / "big"), [[[1, 2, 3, 9000]]] * 4)
+    prefix = write_indexed(str(tmp_path / "big"), [[[1, 2, 3, 9000]]] * 4)
     with pytest.raises(DataError, match="holds token id 9000, beyond the tokenizer's 257 ids"):
-        _gpt2_blends([prefix], tmp_path)
+        gpt2_blends([prefix], tmp_path)
 
 
 def test_bert_pairs_from_a_sentence_level_index_equal_the_json_path(tmp_path):
-    from tests.test_bert_dataset import IdTokenizer
-
     tok = IdTokenizer()
     texts = ["\n".join(" ".join(f"w{10 + d * 50 + s * 7 + j}" for j in range(1 + (d * s) % 6))
                        for s in range(2 + d % 5)) for d in range(30)]
     json_path = write_jsonl(tmp_path / "sents.json", texts)
     docs = [[tok.encode(s) for s in split_sentences(t, presplit=True)] for t in texts]
-    prefix = _write_indexed(str(tmp_path / "sents"), [[s for s in d if s] for d in docs])
+    prefix = write_indexed(str(tmp_path / "sents"), [[s for s in d if s] for d in docs])
     expected = build_bert_datasets([json_path], None, None, "80,10,10", 24, 4, tok, False, None, seed=9,
                                    presplit_sentences=True)
     got = build_indexed_datasets([prefix], "80,10,10", 9, (10**5,) * 3, bert_member(24, 4, tok, 9), tok, gpt2=False,
@@ -200,10 +188,8 @@ def test_bert_pairs_from_a_sentence_level_index_equal_the_json_path(tmp_path):
 
 
 def test_bert_refuses_document_level_data(tmp_path):
-    from tests.test_bert_dataset import IdTokenizer
-
     tok = IdTokenizer()
-    prefix = _write_indexed(str(tmp_path / "docs"), [[[5, 6, 7]], [[8, 9]]])
+    prefix = write_indexed(str(tmp_path / "docs"), [[[5, 6, 7]], [[8, 9]]])
     with pytest.raises(DataError, match="--split-sentences"):
         build_indexed_datasets([prefix], "1", 9, (10, 0, 0), bert_member(24, 4, tok, 9), tok, gpt2=False,
                                cache_dir=str(tmp_path))
@@ -214,41 +200,40 @@ def test_pretrain_gpt2_from_a_blend_trains_resumes_exactly_and_refuses_bad_blend
     import sys
 
     import data_utils
-    from tests.test_pretrain_gpt2 import REPO, _base_args, _corpus, _losses, _train
 
-    corpus = _corpus(tmp_path)
-    args = _base_args(tmp_path)
+    corpus = write_gpt2_corpus(tmp_path)
+    args = gpt2_args(tmp_path)
     vocab, merges = args[args.index("--vocab-file") + 1], args[args.index("--merge-file") + 1]
     tok = data_utils.make_tokenizer("GPT2BPETokenizer", vocab, merges, str(tmp_path / "cache"))
     texts = list(data_utils.read_loose_json(corpus))
     prefixes = []
     for name, part in (("a", texts[:100]), ("b", texts[100:])):
         docs = [[tok.encode(t) + [tok.eod]] for t in part]
-        prefixes.append(_write_indexed(str(tmp_path / name), docs))
+        prefixes.append(write_indexed(str(tmp_path / name), docs))
     blend = f"0.7 {prefixes[0]} 0.3 {prefixes[1]}"
 
     def argv(**extra):
-        return _base_args(tmp_path, **{"--train-data": None, "--data-path": blend, "--resume-dataloader": True,
-                                        **extra})
+        return gpt2_args(tmp_path, **{"--train-data": None, "--data-path": blend, "--resume-dataloader": True,
+                                       **extra})
 
     def split_blend(a):  # --data-path takes several values
         i = a.index("--data-path")
         return a[:i + 1] + a[i + 1].split() + a[i + 2:]
 
     unbroken = str(tmp_path / "unbroken")
-    run_distributed(_train, 1, split_blend(argv(**{"--log-dir": unbroken})))
+    run_distributed(train_gpt2, 1, split_blend(argv(**{"--log-dir": unbroken})))
     ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
-    run_distributed(_train, 1, split_blend(argv(**{"--save": ckpt, "--exit-interval": 10, "--log-dir": resumed})))
-    run_distributed(_train, 1, split_blend(argv(**{"--save": ckpt, "--load": ckpt, "--log-dir": resumed})))
-    expected, got = _losses(unbroken), _losses(resumed)
+    run_distributed(train_gpt2, 1, split_blend(argv(**{"--save": ckpt, "--exit-interval": 10, "--log-dir": resumed})))
+    run_distributed(train_gpt2, 1, split_blend(argv(**{"--save": ckpt, "--load": ckpt, "--log-dir": resumed})))
+    expected, got = gpt2_losses(unbroken), gpt2_losses(resumed)
     assert sorted(got) == list(range(1, 21)) and got == expected
     assert expected[20] < expected[1]
     data_parallel = str(tmp_path / "dp2")  # the same global samples at data-parallel 2: the same losses
-    run_distributed(_train, 2, split_blend(argv(**{"--log-dir": data_parallel, "--batch-size": 2})))
+    run_distributed(train_gpt2, 2, split_blend(argv(**{"--log-dir": data_parallel, "--batch-size": 2})))
     for iteration, value in expected.items():
-        assert _losses(data_parallel)[iteration] == pytest.approx(value, abs=1e-4), iteration
-    bad = split_blend(_base_args(tmp_path, **{"--train-data": None, "--data-path": f"-1 {prefixes[0]} 2 {prefixes[1]}",
-                                              "--train-iters": 2}))
+        assert gpt2_losses(data_parallel)[iteration] == pytest.approx(value, abs=1e-4), iteration
+    bad = split_blend(gpt2_args(tmp_path, **{"--train-data": None, "--data-path": f"-1 {prefixes[0]} 2 {prefixes[1]}",
+                                             "--train-iters": 2}))
     proc = subprocess.run([sys.executable, "pretrain_gpt2.py", *bad], cwd=REPO, capture_output=True, text=True)
     assert_one_line_error(proc.returncode, proc.stderr, "weights must be positive")
     os.remove(prefixes[1] + ".idx")
@@ -295,10 +280,9 @@ def test_the_sample_corpus_preprocessed_reads_back_token_for_token_and_trains(tm
 
 
 def test_pretrain_bert_from_a_sentence_level_blend_trains_and_resumes_exactly(tmp_path):
-    from tests.test_pretrain_bert import base_args, losses, train
     from tools.preprocess_data import preprocess
 
-    argv = base_args(tmp_path)
+    argv = bert_args(tmp_path)
     corpus, vocab = argv[argv.index("--train-data") + 1], argv[argv.index("--vocab-file") + 1]
     kwargs = {"tokenizer_type": "BertWordPieceTokenizer", "vocab_file": vocab, "cache_dir": str(tmp_path / "cache")}
     preprocess([corpus], kwargs, str(tmp_path / "a"), presplit=True, progress=False)
@@ -306,12 +290,13 @@ def test_pretrain_bert_from_a_sentence_level_blend_trains_and_resumes_exactly(tm
     blend = ["0.6", str(tmp_path / "a_text_sentence"), "0.4", str(tmp_path / "b_text_sentence")]
     common = {"--train-data": None, "--data-path": blend, "--resume-dataloader": True}
     unbroken = str(tmp_path / "unbroken")
-    run_distributed(train, 1, base_args(tmp_path, **common, **{"--log-dir": unbroken}))
+    run_distributed(train_bert, 1, bert_args(tmp_path, **common, **{"--log-dir": unbroken}))
     ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
-    run_distributed(train, 1, base_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10,
-                                                               "--log-dir": resumed}))
-    run_distributed(train, 1, base_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt, "--log-dir": resumed}))
-    expected, got = losses(unbroken), losses(resumed)
+    run_distributed(train_bert, 1, bert_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10,
+                                                                    "--log-dir": resumed}))
+    run_distributed(train_bert, 1, bert_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt,
+                                                                    "--log-dir": resumed}))
+    expected, got = bert_losses(unbroken), bert_losses(resumed)
     assert sorted(got) == list(range(1, 21)) and got == expected
 
 
@@ -320,12 +305,12 @@ def test_trailing_eod_is_found_by_a_sample_and_a_mixed_sample_checks_every_docum
     from data_utils import IndexedDataset
 
     tok = ByteTokenizer()
-    docs = [[tok.encode(t) + [tok.eod]] for t in _texts(50, "a")] + [[[]]]
-    ds = IndexedDataset(_write_indexed(str(tmp_path / "all"), docs))
+    docs = [[tok.encode(t) + [tok.eod]] for t in numbered_texts(50, "a")] + [[[]]]
+    ds = IndexedDataset(write_indexed(str(tmp_path / "all"), docs))
     lengths = blending._document_lengths(ds)
     np.testing.assert_array_equal(blending._ends_with(ds, lengths, tok.eod, sample=5), lengths > 0)
-    mixed = [[tok.encode(t) + ([tok.eod] if i != 37 else [])] for i, t in enumerate(_texts(50, "a"))]
-    ds = IndexedDataset(_write_indexed(str(tmp_path / "mixed"), mixed))
+    mixed = [[tok.encode(t) + ([tok.eod] if i != 37 else [])] for i, t in enumerate(numbered_texts(50, "a"))]
+    ds = IndexedDataset(write_indexed(str(tmp_path / "mixed"), mixed))
     lengths = blending._document_lengths(ds)
     expected = np.arange(50) != 37
     np.testing.assert_array_equal(blending._ends_with(ds, lengths, tok.eod, sample=50), expected)  # sample sees it
@@ -349,3 +334,122 @@ def test_the_training_loop_reads_a_presampled_blend_in_its_own_order(single_proc
     plain = [{"text": np.array([i])} for i in range(40)]
     train, _, _ = training._loaders(args, (plain, None, None), state)
     assert next(train)["text"].flatten().tolist() != [0, 1, 2, 3]  # an ordinary dataset is shuffled
+
+
+# --- the blend's key order and its per-(split, dataset) shuffles ------------------------------------------------------
+# Rules the tests above left open, each found by injecting a bug that they missed.
+
+def _reference_blend(weights: list[int], n: int) -> list[int]:
+    """The documented rule in exact arithmetic: draw c of dataset k has key (c + 1/2) / w_k; ties to the lower k."""
+    w = [Fraction(x, sum(weights)) for x in weights]
+    keys = sorted(((c + Fraction(1, 2)) / wk, k) for k, wk in enumerate(w) for c in range(n + 1))
+    return [k for _, k in keys[:n]]
+
+
+@pytest.mark.parametrize("weights", [[1, 3], [1, 1], [1, 1, 2], [3, 1, 4]])
+def test_the_blend_takes_draws_in_key_order_with_ties_to_the_lower_dataset(weights):
+    # Normalised, these weights are exact binary fractions, so the float keys order as the exact ones.
+    dataset_index, _ = blend_indices(weights, [1000] * len(weights), 400, seed=0, split=0)
+    assert dataset_index.tolist() == _reference_blend(weights, 400)
+    if weights == [1, 3]:  # by hand: keys 2, 6, 10 for dataset 0 and 2/3, 2, 10/3, 14/3, 6 ... for dataset 1
+        assert dataset_index[:12].tolist() == [1, 0, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1]
+
+
+def test_each_split_and_each_dataset_of_a_blend_has_its_own_order():
+    d, train = blend_indices([1, 1], [50, 50], 400, seed=1, split=0)
+    d_valid, valid = blend_indices([1, 1], [50, 50], 400, seed=1, split=1)
+    np.testing.assert_array_equal(d, d_valid)  # the interleave depends on the weights only
+    for k in (0, 1):
+        assert sorted(train[d == k][:50].tolist()) == list(range(50))
+        assert train[d == k][:50].tolist() != valid[d == k][:50].tolist(), k  # valid is not train's order
+    assert train[d == 0][:50].tolist() != train[d == 1][:50].tolist()  # nor do equal-sized datasets share one
+
+
+# --- eod handling of indexed documents, the index caches and the vocabulary checks ------------------------------------
+# Rules the tests above left open, each found by injecting a bug that they missed.
+
+@pytest.mark.parametrize("append_eod", [True, False])
+def test_indexed_documents_are_shown_without_their_trailing_eod(tmp_path, append_eod):
+    texts = numbered_texts(12, "d")
+    prefix = write_gpt2_prefix(tmp_path, texts, "docs", append_eod)
+    train, _, _ = gpt2_blends([prefix], tmp_path, samples=(10, 0, 0), shuffle=False)
+    docs, tok = train.datasets[0].docs, ByteTokenizer()
+    assert [docs[i].tolist() for i in range(len(docs))] == [tok.encode(t) for t in texts]
+
+
+def _train_doc_ids(prefix: str, folder, split: str, seed: int) -> list[int]:
+    train, _, _ = gpt2_blends([prefix], folder, split=split, seed=seed, samples=(20, 0, 0))
+    return train.datasets[0].docs.doc_ids.tolist()
+
+
+def test_the_cached_document_split_follows_seed_and_split(tmp_path):
+    prefix = write_gpt2_prefix(tmp_path, numbered_texts(60, "d"), "docs")
+    for split, seed in (("50,25,25", 3), ("50,25,25", 4), ("80,10,10", 4), ("50,25,25", 3)):
+        expected = np.flatnonzero(assign_splits(60, parse_split(split), seed) == 0).tolist()
+        assert _train_doc_ids(prefix, tmp_path, split, seed) == expected, (split, seed)
+
+
+def test_the_cached_blend_follows_weights_and_shuffle(tmp_path):
+    a = write_gpt2_prefix(tmp_path, numbered_texts(40, "a"), "a")
+    b = write_gpt2_prefix(tmp_path, numbered_texts(40, "b"), "b")
+    for wa, wb in (("0.7", "0.3"), ("0.3", "0.7")):
+        train, _, _ = gpt2_blends([wa, a, wb, b], tmp_path, samples=(1000, 0, 0))
+        assert np.mean(train.dataset_index == 0) == pytest.approx(float(wa), abs=0.002)
+    shuffled, _, _ = gpt2_blends([a], tmp_path, samples=(30, 0, 0))
+    ordered, _, _ = gpt2_blends([a], tmp_path, samples=(30, 0, 0), shuffle=False)
+    assert shuffled.sample_index.tolist() != list(range(30))
+    assert ordered.sample_index.tolist() == list(range(30))
+
+
+def test_a_split_that_needs_no_samples_gets_no_blend(tmp_path):
+    prefix = write_gpt2_prefix(tmp_path, numbered_texts(60, "d"), "docs")
+    train, valid, test = gpt2_blends([prefix], tmp_path, split="80,10,10", samples=(50, 0, 10))
+    assert len(train) == 50 and valid is None and len(test) == 10
+
+
+def test_a_failed_index_build_leaves_nothing_and_the_next_run_builds(tmp_path, monkeypatch):
+    prefix = write_gpt2_prefix(tmp_path, numbered_texts(30, "d"), "docs")
+    real_save, calls = np.save, []
+
+    def disk_full_on_the_second_array(path, array, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(path, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", disk_full_on_the_second_array)
+    with pytest.raises(OSError, match="No space left"):
+        gpt2_blends([prefix], tmp_path, samples=(20, 0, 0))
+    assert os.listdir(tmp_path / "index-cache") == []  # no half-written folder, no temporary left
+    monkeypatch.undo()
+    train, _, _ = gpt2_blends([prefix], tmp_path, samples=(20, 0, 0))
+    assert train.datasets[0].docs.doc_ids.tolist() == list(range(30)) and len(train) == 20
+
+
+def test_a_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path):
+    prefix = write_indexed(str(tmp_path / "edge"), [[[1, 2, 3, 257]]] * 4)
+    with pytest.raises(DataError, match="holds token id 257, beyond the tokenizer's 257 ids"):
+        gpt2_blends([prefix], tmp_path)
+    tok = ByteTokenizer(vocab_size=258)  # one id more: accepted
+    train, _, _ = build_indexed_datasets([prefix], "1", 3, (10, 0, 0), gpt2_member(8, tok), tok, gpt2=True,
+                                         cache_dir=str(tmp_path))
+    assert 257 in train[0]["text"].tolist()
+
+
+def test_each_indexed_sample_checks_its_ids_against_the_vocabulary(tmp_path):
+    # The up-front check reads only the first 2**20 tokens; each sample checks its own ids as well.
+    docs = [[[5, 6, 7, 8, 9, 10, 11]] for _ in range(6)] + [[[1, 2, 257, 3, 4, 5, 6, 7, 8, 9]]]
+    prefix = write_indexed(str(tmp_path / "late"), docs)
+    wide = ByteTokenizer(vocab_size=258)
+    train, _, _ = build_indexed_datasets([prefix], "1", 3, (10, 0, 0), gpt2_member(8, wide), wide, gpt2=True,
+                                         cache_dir=str(tmp_path))
+    member = train.datasets[0]
+    narrow = IndexedGPT2Dataset(member.docs, member.ends, 8, 256, 257, "train")
+    holding = [i for i in range(len(member)) if 257 in member[i]["text"].tolist()]
+    assert holding and len(holding) < len(member)
+    for i in range(len(member)):
+        if i in holding:
+            with pytest.raises(DataError, match="holds token id 257, beyond the tokenizer's 257 ids"):
+                narrow[i]
+        else:
+            np.testing.assert_array_equal(narrow[i]["text"], member[i]["text"])

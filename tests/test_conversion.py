@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import mpu
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
+from tests.helpers import gpt2_args, train_gpt2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 transformers = pytest.importorskip("transformers")
@@ -227,10 +228,8 @@ def test_real_minilm_bert_weights_give_transformers_hidden_states(tmp_path, caps
 
 
 def _train_args(folder, **overrides):
-    from tests.test_pretrain_gpt2 import _base_args
-
     common = {"--train-iters": 12, "--eval-interval": 6, "--resume-dataloader": True, "--lr-decay-style": "linear"}
-    return _base_args(folder, **{**common, **overrides})
+    return gpt2_args(folder, **{**common, **overrides})
 
 
 def _losses_by_split(log_dir: str) -> dict[tuple[str, int], float]:
@@ -240,13 +239,11 @@ def _losses_by_split(log_dir: str) -> dict[tuple[str, int], float]:
 
 @pytest.mark.slow
 def test_resharded_checkpoint_resumes_with_the_unbroken_runs_losses(tmp_path, capsys):
-    from tests.test_pretrain_gpt2 import _train
-
     unbroken = str(tmp_path / "unbroken")
-    run_distributed(_train, 2, _train_args(tmp_path, **{"--model-parallel-size": 2, "--log-dir": unbroken}))
+    run_distributed(train_gpt2, 2, _train_args(tmp_path, **{"--model-parallel-size": 2, "--log-dir": unbroken}))
     ckpt = str(tmp_path / "ckpt_mp2")
-    run_distributed(_train, 2, _train_args(tmp_path, **{"--model-parallel-size": 2, "--save": ckpt,
-                                                         "--exit-interval": 6, "--log-dir": str(tmp_path / "a")}))
+    run_distributed(train_gpt2, 2, _train_args(tmp_path, **{"--model-parallel-size": 2, "--save": ckpt,
+                                                             "--exit-interval": 6, "--log-dir": str(tmp_path / "a")}))
     expected = _losses_by_split(unbroken)
     for target in (1, 4):
         out = str(tmp_path / f"ckpt_mp{target}")
@@ -254,8 +251,8 @@ def test_resharded_checkpoint_resumes_with_the_unbroken_runs_losses(tmp_path, ca
                                                         "--target-model-parallel-size", str(target)], capsys)
         assert code == 0, err
         logs = str(tmp_path / f"resumed_mp{target}")
-        run_distributed(_train, target, _train_args(tmp_path, **{"--model-parallel-size": target, "--load": out,
-                                                                  "--log-dir": logs}))
+        run_distributed(train_gpt2, target, _train_args(tmp_path, **{"--model-parallel-size": target, "--load": out,
+                                                                      "--log-dir": logs}))
         got = _losses_by_split(logs)
         assert {key for key in got if key[0] == "train"} == {("train", i) for i in range(7, 13)}
         # Iteration 7's loss is the resharded weights' own; validation and test at the end follow.
@@ -265,9 +262,7 @@ def test_resharded_checkpoint_resumes_with_the_unbroken_runs_losses(tmp_path, ca
 
 
 def _bf16_checkpoint_worker(argv: list[str]) -> None:
-    from tests.test_pretrain_gpt2 import _train
-
-    _train(argv)
+    train_gpt2(argv)
 
 
 def test_reshard_round_trip_keeps_every_tensor_and_the_half_precision_masters(tmp_path):
@@ -546,10 +541,9 @@ NO_SHAPE = {"--num-layers": None, "--hidden-size": None, "--num-attention-heads"
 def hf_tiny_bpe(tmp_path_factory) -> dict:
     """A Hugging Face GPT2 over the test BPE vocabulary, saved and imported."""
     from data_utils import make_tokenizer
-    from tests.test_pretrain_gpt2 import _base_args
 
     folder = tmp_path_factory.mktemp("hf_tiny_bpe")
-    argv = _base_args(folder)
+    argv = gpt2_args(folder)
     vocab, merges = argv[argv.index("--vocab-file") + 1], argv[argv.index("--merge-file") + 1]
     size = make_tokenizer("GPT2BPETokenizer", vocab, merges).vocab_size
     torch.manual_seed(2)
@@ -583,10 +577,8 @@ def _inference_logits(argv: list[str]) -> tuple[tuple, np.ndarray]:
 
 @pytest.mark.parametrize("mp", [1, 2])
 def test_load_openai_converts_a_hugging_face_folder_in_memory(hf_tiny_bpe, mp):
-    from tests.test_pretrain_gpt2 import _base_args
-
     base = {**NO_SHAPE, "--model-parallel-size": mp}
-    direct = run_distributed(_inference_logits, mp, _base_args(hf_tiny_bpe["folder"], **base, **{
+    direct = run_distributed(_inference_logits, mp, gpt2_args(hf_tiny_bpe["folder"], **base, **{
         "--load": hf_tiny_bpe["hf"], "--load-openai": True}))
     tokens = torch.arange(10).unsqueeze(0) * 7 % hf_tiny_bpe["hf_model"].config.vocab_size
     with torch.no_grad():
@@ -599,13 +591,12 @@ def test_load_openai_converts_a_hugging_face_folder_in_memory(hf_tiny_bpe, mp):
 @pytest.mark.slow
 def test_finetuning_an_import_takes_its_shape_without_flags(hf_tiny_bpe):
     from checkpointing import read_all_ranks
-    from tests.test_pretrain_gpt2 import _base_args, _train
 
     save = str(hf_tiny_bpe["folder"] / "finetuned")
-    argv = _base_args(hf_tiny_bpe["folder"], **NO_SHAPE, **{
+    argv = gpt2_args(hf_tiny_bpe["folder"], **NO_SHAPE, **{
         "--load": hf_tiny_bpe["imported"], "--finetune": True, "--save": save, "--train-iters": 2,
         "--eval-iters": 0})
-    run_distributed(_train, 1, argv)
+    run_distributed(train_gpt2, 1, argv)
     iteration, states = read_all_ranks(save)
     config = states[0]["config"]
     assert iteration == 2

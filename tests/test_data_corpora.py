@@ -1,4 +1,5 @@
-"""Corpus aliases set from the environment or a json file, and loose json reading errors."""
+"""Corpus aliases set from the environment or a json file; reading loose json, tight json and csv (errors,
+byte-order marks, --delim)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import os
 
 import pytest
 
-from data_utils.corpora import known_corpora, read_loose_json, resolve_corpus
+from data_utils.corpora import known_corpora, read_loose_json, read_texts, resolve_corpus, set_delimiter
 from data_utils.errors import DataError
+from data_utils.lazy_loader import load_corpus
+from tests.helpers import ByteTokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +169,7 @@ def test_csv_and_tsv_with_header_text_column_and_delimiter(tmp_path):
 
 def test_eval_text_key_reads_valid_and_test_data_under_their_own_key(tmp_path):
     from data_utils import build_gpt2_datasets
-    from tests.test_data_common import ByteTokenizer, write_jsonl
+    from tests.helpers import ByteTokenizer, write_jsonl
 
     train = write_jsonl(tmp_path / "train.json", [f"train document {i}" for i in range(20)])
     valid = tmp_path / "valid.json"
@@ -177,3 +180,51 @@ def test_eval_text_key_reads_valid_and_test_data_under_their_own_key(tmp_path):
     assert tok.decode(ds.docs[0]) == "valid document 0"
     with pytest.raises(DataError, match="no key 'text'"):
         build_gpt2_datasets([train], [str(valid)], None, "1", 4, tok, False, None, seed=1)
+
+
+# --- corpus files: tight json after whitespace or a byte-order mark, csv details, --delim -----------------------------
+# Rules the tests above left open, each found by injecting a bug that they missed.
+
+@pytest.fixture
+def default_delimiter():
+    """Leave the process-wide ``--delim`` as it was found (None) whatever the test does."""
+    yield
+    set_delimiter(None)
+
+
+@pytest.mark.parametrize("prefix", ["\n  \t", "\ufeff", "\ufeff\r\n "])
+def test_tight_json_is_recognised_after_whitespace_and_a_byte_order_mark(tmp_path, prefix):
+    path = tmp_path / "tight.json"
+    path.write_text(prefix + json.dumps([{"text": "one"}, {"text": "two"}], indent=1), encoding="utf-8")
+    assert list(read_texts(str(path))) == ["one", "two"]
+
+
+def test_csv_header_after_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_text("\ufefftext,id\nhello,1\n", encoding="utf-8")
+    assert list(read_texts(str(path))) == ["hello"]
+
+
+def test_a_csv_field_longer_than_the_csv_default_limit_is_read_whole(tmp_path):
+    long_text = "word " * 40_000  # 200 KB, past csv's 128 KiB default field limit
+    path = tmp_path / "long.csv"
+    path.write_text(f'id,text\n1,"{long_text}"\n2,short\n', encoding="utf-8")
+    assert list(read_texts(str(path))) == [long_text, "short"]
+
+
+@pytest.mark.parametrize("delim", [";;", "", "\\t"])
+def test_set_delimiter_takes_one_character_only(delim, default_delimiter):
+    with pytest.raises(DataError, match="--delim .*expected one character"):
+        set_delimiter(delim)
+
+
+def test_the_lazy_cache_of_a_csv_corpus_follows_the_delimiter(tmp_path, default_delimiter):
+    # Split by ',' the header is [text, a;text] and the text is 'p'; split by ';' it is [text,a, text] and 'r'.
+    path = tmp_path / "both.csv"
+    path.write_text("text,a;text\np,q;r\n", encoding="utf-8")
+    tok, cache = ByteTokenizer(), str(tmp_path / "cache")
+    assert tok.decode(load_corpus(str(path), tok, lazy=True, cache_dir=cache)[0]) == "p"
+    set_delimiter(";")
+    assert tok.decode(load_corpus(str(path), tok, lazy=True, cache_dir=cache)[0]) == "r"
+    set_delimiter(None)
+    assert tok.decode(load_corpus(str(path), tok, lazy=True, cache_dir=cache)[0]) == "p"

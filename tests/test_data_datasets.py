@@ -9,7 +9,7 @@ from data_utils import build_gpt2_datasets, parse_split
 from data_utils.datasets import Documents, GPT2Dataset, assign_corpus_splits, assign_splits, document_hashes
 from data_utils.errors import DataError
 from data_utils.lazy_loader import InMemoryCorpus
-from tests.test_data_common import ByteTokenizer, write_jsonl
+from tests.helpers import ByteTokenizer, write_jsonl
 
 
 @pytest.mark.parametrize("split, expected", [
@@ -169,3 +169,35 @@ def test_build_uses_given_valid_and_test_data_and_none_for_empty_splits(tmp_path
     assert len(train.docs) == int((which == 0).sum()) and len(test.docs) == int((which == 2).sum()) >= 1
     train, valid, test = build_gpt2_datasets([a], None, None, "1,0,0", 8, tok, False, None, seed=5)
     assert len(train.docs) == 50 and valid is None and test is None
+
+
+# --- the split fill-in's nearest document -----------------------------------------------------------------------------
+# Rules the tests above left open, each found by injecting a bug that they missed.
+
+def _reference_fill_in(hashes: np.ndarray, fractions: tuple[float, ...]) -> np.ndarray:
+    """Hash assignment, then each empty non-zero split (in order) takes the document nearest its interval
+    from a split holding more than one (the lowest index on a tie)."""
+    bounds = np.cumsum(fractions)
+    bounds /= bounds[-1]
+    lows = np.concatenate([[0.0], bounds[:-1]])
+    which = np.searchsorted(bounds[:-1], hashes, side="right")
+    for s in range(len(fractions)):
+        counts = np.bincount(which, minlength=len(fractions))
+        if fractions[s] == 0 or counts[s]:
+            continue
+        candidates = [(max(lows[s] - h, h - bounds[s]), j) for j, h in enumerate(hashes) if counts[which[j]] > 1]
+        which[min(candidates)[1]] = s
+    return which
+
+
+def test_the_fill_in_takes_the_document_nearest_the_empty_split():
+    fractions = parse_split("0.5,0.4,0.1")
+    from_above = 0
+    for seed in range(300):
+        hashes = document_hashes(4, seed)
+        expected = _reference_fill_in(hashes, fractions)
+        np.testing.assert_array_equal(assign_splits(4, fractions, seed), expected, err_msg=f"seed {seed}")
+        natural = np.searchsorted(np.cumsum(fractions)[:-1], hashes, side="right")
+        moved = np.flatnonzero(natural != expected)
+        from_above += int(any(natural[j] > expected[j] for j in moved))
+    assert from_above > 0  # some fill-ins took a document from the split above the empty one

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -14,11 +13,9 @@ import zipfile
 import pytest
 
 from data_utils.tokenization import make_tokenizer
-from tests.test_data_common import REAL_CACHE, REPO, gpt2_byte_chars
+from tests.helpers import REAL_CACHE, gpt2_byte_chars, load_tool, write_jsonl, write_tiny_gpt2
 
-spec = importlib.util.spec_from_file_location("fetch_sample_data", os.path.join(REPO, "tools", "fetch_sample_data.py"))
-fetch = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fetch)
+fetch = load_tool("fetch_sample_data")
 
 
 def tiny_ranks() -> dict[bytes, int]:
@@ -156,8 +153,6 @@ def test_real_bert_vocabulary_is_googles_uncased_one():
 
 
 def test_count_tokens_reads_the_corpus_with_the_project_tokenizer(tmp_path):
-    from tests.test_data_common import write_jsonl, write_tiny_gpt2
-
     vocab, merges = write_tiny_gpt2(str(tmp_path))
     corpus = write_jsonl(tmp_path / "c.json", ["the cat", "hello world", ""])
     docs, tokens = fetch.count_tokens(corpus, vocab, merges)

@@ -11,7 +11,7 @@ import pytest
 from data_utils.errors import DataError
 from data_utils.lazy_loader import InMemoryCorpus, LazyCorpus, cache_folder, load_corpus
 from tests.distributed import run_distributed
-from tests.test_data_common import ByteTokenizer, write_jsonl
+from tests.helpers import ByteTokenizer, write_jsonl
 
 TEXTS = ["first document", "", "third, with ünïcode", "x" * 300]
 

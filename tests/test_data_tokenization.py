@@ -10,7 +10,7 @@ import pytest
 
 from data_utils.errors import DataError
 from data_utils.tokenization import BertWordPieceTokenizer, make_tokenizer
-from tests.test_data_common import REAL_CACHE, gpt2_byte_chars, write_tiny_gpt2
+from tests.helpers import REAL_CACHE, gpt2_byte_chars, write_tiny_gpt2
 
 
 def test_tiny_gpt2_encodes_with_its_merges(tmp_path):

@@ -22,7 +22,7 @@ from data_utils.detokenizers import wikitext_detokenize
 from model import GPT2Model, TransformerConfig
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
-from tests.test_data_common import write_jsonl, write_tiny_gpt2
+from tests.helpers import write_jsonl, write_tiny_gpt2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))

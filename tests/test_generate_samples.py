@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.test_launch_scripts import _recorded_calls
-from tests.test_pretrain_gpt2 import REPO, _base_args, _train
+from tests.helpers import REPO, gpt2_args, recorded_launcher_calls, train_gpt2
 
 TRAIN_FLAGS = {"--train-iters": 60, "--lr": 3e-3, "--seq-length": 32, "--max-position-embeddings": 32,
                "--eval-iters": 0, "--log-interval": 20}
@@ -45,7 +44,7 @@ def trained(tmp_path_factory):
     """(folder holding vocab.json/merges.txt and the corpus, checkpoint trained at model-parallel size 1)."""
     folder = tmp_path_factory.mktemp("generate")
     save = str(folder / "ckpt_mp1")
-    _in_process_group(_train, _base_args(folder, **TRAIN_FLAGS, **{"--save": save}))
+    _in_process_group(train_gpt2, gpt2_args(folder, **TRAIN_FLAGS, **{"--save": save}))
     return folder, save
 
 
@@ -392,7 +391,7 @@ def _train_then_generate(train_argv: list[str], generate_argv: list[str], failin
     import generate_samples
     from data_utils.errors import DataError
 
-    _train(train_argv)
+    train_gpt2(train_argv)
     generate_samples.main(generate_argv)
     try:  # a prompt only rank 0 can reject must stop the other rank too, not leave it waiting
         generate_samples.main(failing_argv)
@@ -410,7 +409,7 @@ def test_greedy_generation_is_the_same_at_model_parallel_sizes_1_and_2(single_pr
     flags = ["--greedy", "--sample-input-file", tmp_path / "in.txt", "--batch-size", 2, "--out-seq-length", 24]
     generate_samples.main(_argv(folder, ckpt, *flags, "--sample-output-file", tmp_path / "mp1.jsonl"))
     ckpt2 = str(tmp_path / "ckpt_mp2")
-    train_argv = _base_args(folder, **TRAIN_FLAGS, **{"--save": ckpt2, "--model-parallel-size": 2})
+    train_argv = gpt2_args(folder, **TRAIN_FLAGS, **{"--save": ckpt2, "--model-parallel-size": 2})
     mp2 = [*flags, "--model-parallel-size", 2]
     errors = run_distributed(_train_then_generate, 2, train_argv,
                              _argv(folder, ckpt2, *mp2, "--sample-output-file", tmp_path / "mp2.jsonl"),
@@ -429,7 +428,7 @@ def _launcher_args(tmp_path, monkeypatch, **env):
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    calls = _recorded_calls(tmp_path, "generate_text.sh")
+    calls = recorded_launcher_calls(tmp_path, "generate_text.sh")
     assert len(calls) == 1, calls
     argv = calls[0]
     entry = argv.index("generate_samples.py")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.test_pretrain_gpt2 import _base_args, _train
+from tests.helpers import gpt2_args, train_gpt2
 
 
 def _load_each(argvs: list[list[str]]) -> list[tuple[str, object]]:
@@ -38,14 +38,14 @@ def _load_each(argvs: list[list[str]]) -> list[tuple[str, object]]:
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inference")
     save = str(folder / "ckpt")
-    run_distributed(_train, 1, _base_args(folder, **{"--train-iters": 3, "--eval-iters": 0, "--save": save}))
+    run_distributed(train_gpt2, 1, gpt2_args(folder, **{"--train-iters": 3, "--eval-iters": 0, "--save": save}))
     return folder, save
 
 
 def _argv(folder, save, **overrides):
     flags = {"--load": save, "--num-layers": None, "--hidden-size": None, "--num-attention-heads": None,
              "--max-position-embeddings": None, **overrides}
-    return _base_args(folder, **flags)
+    return gpt2_args(folder, **flags)
 
 
 def test_shape_comes_from_the_checkpoint_and_mismatches_are_one_clear_error(checkpoint):

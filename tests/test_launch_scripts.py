@@ -6,39 +6,21 @@ from __future__ import annotations
 import glob
 import importlib
 import os
-import shlex
-import subprocess
 
 import pytest
 import torch
 
+from tests.helpers import recorded_launcher_calls
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHERS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "scripts", "pretrain_*.sh")))
-RECORDER = """#!/usr/bin/env bash
-printf '%s\\n' "$(basename "$0") $(printf '%q ' "$@")" >> "$RECORD"
-"""
-
-
-def _recorded_calls(tmp_path, script: str) -> list[list[str]]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name in ("python", "python3", "torchrun"):
-        (bin_dir / name).write_text(RECORDER)
-        (bin_dir / name).chmod(0o755)
-    record = tmp_path / "calls.txt"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RECORD=str(record),
-               TRAIN_TFRECORDS="a.tfrecord b.tfrecord", VALID_TFRECORDS="v.tfrecord")
-    proc = subprocess.run(["bash", os.path.join("scripts", script), "--log-interval", "7"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return [shlex.split(line)[1:] for line in record.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("script", LAUNCHERS)
 def test_launcher_flags_parse_and_extra_flags_are_appended(tmp_path, monkeypatch, script):
     from arguments import get_args
 
-    calls = [argv for argv in _recorded_calls(tmp_path, script) if any(a.startswith("pretrain_") for a in argv)]
+    calls = [argv for argv in recorded_launcher_calls(tmp_path, script) if any(a.startswith("pretrain_") for a in argv)]
     assert len(calls) == 1, calls
     argv = calls[0]
     entry = next(i for i, a in enumerate(argv) if a.startswith("pretrain_") and a.endswith(".py"))

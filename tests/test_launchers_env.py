@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from arguments import ArgumentError, adopt_launcher_environment
+from tests.helpers import gpt2_args, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASTER = {"MASTER_ADDR": "node0", "MASTER_PORT": "6000"}
@@ -48,10 +49,9 @@ def test_the_entry_point_reports_it_on_one_line():
 @pytest.mark.slow
 def test_two_processes_launched_the_slurm_way_train_together(tmp_path):
     from tests.distributed import free_port
-    from tests.test_pretrain_gpt2 import _base_args, _metrics
 
     log_dir = str(tmp_path / "logs")
-    argv = _base_args(tmp_path, **{"--train-iters": 3, "--eval-iters": 0, "--batch-size": 2, "--log-dir": log_dir})
+    argv = gpt2_args(tmp_path, **{"--train-iters": 3, "--eval-iters": 0, "--batch-size": 2, "--log-dir": log_dir})
     base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "pretrain_gpt2.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
@@ -62,4 +62,4 @@ def test_two_processes_launched_the_slurm_way_train_together(tmp_path):
     outputs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     # Two unconnected single-process runs would both be rank 0 and write every iteration twice.
-    assert [r["iteration"] for r in _metrics(log_dir)] == [1, 2, 3]
+    assert [r["iteration"] for r in read_metrics(log_dir)] == [1, 2, 3]

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from tests.distributed import free_port, run_distributed
-from tests.test_pretrain_gpt2 import _base_args
-from tests.test_user_errors import _main
+from tests.helpers import gpt2_args, run_gpt2_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +62,7 @@ def test_sigterm_to_one_rank_saves_on_both_and_the_rerun_resumes_exactly(tmp_pat
     ckpt, logs, ref_logs = tmp_path / "ckpt", tmp_path / "logs", tmp_path / "ref_logs"
     common = {"--train-iters": 150, "--eval-iters": 0, "--save-interval": 1000, "--resume-dataloader": True,
               "--num-workers": 0}
-    argv = _base_args(tmp_path, **common, **{"--save": str(ckpt), "--load": str(ckpt), "--log-dir": str(logs)})
+    argv = gpt2_args(tmp_path, **common, **{"--save": str(ckpt), "--load": str(ckpt), "--log-dir": str(logs)})
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_torchrun(argv), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -85,7 +84,7 @@ def test_sigterm_to_one_rank_saves_on_both_and_the_rerun_resumes_exactly(tmp_pat
     rerun = subprocess.run(_torchrun(argv), cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"loaded checkpoint from {ckpt} at iteration {stopped}" in rerun.stdout
-    reference = _base_args(tmp_path, **common, **{"--save": str(tmp_path / "ref"), "--log-dir": str(ref_logs)})
+    reference = gpt2_args(tmp_path, **common, **{"--save": str(tmp_path / "ref"), "--log-dir": str(ref_logs)})
     whole = subprocess.run(_torchrun(reference), cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert whole.returncode == 0, whole.stdout + whole.stderr
     resumed, unbroken = _losses(logs), _losses(ref_logs)
@@ -96,8 +95,8 @@ def test_sigterm_to_one_rank_saves_on_both_and_the_rerun_resumes_exactly(tmp_pat
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
 def test_a_dead_or_frozen_rank_makes_the_other_exit_nonzero_within_the_timeout(tmp_path, fault):
     timeout_minutes = 0.1
-    argv = _base_args(tmp_path, **{"--train-iters": 100000, "--eval-iters": 0, "--log-interval": 10,
-                                   "--distributed-timeout-minutes": timeout_minutes})
+    argv = gpt2_args(tmp_path, **{"--train-iters": 100000, "--eval-iters": 0, "--log-interval": 10,
+                                  "--distributed-timeout-minutes": timeout_minutes})
     port = free_port()
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
@@ -157,8 +156,8 @@ def _train_with_nan(argv: list[str], nan_rank: int, nan_calls: set[int], gradien
 
 def test_a_nan_on_one_rank_is_skipped_on_all_ranks_and_counted(tmp_path):
     logs = tmp_path / "logs"
-    argv = _base_args(tmp_path, **{"--train-iters": 8, "--eval-iters": 0, "--log-dir": str(logs),
-                                   "--save": str(tmp_path / "ckpt")})
+    argv = gpt2_args(tmp_path, **{"--train-iters": 8, "--eval-iters": 0, "--log-dir": str(logs),
+                                  "--save": str(tmp_path / "ckpt")})
     results = run_distributed(_train_with_nan, 2, argv, 1, {4})
     assert all("error" not in r for r in results), results
     records = [json.loads(line) for line in open(logs / "metrics.jsonl")]
@@ -172,8 +171,8 @@ def test_a_nan_on_one_rank_is_skipped_on_all_ranks_and_counted(tmp_path):
 
 def test_abort_on_nonfinite_stops_every_rank_naming_the_iteration_and_saves_nothing(tmp_path):
     ckpt = tmp_path / "ckpt"
-    argv = _base_args(tmp_path, **{"--train-iters": 8, "--eval-iters": 0, "--save": str(ckpt),
-                                   "--save-interval": 2, "--abort-on-nonfinite": True})
+    argv = gpt2_args(tmp_path, **{"--train-iters": 8, "--eval-iters": 0, "--save": str(ckpt),
+                                  "--save-interval": 2, "--abort-on-nonfinite": True})
     results = run_distributed(_train_with_nan, 2, argv, 0, {5}, False)  # a NaN loss, finite gradients
     for result in results:
         assert result["error"].startswith("NonFiniteError: iteration 5: the loss or gradient norm is not finite")
@@ -182,8 +181,8 @@ def test_abort_on_nonfinite_stops_every_rank_naming_the_iteration_and_saves_noth
 
 
 def test_too_many_skipped_steps_stop_the_run(tmp_path):
-    argv = _base_args(tmp_path, **{"--train-iters": 30, "--eval-iters": 0, "--skipped-window": 4,
-                                   "--max-skipped-fraction": 0.5})
+    argv = gpt2_args(tmp_path, **{"--train-iters": 30, "--eval-iters": 0, "--skipped-window": 4,
+                                  "--max-skipped-fraction": 0.5})
     results = run_distributed(_train_with_nan, 2, argv, 1, set(range(6, 31)))
     for result in results:
         assert result["error"].startswith("NonFiniteError: iteration 8: 3 of the last 4 steps were skipped"), result
@@ -191,9 +190,9 @@ def test_too_many_skipped_steps_stop_the_run(tmp_path):
 
 def test_exit_duration_saves_and_exits_zero(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    argv = _base_args(tmp_path, **{"--train-iters": 1000, "--eval-iters": 0, "--save": str(ckpt),
-                                   "--exit-duration-in-mins": 1e-6})
-    code, out, err = _main(argv, capsys)
+    argv = gpt2_args(tmp_path, **{"--train-iters": 1000, "--eval-iters": 0, "--save": str(ckpt),
+                                  "--exit-duration-in-mins": 1e-6})
+    code, out, err = run_gpt2_main(argv, capsys)
     assert code == 0, err
     assert open(ckpt / "latest_checkpointed_iteration.txt").read().strip() == "1"
     assert "exiting at iteration 1: --exit-duration-in-mins 1e-06 reached" in out
@@ -201,9 +200,9 @@ def test_exit_duration_saves_and_exits_zero(tmp_path, capsys):
 
 def test_keep_last_checkpoints_leaves_exactly_the_newest(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    argv = _base_args(tmp_path, **{"--train-iters": 6, "--eval-iters": 0, "--save": str(ckpt), "--save-interval": 1,
-                                   "--keep-last-checkpoints": 2})
-    code, out, err = _main(argv, capsys)
+    argv = gpt2_args(tmp_path, **{"--train-iters": 6, "--eval-iters": 0, "--save": str(ckpt), "--save-interval": 1,
+                                  "--keep-last-checkpoints": 2})
+    code, out, err = run_gpt2_main(argv, capsys)
     assert code == 0, err
     assert sorted(os.listdir(ckpt)) == ["iter_0000005", "iter_0000006", "latest_checkpointed_iteration.txt"]
     assert "removed 1 older checkpoint(s) (--keep-last-checkpoints 2): iter_0000004" in out
@@ -297,7 +296,7 @@ def _setup_fails_on_rank_1(argv: list[str]) -> dict:
 
 
 def test_a_setup_mistake_on_one_rank_stops_every_rank_together(tmp_path):
-    argv = _base_args(tmp_path, **{"--train-iters": 2, "--eval-iters": 0, "--save": str(tmp_path / "ckpt")})
+    argv = gpt2_args(tmp_path, **{"--train-iters": 2, "--eval-iters": 0, "--save": str(tmp_path / "ckpt")})
     results = run_distributed(_setup_fails_on_rank_1, 2, argv, timeout=60)
     for result in results:
         assert result.get("agreed") and result["error"].startswith("rank 1: --save "), result

@@ -11,8 +11,7 @@ import pytest
 
 from data_utils import DataError, IndexedDataset
 from tests.cli import assert_one_line_error
-from tests.test_blending import _write_indexed
-from tests.test_data_common import write_jsonl, write_tiny_gpt2
+from tests.helpers import write_indexed, write_jsonl, write_tiny_gpt2
 from tools.merge_datasets import input_prefixes, merge
 from tools.preprocess_data import preprocess
 
@@ -43,8 +42,8 @@ def test_merged_shards_equal_one_preprocessing_run_byte_for_byte(tmp_path, sente
 def test_folder_inputs_are_merged_in_name_order(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
-    _write_indexed(str(shards / "b"), [[[3, 4]], [[5]]])
-    _write_indexed(str(shards / "a"), [[[1], [2]]])
+    write_indexed(str(shards / "b"), [[[3, 4]], [[5]]])
+    write_indexed(str(shards / "a"), [[[1], [2]]])
     assert input_prefixes([str(shards)]) == [str(shards / "a"), str(shards / "b")]
     merged = merge(input_prefixes([str(shards), str(shards / "a.idx")]), str(tmp_path / "m"))
     assert [merged.document(d).tolist() for d in range(merged.num_documents)] == [[1, 2], [3, 4], [5], [1, 2]]
@@ -52,7 +51,7 @@ def test_folder_inputs_are_merged_in_name_order(tmp_path):
 
 
 def test_bad_merges_are_refused_and_leave_nothing(tmp_path):
-    a = _write_indexed(str(tmp_path / "a"), [[[1, 2]]])
+    a = write_indexed(str(tmp_path / "a"), [[[1, 2]]])
     wide = tmp_path / "wide"
     from data_utils.indexed_dataset import IndexedDatasetBuilder
 

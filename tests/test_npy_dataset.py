@@ -18,7 +18,7 @@ from data_utils.errors import DataError
 from data_utils.npy_dataset import NpyShardsDataset, build_npy_datasets
 from data_utils.tokenization import GPT2BPETokenizer
 from tests.cli import assert_one_line_error
-from tests.test_data_common import REPO, ByteTokenizer, write_jsonl, write_tiny_gpt2
+from tests.helpers import REPO, ByteTokenizer, write_jsonl, write_tiny_gpt2
 
 SCRIPT = os.path.join(REPO, "openwebtext", "make_gpt2_dataset.py")
 TEXTS_A = [f"the world {i}: " + "hello there. " * (i % 4) for i in range(30)] + ["", "tail"]

@@ -27,7 +27,7 @@ from openwebtext.blacklist_urls import UrlFilter, normalize_url
 from openwebtext.common import jaccard, run_cli, shingles
 from openwebtext.group_duplicate_urls import group_urls
 from tests.cli import assert_one_line_error
-from tests.test_data_common import REPO, write_tiny_gpt2
+from tests.helpers import REPO, write_tiny_gpt2
 
 ENGLISH = {
     "lighthouse": (

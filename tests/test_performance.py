@@ -11,8 +11,7 @@ import torch
 
 import performance
 from performance import GPU_PEAK_TFLOPS, Timers, model_flops_per_token, peak_memory_mb, peak_tflops
-from tests.test_pretrain_gpt2 import _base_args
-from tests.test_user_errors import _main
+from tests.helpers import gpt2_args, read_metrics, run_gpt2_main, train_gpt2
 
 
 def test_model_flops_count_every_matmul_weight_once(single_process_group):
@@ -85,9 +84,9 @@ def _records(log_dir) -> list[dict]:
 
 def test_log_lines_and_metrics_carry_timings_flops_mfu_and_memory(tmp_path, capsys):
     timed, plain = str(tmp_path / "timed"), str(tmp_path / "plain")
-    code, out, err = _main(_base_args(tmp_path, **{"--train-iters": 4, "--log-interval": 2, "--eval-iters": 0,
-                                                   "--log-dir": timed, "--log-timers": True,
-                                                   "--peak-tflops": 0.5}), capsys)
+    code, out, err = run_gpt2_main(gpt2_args(tmp_path, **{"--train-iters": 4, "--log-interval": 2, "--eval-iters": 0,
+                                                          "--log-dir": timed, "--log-timers": True,
+                                                          "--peak-tflops": 0.5}), capsys)
     assert code == 0, err
     assert " > MFU against 0.5 TFLOP/s per device (--peak-tflops)" in out
     assert " > memory after the first iteration: peak rss " in out
@@ -99,8 +98,8 @@ def test_log_lines_and_metrics_carry_timings_flops_mfu_and_memory(tmp_path, caps
     assert sum(record[k] for k in phases) <= 1000 * 2 * record["elapsed_s"]
     assert record["tflops_per_device"] > 0 and record["mfu"] == pytest.approx(record["tflops_per_device"] / 0.5)
     assert record["peak_rss_mb"] > 10
-    code, out, err = _main(_base_args(tmp_path, **{"--train-iters": 2, "--log-interval": 2, "--eval-iters": 0,
-                                                   "--log-dir": plain}), capsys)
+    code, out, err = run_gpt2_main(gpt2_args(tmp_path, **{"--train-iters": 2, "--log-interval": 2, "--eval-iters": 0,
+                                                          "--log-dir": plain}), capsys)
     assert code == 0, err
     record = _records(plain)[-1]
     assert not any(k.startswith("time_") for k in record) and "mfu" not in record  # no peak asked for on CPU
@@ -117,11 +116,9 @@ def test_cuda_timers_wait_for_the_device():
 
 
 def _losses_of(argv: list[str]) -> dict[int, float]:
-    from tests.test_pretrain_gpt2 import _metrics, _train
-
-    _train(argv)
+    train_gpt2(argv)
     log_dir = argv[argv.index("--log-dir") + 1]
-    return {r["iteration"]: r["lm_loss"] for r in _metrics(log_dir)}
+    return {r["iteration"]: r["lm_loss"] for r in read_metrics(log_dir)}
 
 
 def test_compiled_layers_train_like_eager_with_model_parallel_and_checkpointing(tmp_path):
@@ -129,9 +126,9 @@ def test_compiled_layers_train_like_eager_with_model_parallel_and_checkpointing(
 
     common = {"--train-iters": 2, "--eval-iters": 0, "--model-parallel-size": 2, "--checkpoint-activations": True,
               "--hidden-dropout": 0.1}
-    eager = _base_args(tmp_path, **common, **{"--log-dir": str(tmp_path / "eager")})
-    compiled = _base_args(tmp_path, **common, **{"--log-dir": str(tmp_path / "compiled"), "--compile": True,
-                                                 "--compile-backend": "aot_eager"})
+    eager = gpt2_args(tmp_path, **common, **{"--log-dir": str(tmp_path / "eager")})
+    compiled = gpt2_args(tmp_path, **common, **{"--log-dir": str(tmp_path / "compiled"), "--compile": True,
+                                                "--compile-backend": "aot_eager"})
     expected = run_distributed(_losses_of, 2, eager)[0]
     got = run_distributed(_losses_of, 2, compiled)[0]
     assert sorted(got) == sorted(expected) == [1, 2]

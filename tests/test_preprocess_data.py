@@ -20,8 +20,7 @@ from data_utils.indexed_dataset import IndexedDataset
 from data_utils.lazy_loader import load_sentence_corpus
 from data_utils.tokenization import make_tokenizer
 from tests.cli import assert_one_line_error
-from tests.test_bert_tokenizers import write_vocab
-from tests.test_data_common import REPO, write_jsonl, write_tiny_gpt2
+from tests.helpers import REPO, write_jsonl, write_tiny_gpt2, write_wordpiece_vocab
 from tools import preprocess_data as pp
 
 TEXTS = [
@@ -52,7 +51,7 @@ def gpt2(tmp_path) -> dict:
 
 @pytest.fixture
 def bert(tmp_path) -> dict:
-    return {"tokenizer_type": "BertWordPieceTokenizer", "vocab_file": write_vocab(tmp_path / "vocab.txt")}
+    return {"tokenizer_type": "BertWordPieceTokenizer", "vocab_file": write_wordpiece_vocab(tmp_path / "vocab.txt")}
 
 
 @pytest.fixture

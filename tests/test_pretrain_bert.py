@@ -12,78 +12,23 @@ import pytest
 
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
-from tests.test_data_common import REAL_CACHE
+from tests.helpers import (
+    BERT_WORDS,
+    REAL_CACHE,
+    bert_args,
+    bert_losses,
+    read_metrics,
+    train_bert,
+    write_bert_corpus,
+    write_google_bert_tfrecord,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("the cat sat on a mat while dog ran with other dogs around world and birds sang in trees near "
-         "river under bright sun every morning").split()
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def write_corpus(folder, docs: int = 120) -> str:
-    """Loose json whose documents are 2-7 sentences of a small vocabulary (one sentence per line)."""
-    path = os.path.join(folder, "bert_corpus.json")
-    with open(path, "w") as f:
-        for d in range(docs):
-            sentences = []
-            for s in range(2 + d % 6):
-                words = [WORDS[(d * 5 + s * 3 + j * (1 + d % 4)) % len(WORDS)] for j in range(4 + (d + s) % 7)]
-                sentences.append(" ".join(words) + ".")
-            f.write(json.dumps({"text": "\n".join(sentences)}) + "\n")
-    return path
-
-
-def write_vocab(folder) -> str:
-    path = os.path.join(folder, "vocab.txt")
-    with open(path, "w") as f:
-        f.write("\n".join(SPECIALS + ["."] + WORDS) + "\n")
-    return path
-
-
-def base_args(folder, **overrides) -> list[str]:
-    flags = {
-        "--num-layers": 2, "--hidden-size": 32, "--num-attention-heads": 4, "--seq-length": 32,
-        "--max-position-embeddings": 32, "--max-preds-per-seq": 5, "--batch-size": 4, "--train-iters": 20,
-        "--lr": 1e-3, "--warmup": 0.1, "--lr-decay-style": "linear", "--train-data": write_corpus(str(folder)),
-        "--split": "8,1,1", "--tokenizer-type": "BertWordPieceTokenizer", "--vocab-file": write_vocab(str(folder)),
-        "--presplit-sentences": True, "--cache-dir": os.path.join(folder, "cache"), "--log-interval": 1,
-        "--eval-interval": 10, "--eval-iters": 2, "--num-workers": 0, "--hidden-dropout": 0.0,
-        "--attention-dropout": 0.0, "--seed": 5,
-    }
-    flags.update(overrides)
-    argv = []
-    for key, value in flags.items():
-        if value is True:
-            argv.append(key)
-        elif isinstance(value, list):
-            argv += [key, *map(str, value)]
-        elif value is not None and value is not False:
-            argv += [key, str(value)]
-    return argv
-
-
-def train(argv: list[str]) -> dict:
-    import pretrain_bert
-    from arguments import get_args
-    from training import pretrain
-
-    args = get_args(argv, defaults=pretrain_bert.BERT_DEFAULTS)
-    return pretrain(args, pretrain_bert.model_provider, pretrain_bert.data_provider,
-                    pretrain_bert.forward_step_provider)
-
-
-def metrics(log_dir, split="train") -> list[dict]:
-    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == split]
-
-
-def losses(log_dir) -> dict[int, tuple[float, float]]:
-    return {r["iteration"]: (r["lm_loss"], r["nsp_loss"]) for r in metrics(log_dir)}
 
 
 def _falls(log_dir, key: str, first: int = 5, last: int = 5) -> tuple[float, float]:
     """Mean of ``key`` over the first and the last iterations of a run."""
-    values = [r[key] for r in metrics(log_dir)]
+    values = [r[key] for r in read_metrics(log_dir)]
     return sum(values[:first]) / first, sum(values[-last:]) / last
 
 
@@ -97,7 +42,7 @@ def _forward_step_against_direct_computation(folder: str) -> tuple[float, float,
     from data_utils import build_bert_datasets, make_tokenizer
 
     mpu.initialize_model_parallel(1)
-    args = get_args(base_args(folder, **{"--hidden-size": 32, "--seq-length": 48,
+    args = get_args(bert_args(folder, **{"--hidden-size": 32, "--seq-length": 48,
                                          "--max-position-embeddings": 48}), defaults=pretrain_bert.BERT_DEFAULTS)
     tokenizer = make_tokenizer("BertWordPieceTokenizer", args.vocab_file)
     train_set = build_bert_datasets(args.train_data, None, None, "1", 48, 5, tokenizer, False, None, 5,
@@ -119,7 +64,7 @@ def _forward_step_against_direct_computation(folder: str) -> tuple[float, float,
 
 
 def test_forward_step_is_the_mean_masked_lm_loss_plus_next_sentence_loss(tmp_path):
-    write_corpus(str(tmp_path))
+    write_bert_corpus(str(tmp_path))
     lm, lm_ref, nsp, nsp_ref, loss = run_distributed(_forward_step_against_direct_computation, 1, str(tmp_path))[0]
     assert lm == pytest.approx(lm_ref, rel=1e-5) and nsp == pytest.approx(nsp_ref, rel=1e-5)
     assert loss == pytest.approx(lm_ref + nsp_ref, rel=1e-5)
@@ -131,16 +76,16 @@ def test_single_model_and_data_parallel_runs_give_the_same_losses(tmp_path):
     results = {}
     for name, (world, mp, batch) in layouts.items():
         log_dir = str(tmp_path / name)
-        argv = base_args(tmp_path, **{"--model-parallel-size": mp, "--batch-size": batch, "--log-dir": log_dir})
-        run_distributed(train, world, argv)
-        results[name] = losses(log_dir)
+        argv = bert_args(tmp_path, **{"--model-parallel-size": mp, "--batch-size": batch, "--log-dir": log_dir})
+        run_distributed(train_bert, world, argv)
+        results[name] = bert_losses(log_dir)
     reference = results["single"]
     assert sorted(reference) == list(range(1, 21))
     for name in ("mp2", "dp2"):
         for iteration, (lm, nsp) in reference.items():
             assert results[name][iteration][0] == pytest.approx(lm, abs=1e-4), (name, iteration)
             assert results[name][iteration][1] == pytest.approx(nsp, abs=1e-4), (name, iteration)
-    valid = metrics(str(tmp_path / "single"), "valid")
+    valid = read_metrics(str(tmp_path / "single"), "valid")
     assert [r["iteration"] for r in valid] == [0, 10, 20] and all("nsp_loss" in r for r in valid)
 
 
@@ -149,13 +94,13 @@ def test_stopped_and_resumed_run_matches_an_unbroken_one_bitwise(tmp_path):
     common = {"--hidden-dropout": 0.1, "--attention-dropout": 0.1, "--checkpoint-activations": True,
               "--resume-dataloader": True, "--num-workers": 1, "--eval-iters": 0}
     unbroken = str(tmp_path / "unbroken")
-    run_distributed(train, 1, base_args(tmp_path, **common, **{"--log-dir": unbroken}))
+    run_distributed(train_bert, 1, bert_args(tmp_path, **common, **{"--log-dir": unbroken}))
     ckpt, resumed = str(tmp_path / "ckpt"), str(tmp_path / "resumed")
-    run_distributed(train, 1, base_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10,
-                                                                "--log-dir": resumed}))
-    run_distributed(train, 1, base_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt,
-                                                                "--log-dir": resumed}))
-    expected, got = losses(unbroken), losses(resumed)
+    run_distributed(train_bert, 1, bert_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 10,
+                                                                     "--log-dir": resumed}))
+    run_distributed(train_bert, 1, bert_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt,
+                                                                     "--log-dir": resumed}))
+    expected, got = bert_losses(unbroken), bert_losses(resumed)
     assert sorted(got) == list(range(1, 21))
     for iteration in range(1, 21):
         assert got[iteration] == expected[iteration], iteration  # bitwise in fp32
@@ -165,9 +110,9 @@ def test_stopped_and_resumed_run_matches_an_unbroken_one_bitwise(tmp_path):
 @pytest.mark.parametrize("precision", [["--fp16", "--fp32-embedding"], ["--bf16"]])
 def test_half_precision_trains_and_the_loss_falls(tmp_path, precision):
     log_dir = str(tmp_path / "logs")
-    argv = base_args(tmp_path, **{"--log-dir": log_dir, "--train-iters": 80, "--lr": 3e-3, "--eval-iters": 0,
+    argv = bert_args(tmp_path, **{"--log-dir": log_dir, "--train-iters": 80, "--lr": 3e-3, "--eval-iters": 0,
                                   "--loss-scale": 1024 if "--fp16" in precision else None})
-    run_distributed(train, 1, argv + precision)
+    run_distributed(train_bert, 1, argv + precision)
     start, end = _falls(log_dir, "lm_loss")
     assert end < start - 0.25, (start, end)  # from log(real vocabulary) ~3.4 towards the data's ~3.1
 
@@ -175,10 +120,10 @@ def test_half_precision_trains_and_the_loss_falls(tmp_path, precision):
 def write_topic_corpus(folder, docs: int = 160, topics: int = 8) -> str:
     """Documents that each use one of ``topics`` disjoint word sets: a random B usually changes topic."""
     path = os.path.join(folder, "topics.json")
-    per = len(WORDS) // topics
+    per = len(BERT_WORDS) // topics
     with open(path, "w") as f:
         for d in range(docs):
-            vocab = WORDS[(d % topics) * per:(d % topics + 1) * per]
+            vocab = BERT_WORDS[(d % topics) * per:(d % topics + 1) * per]
             sentences = [" ".join(vocab[(d + s + j) % per] for j in range(3 + (d + s) % 4)) + "."
                          for s in range(3 + d % 4)]
             f.write(json.dumps({"text": "\n".join(sentences)}) + "\n")
@@ -189,9 +134,9 @@ def write_topic_corpus(folder, docs: int = 160, topics: int = 8) -> str:
 def test_next_sentence_head_learns_pairs_that_change_topic(tmp_path):
     # Only a model whose NSP label, pooler and segment layout line up can tell a random B by its topic.
     log_dir = str(tmp_path / "logs")
-    argv = base_args(tmp_path, **{"--train-data": write_topic_corpus(str(tmp_path)), "--batch-size": 8,
+    argv = bert_args(tmp_path, **{"--train-data": write_topic_corpus(str(tmp_path)), "--batch-size": 8,
                                   "--train-iters": 400, "--lr": 3e-3, "--eval-iters": 0, "--log-dir": log_dir})
-    run_distributed(train, 1, argv)
+    run_distributed(train_bert, 1, argv)
     start, end = _falls(log_dir, "nsp_loss", first=20, last=50)
     assert start > 0.5 and end < 0.1, (start, end)
 
@@ -202,10 +147,10 @@ def test_sentencepiece_model_is_trained_once_then_reused_and_character_level_tra
     os.makedirs(os.path.dirname(spm_path))
     for attempt in ("trains", "reuses"):
         log_dir = str(tmp_path / f"spm_{attempt}")
-        argv = base_args(tmp_path, **{"--tokenizer-type": "SentencePieceTokenizer", "--vocab-file": None,
+        argv = bert_args(tmp_path, **{"--tokenizer-type": "SentencePieceTokenizer", "--vocab-file": None,
                                       "--tokenizer-path": spm_path, "--vocab-size": 60, "--log-dir": log_dir,
                                       "--train-iters": 30, "--lr": 3e-3, "--eval-iters": 0})
-        run_distributed(train, 1, argv)
+        run_distributed(train_bert, 1, argv)
         if attempt == "trains":
             stamp = os.path.getmtime(spm_path)
         start, end = _falls(log_dir, "lm_loss")
@@ -213,10 +158,10 @@ def test_sentencepiece_model_is_trained_once_then_reused_and_character_level_tra
     assert os.path.getmtime(spm_path) == stamp, "an existing SentencePiece model must not be retrained"
     assert os.path.isfile(str(tmp_path / "spm" / "bert.vocab"))
     log_dir = str(tmp_path / "char")
-    argv = base_args(tmp_path, **{"--tokenizer-type": "CharacterLevelTokenizer", "--vocab-file": None,
+    argv = bert_args(tmp_path, **{"--tokenizer-type": "CharacterLevelTokenizer", "--vocab-file": None,
                                   "--seq-length": 64, "--max-position-embeddings": 64, "--max-preds-per-seq": 10,
                                   "--log-dir": log_dir, "--train-iters": 30, "--lr": 3e-3, "--eval-iters": 0})
-    run_distributed(train, 1, argv)
+    run_distributed(train_bert, 1, argv)
     start, end = _falls(log_dir, "lm_loss")
     assert end < start - 0.3, (start, end)
 
@@ -224,8 +169,6 @@ def test_sentencepiece_model_is_trained_once_then_reused_and_character_level_tra
 def _tfrecords(folder, files: int, per_file: int, seq: int = 32, preds: int = 5) -> list[str]:
     """Files in Google's format whose masked tokens are predictable from their neighbours."""
     import random
-
-    from tests.test_tfrecords import write_google_bert_tfrecord
 
     rng = random.Random(0)
     paths = []
@@ -258,13 +201,13 @@ def test_tfrecords_train_with_two_data_parallel_ranks_reading_different_files(tm
     pytest.importorskip("tfrecord")
     train_files = _tfrecords(str(tmp_path), files=2, per_file=40)
     log_dir = str(tmp_path / "logs")
-    argv = base_args(tmp_path, **{"--use-tfrecords": True, "--train-data": train_files, "--split": None,
+    argv = bert_args(tmp_path, **{"--use-tfrecords": True, "--train-data": train_files, "--split": None,
                                   "--presplit-sentences": False, "--batch-size": 4, "--train-iters": 30,
                                   "--lr": 3e-3, "--eval-iters": 0, "--log-dir": log_dir})
-    run_distributed(train, 2, argv)
+    run_distributed(train_bert, 2, argv)
     start, end = _falls(log_dir, "lm_loss")
     assert end < start - 0.3, (start, end)
-    assert all("nsp_loss" in r for r in metrics(log_dir))
+    assert all("nsp_loss" in r for r in read_metrics(log_dir))
 
 
 def _run_cli(argv: list[str]) -> subprocess.CompletedProcess:
@@ -282,22 +225,22 @@ def test_corrupt_tfrecord_is_one_clear_error(tmp_path):
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    argv = base_args(tmp_path, **{"--use-tfrecords": True, "--train-data": path, "--split": None,
+    argv = bert_args(tmp_path, **{"--use-tfrecords": True, "--train-data": path, "--split": None,
                                   "--presplit-sentences": False, "--eval-iters": 0, "--train-iters": 2})
     _assert_one_line_error(_run_cli(argv), path)
 
 
 def test_tfrecords_without_max_preds_is_refused(tmp_path):
-    argv = base_args(tmp_path, **{"--use-tfrecords": True, "--max-preds-per-seq": None})
+    argv = bert_args(tmp_path, **{"--use-tfrecords": True, "--max-preds-per-seq": None})
     _assert_one_line_error(_run_cli(argv), "--max-preds-per-seq")
 
 
 def test_vocab_size_with_a_vocabulary_file_tokenizer_is_refused(tmp_path):
-    _assert_one_line_error(_run_cli(base_args(tmp_path, **{"--vocab-size": 100})), "--vocab-size")
+    _assert_one_line_error(_run_cli(bert_args(tmp_path, **{"--vocab-size": 100})), "--vocab-size")
 
 
 def test_the_gpt2_npy_loader_is_refused_for_bert(tmp_path):
-    argv = base_args(tmp_path, **{"--train-data": None, "--use-npy-data-loader": True,
+    argv = bert_args(tmp_path, **{"--train-data": None, "--use-npy-data-loader": True,
                                   "--train-data-path": str(tmp_path)})
     _assert_one_line_error(_run_cli(argv), "--use-npy-data-loader holds GPT2 token shards")
 
@@ -309,12 +252,12 @@ def test_the_gpt2_npy_loader_is_refused_for_bert(tmp_path):
                            "--cache-dir cache")
 def test_real_vocabulary_and_sample_corpus_train(tmp_path):
     log_dir = str(tmp_path / "logs")
-    argv = base_args(tmp_path, **{"--train-data": os.path.join(REAL_CACHE, "shakespeare.json"),
+    argv = bert_args(tmp_path, **{"--train-data": os.path.join(REAL_CACHE, "shakespeare.json"),
                                   "--vocab-file": None, "--cache-dir": REAL_CACHE, "--presplit-sentences": False,
                                   "--tokenizer-model-type": "bert-base-uncased", "--seq-length": 64,
                                   "--max-position-embeddings": 64, "--max-preds-per-seq": 10, "--hidden-size": 64,
                                   "--log-dir": log_dir, "--eval-iters": 1, "--split": "949,50,1"})
-    run_distributed(train, 1, argv)
-    records = metrics(log_dir)
+    run_distributed(train_bert, 1, argv)
+    records = read_metrics(log_dir)
     assert [r["iteration"] for r in records] == list(range(1, 21))
     assert all(r["lm_loss"] > 0 and r["nsp_loss"] > 0 for r in records)

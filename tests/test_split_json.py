@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from tests.cli import assert_one_line_error
-from tests.test_data_common import REPO
+from tests.helpers import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "split_json.py")
 OUTPUTS = sorted(f"{name}.json{ext}" for name in ("train", "dev", "test") for ext in ("", ".map"))

@@ -20,52 +20,11 @@ from tfrecord.writer import TFRecordWriter
 from data_utils.errors import DataError
 from data_utils.samplers import DistributedBatchSampler, make_data_loader
 from data_utils.tf_dl import TFRecordBertDataset, build_tfrecord_datasets, shard_tfrecord_files
+from tests.helpers import frame_record, serialize_example, write_google_bert_tfrecord, write_payloads
 
 S, P = 12, 4  # max_seq_length, max_predictions_per_seq of the files below
 CLS, SEP, MASK = 101, 102, 103
 KEYS = {"text", "types", "is_random", "mask", "mask_labels", "pad_mask"}
-
-
-def _masked_crc(data: bytes) -> bytes:
-    crc = crc32c.crc32c(data)
-    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-
-def frame_record(data: bytes) -> bytes:
-    """One TFRecord record: uint64 length, masked crc32c of it, data, masked crc32c of the data."""
-    length = struct.pack("<Q", len(data))
-    return length + _masked_crc(length) + data + _masked_crc(data)
-
-
-def serialize_example(record: dict[str, list]) -> bytes:
-    """A ``tf.train.Example``: ``masked_lm_weights`` as a float feature, every other feature int64."""
-    example = example_pb2.Example()
-    for name, values in record.items():
-        feature = example.features.feature[name]
-        (feature.float_list if name == "masked_lm_weights" else feature.int64_list).value.extend(values)
-    return example.SerializeToString()
-
-
-def write_payloads(path, payloads: list[bytes]) -> list[int]:
-    """Frame ``payloads`` into a TFRecord file; the byte offset of each record."""
-    offsets, blob = [], b""
-    for data in payloads:
-        offsets.append(len(blob))
-        blob += frame_record(data)
-    with open(path, "wb") as f:
-        f.write(blob)
-    return offsets
-
-
-def write_google_bert_tfrecord(path, records: list[dict[str, list]]) -> list[int]:
-    """Write ``records`` (python lists keyed by Google's feature names) as a BERT pretraining TFRecord.
-
-    Each record should hold ``input_ids``, ``input_mask``, ``segment_ids`` (max_seq_length values),
-    ``masked_lm_positions``, ``masked_lm_ids``, ``masked_lm_weights`` (max_predictions_per_seq values,
-    zero-padded, weights 0.0 on padding) and ``next_sentence_labels`` (one value, 1 = random next).
-    Returns the byte offset of each record.
-    """
-    return write_payloads(path, [serialize_example(r) for r in records])
 
 
 def google_record(tokens_a: list[int], tokens_b: list[int], masked: dict[int, int], is_random: int,

@@ -7,7 +7,6 @@ larger than the world.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -16,50 +15,26 @@ import pytest
 
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
-from tests.test_pretrain_gpt2 import _base_args, _train
-
-
-def _main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``pretrain_gpt2.py`` in this process, as its command line runs: (exit status, stdout, stderr)."""
-    import pretrain_gpt2
-    from training import run_main
-
-    try:
-        run_main(lambda: pretrain_gpt2.main(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _checksums(folder: str) -> dict[str, str]:
-    sums = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                sums[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return sums
+from tests.helpers import file_checksums, gpt2_args, run_gpt2_main, train_gpt2
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[str, str]:
     folder = tmp_path_factory.mktemp("user_errors")
     ckpt = str(folder / "ckpt")
-    run_distributed(_train, 1, _base_args(folder, **{"--save": ckpt, "--train-iters": 2, "--eval-iters": 0}))
+    run_distributed(train_gpt2, 1, gpt2_args(folder, **{"--save": ckpt, "--train-iters": 2, "--eval-iters": 0}))
     return str(folder), ckpt
 
 
 def test_a_forgotten_load_never_overwrites_another_run(trained, tmp_path, capsys):
     folder, ckpt = trained
-    before = _checksums(ckpt)
+    before = file_checksums(ckpt)
     for extra in ({}, {"--load": str(tmp_path / "elsewhere")}):
         (tmp_path / "elsewhere").mkdir(exist_ok=True)
-        code, out, err = _main(_base_args(folder, **{"--save": ckpt, "--train-iters": 1, **extra}), capsys)
+        code, out, err = run_gpt2_main(gpt2_args(folder, **{"--save": ckpt, "--train-iters": 1, **extra}), capsys)
         assert_one_line_error(code, err, f"--save {ckpt} already holds", f"--load {ckpt}", "new --save directory")
         assert "iteration        1/" not in out
-    assert _checksums(ckpt) == before
+    assert file_checksums(ckpt) == before
 
 
 def test_overwrite_checkpoints_starts_over_on_purpose(trained, tmp_path, capsys):
@@ -68,9 +43,9 @@ def test_overwrite_checkpoints_starts_over_on_purpose(trained, tmp_path, capsys)
     folder, ckpt = trained
     copy = str(tmp_path / "copy")
     shutil.copytree(ckpt, copy)
-    argv = _base_args(folder, **{"--save": copy, "--train-iters": 1, "--eval-iters": 0,
-                                 "--overwrite-checkpoints": True})
-    code, _, err = _main(argv, capsys)
+    argv = gpt2_args(folder, **{"--save": copy, "--train-iters": 1, "--eval-iters": 0,
+                                "--overwrite-checkpoints": True})
+    code, _, err = run_gpt2_main(argv, capsys)
     assert code == 0, err
     assert open(os.path.join(copy, "latest_checkpointed_iteration.txt")).read().strip() == "1"
 
@@ -88,12 +63,12 @@ def test_directory_flags_are_checked_before_any_work(trained, tmp_path, capsys):
         ({"--load": inside}, ["inside a checkpoint", f"--load {ckpt}"]),
         ({"--load": str(tmp_path / "typo")}, ["--load", "typo", "no such directory"]),
     ]
-    before = _checksums(ckpt)
+    before = file_checksums(ckpt)
     for flags, fragments in cases:
-        code, out, err = _main(_base_args(folder, **{"--train-iters": 1, **flags}), capsys)
+        code, out, err = run_gpt2_main(gpt2_args(folder, **{"--train-iters": 1, **flags}), capsys)
         assert_one_line_error(code, err, *fragments)
         assert "padded vocab" not in out, "refused before the tokenizer or model is built"
-    assert _checksums(ckpt) == before
+    assert file_checksums(ckpt) == before
     assert a_file.read_text() == "x"
 
 
@@ -102,7 +77,7 @@ def test_an_existing_read_only_save_directory_is_refused_before_training(trained
     read_only = "/sys"  # read-only even for root (permission bits are not, here)
     if not os.path.isdir(read_only) or os.access(read_only, os.W_OK) and _can_write(read_only):
         pytest.skip("no read-only directory on this machine")
-    code, out, err = _main(_base_args(folder, **{"--save": read_only, "--train-iters": 1}), capsys)
+    code, out, err = run_gpt2_main(gpt2_args(folder, **{"--save": read_only, "--train-iters": 1}), capsys)
     assert_one_line_error(code, err, f"--save {read_only}: not writable")
     assert "iteration        1/" not in out
 
@@ -135,7 +110,7 @@ def _can_write(folder: str) -> bool:
     ("--lr-decay-iters", "-3", "--lr-decay-iters must not be negative"),
 ])
 def test_numbers_that_cannot_train_are_argument_errors(tmp_path, capsys, flag, value, fragment):
-    _assert_argument_error(_base_args(tmp_path, **{flag: value}), capsys, fragment)
+    _assert_argument_error(gpt2_args(tmp_path, **{flag: value}), capsys, fragment)
 
 
 def _assert_argument_error(argv: list[str], capsys, *fragments: str) -> None:
@@ -147,16 +122,16 @@ def _assert_argument_error(argv: list[str], capsys, *fragments: str) -> None:
 
 
 def test_model_parallel_larger_than_the_world_says_how_to_launch(tmp_path, capsys):
-    _assert_argument_error(_base_args(tmp_path, **{"--model-parallel-size": 2}), capsys,
+    _assert_argument_error(gpt2_args(tmp_path, **{"--model-parallel-size": 2}), capsys,
                            "--model-parallel-size 2 needs 2 processes", "torchrun --nproc_per_node 2")
 
 
 def test_a_diverged_run_reports_nan_and_keeps_metrics_strict_json(tmp_path, capsys):
     log_dir = str(tmp_path / "logs")
     # Weights of scale 1e20 overflow the logits: every loss is inf/nan from the first step.
-    argv = _base_args(tmp_path, **{"--init-method-std": "1e20", "--train-iters": 2, "--eval-iters": 1,
-                                   "--eval-interval": 100, "--log-dir": log_dir})
-    code, out, err = _main(argv, capsys)
+    argv = gpt2_args(tmp_path, **{"--init-method-std": "1e20", "--train-iters": 2, "--eval-iters": 1,
+                                  "--eval-interval": 100, "--log-dir": log_dir})
+    code, out, err = run_gpt2_main(argv, capsys)
     assert code == 0, err
     assert "the run diverged: validation lm_loss, ppl is not finite" in out
 
@@ -176,10 +151,10 @@ def test_sequence_length_is_checked_against_the_checkpoints_positions(trained, c
     from arguments import get_args
 
     folder, ckpt = trained
-    argv = _base_args(folder, **{"--load": ckpt, "--save": ckpt, "--max-position-embeddings": None,
-                                 "--seq-length": 1024})
+    argv = gpt2_args(folder, **{"--load": ckpt, "--save": ckpt, "--max-position-embeddings": None,
+                                "--seq-length": 1024})
     assert get_args(argv).seq_length == 1024  # not refused against the default of 512
-    before = _checksums(ckpt)
-    code, _, err = _main(argv, capsys)
+    before = file_checksums(ckpt)
+    code, _, err = run_gpt2_main(argv, capsys)
     assert_one_line_error(code, err, "--seq-length 1024 exceeds --max-position-embeddings 16", ckpt)
-    assert _checksums(ckpt) == before
+    assert file_checksums(ckpt) == before

@@ -23,8 +23,15 @@ from data_utils.datasets import build_gpt2_datasets
 from data_utils.errors import DataError
 from data_utils.lazy_loader import cache_fault, load_corpus, load_sentence_corpus
 from tests.cli import assert_one_line_error
-from tests.test_data_common import ByteTokenizer, write_jsonl, write_tiny_gpt2
-from tests.test_user_errors import _checksums, _main
+from tests.helpers import (
+    ByteTokenizer,
+    file_checksums,
+    gpt2_args,
+    load_tool,
+    run_gpt2_main,
+    write_jsonl,
+    write_tiny_gpt2,
+)
 
 TEXTS = [f"document {i}. " + "It has words. " * (1 + i % 5) for i in range(40)]
 
@@ -114,11 +121,9 @@ def test_orphaned_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp
 
 
 def test_a_killed_save_is_cleaned_by_the_next_run_of_that_checkpoint(tmp_path, capsys):
-    from tests.test_pretrain_gpt2 import _base_args
-
     ckpt = tmp_path / "ckpt"
-    code, _, err = _main(_base_args(tmp_path, **{"--save": str(ckpt), "--train-iters": 2, "--eval-iters": 0}),
-                         capsys)
+    code, _, err = run_gpt2_main(gpt2_args(tmp_path, **{"--save": str(ckpt), "--train-iters": 2, "--eval-iters": 0}),
+                                 capsys)
     assert code == 0, err
     rank_dir = ckpt / "iter_0000002" / "mp_rank_00"
     orphan = rank_dir / os.path.basename(temporary_path(str(rank_dir / "model_optim_rng.pt"))).replace(
@@ -127,8 +132,8 @@ def test_a_killed_save_is_cleaned_by_the_next_run_of_that_checkpoint(tmp_path, c
     tracker_orphan = ckpt / os.path.basename(temporary_path(str(ckpt / "latest_checkpointed_iteration.txt"))
                                              ).replace(f".{os.getpid()}.", f".{_dead_pid()}.")
     tracker_orphan.write_text("3")
-    code, out, err = _main(_base_args(tmp_path, **{"--save": str(ckpt), "--load": str(ckpt), "--train-iters": 3,
-                                                   "--eval-iters": 0}), capsys)
+    code, out, err = run_gpt2_main(gpt2_args(tmp_path, **{"--save": str(ckpt), "--load": str(ckpt), "--train-iters": 3,
+                                                          "--eval-iters": 0}), capsys)
     assert code == 0, err
     assert not orphan.exists() and not tracker_orphan.exists()
     assert f"removed {orphan}" in out and "killed" in out
@@ -136,8 +141,6 @@ def test_a_killed_save_is_cleaned_by_the_next_run_of_that_checkpoint(tmp_path, c
 
 
 def test_an_empty_corpus_names_its_file(tmp_path, capsys):
-    from tests.test_pretrain_gpt2 import _base_args
-
     empty, blank, texts = tmp_path / "empty.json", tmp_path / "blank.json", tmp_path / "texts.json"
     empty.write_text("")
     blank.write_text("\n  \n\n")
@@ -145,9 +148,9 @@ def test_an_empty_corpus_names_its_file(tmp_path, capsys):
     for path, what in ((empty, "is empty"), (blank, "holds only blank lines"), (texts, "empty texts")):
         for lazy in (False, True):
             cache = tmp_path / f"cache_{path.stem}_{lazy}"
-            argv = _base_args(tmp_path, **{"--train-data": str(path), "--train-iters": 1, "--lazy-loader": lazy,
-                                           "--cache-dir": str(cache)})
-            code, _, err = _main(argv, capsys)
+            argv = gpt2_args(tmp_path, **{"--train-data": str(path), "--train-iters": 1, "--lazy-loader": lazy,
+                                          "--cache-dir": str(cache)})
+            code, _, err = run_gpt2_main(argv, capsys)
             assert_one_line_error(code, err, f"corpus {path}", what)
             assert "--train-data (and" not in err  # not the misleading "no training data"
     with pytest.raises(DataError, match="valid.json is empty"):
@@ -211,7 +214,7 @@ def test_json_errors_read_as_one_sentence(tmp_path):
 
 
 def _fetch(argv, capsys) -> tuple[int, str, str]:
-    from tests.test_data_fetch import fetch
+    fetch = load_tool("fetch_sample_data")
 
     try:
         fetch.main(argv)
@@ -226,11 +229,11 @@ def _fetch(argv, capsys) -> tuple[int, str, str]:
 
 def test_fetch_tool_leaves_a_foreign_vocabulary_alone_and_says_how_to_replace_it(tmp_path, capsys):
     vocab, merges = write_tiny_gpt2(str(tmp_path), "gpt2-vocab.json", "gpt2-merges.txt")  # not GPT-2's
-    before = _checksums(str(tmp_path))
+    before = file_checksums(str(tmp_path))
     code, _, err = _fetch(["--cache-dir", str(tmp_path), "--skip-bert"], capsys)  # fails before any download
     assert_one_line_error(code, err, f"{vocab} and {merges} are already there but are not GPT-2's vocabulary",
                           "left as they are", "--force")
-    assert _checksums(str(tmp_path)) == before
+    assert file_checksums(str(tmp_path)) == before
     (tmp_path / "gpt2-merges.txt").write_text("#version: 0.2\nnot a merge line\n")
     code, _, err = _fetch(["--cache-dir", str(tmp_path), "--skip-bert"], capsys)
     assert_one_line_error(code, err, "gpt2-merges.txt:2: expected two tokens", "--force")

@@ -24,7 +24,14 @@ import torch
 from data_utils import build_gpt2_datasets
 from data_utils.lazy_loader import cache_folder, load_corpus
 from data_utils.tokenization import GPT2_EOD_TOKEN, make_tokenizer
-from tests.test_data_common import TINY_MERGES, gpt2_byte_chars, write_jsonl
+from tests.helpers import (
+    SMALL_WORDPIECE_VOCAB,
+    TINY_MERGES,
+    gpt2_byte_chars,
+    write_jsonl,
+    write_syllable_corpus,
+    write_wordpiece_vocab,
+)
 
 EOD = 256  # right after the byte tokens, before the merges: not 0 and not vocab_size - 1
 TEXTS = ["the cat", "hello world", "", "or the", "the world the world", "he"]
@@ -129,20 +136,17 @@ def test_lazy_cache_is_rebuilt_when_the_merges_change_in_place(tmp_path):
 
 
 def test_wordpiece_identity_changes_when_the_vocabulary_is_rewritten_in_place(tmp_path):
-    from tests.test_bert_tokenizers import SMALL_VOCAB, write_vocab
-
-    path = write_vocab(tmp_path / "vocab.txt")
+    path = write_wordpiece_vocab(tmp_path / "vocab.txt")
     before = make_tokenizer("BertWordPieceTokenizer", vocab_file=path)
-    write_vocab(tmp_path / "vocab.txt", [*SMALL_VOCAB[:5], SMALL_VOCAB[6], SMALL_VOCAB[5], *SMALL_VOCAB[7:]])
+    write_wordpiece_vocab(tmp_path / "vocab.txt", [*SMALL_WORDPIECE_VOCAB[:5], SMALL_WORDPIECE_VOCAB[6],
+                                                   SMALL_WORDPIECE_VOCAB[5], *SMALL_WORDPIECE_VOCAB[7:]])
     after = make_tokenizer("BertWordPieceTokenizer", vocab_file=path)
     assert after.encode("hello world") != before.encode("hello world")  # hello and world swapped ids
     assert after.identity != before.identity
 
 
 def test_sentencepiece_identity_follows_the_model_file(tmp_path):
-    from tests.test_bert_tokenizers import write_corpus
-
-    corpus = write_corpus(tmp_path / "corpus.json")
+    corpus = write_syllable_corpus(tmp_path / "corpus.json")
     a = make_tokenizer("SentencePieceTokenizer", tokenizer_path=str(tmp_path / "a.model"), vocab_size=60,
                        train_files=[corpus], model_type="char")
     b = make_tokenizer("SentencePieceTokenizer", tokenizer_path=str(tmp_path / "b.model"), vocab_size=80,

@@ -19,7 +19,7 @@ import torch
 import mpu
 from model import GPT2Model, TransformerConfig
 from model.distributed import unwrap_model
-from tests.test_pretrain_gpt2 import _base_args
+from tests.helpers import gpt2_args
 
 CONFIG = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
                            max_sequence_length=16, hidden_dropout=0.5, attention_dropout=0.5)
@@ -91,8 +91,8 @@ def _pretrain_recording(argv: list[str], log: list) -> dict:
 
 def test_pretrain_validates_in_eval_mode_and_trains_in_train_mode(tmp_path):
     log: list = []
-    argv = _base_args(tmp_path, **{"--train-iters": 4, "--eval-interval": 2, "--eval-iters": 1,
-                                   "--hidden-dropout": 0.1, "--attention-dropout": 0.1})
+    argv = gpt2_args(tmp_path, **{"--train-iters": 4, "--eval-interval": 2, "--eval-iters": 1,
+                                  "--hidden-dropout": 0.1, "--attention-dropout": 0.1})
     results = _pretrain_recording(argv, log)
     assert results["iteration"] == 4 and "valid" in results and "test" in results
     train = [modes for modes, grad in log if grad]
@@ -123,7 +123,7 @@ def test_weight_decay_groups_exclude_exactly_biases_and_layernorms(single_proces
     from training import setup_model_and_optimizer
 
     module = importlib.import_module(entry)
-    argv = _base_args(tmp_path, **{"--weight-decay": 0.03, **flags})
+    argv = gpt2_args(tmp_path, **{"--weight-decay": 0.03, **flags})
     args = get_args(argv, defaults=getattr(module, "BERT_DEFAULTS", None))
     mpu.model_parallel_cuda_manual_seed(1)
     model, optimizer, _ = setup_model_and_optimizer(args, module.model_provider, 320, torch.device("cpu"))

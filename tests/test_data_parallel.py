@@ -18,7 +18,7 @@ import mpu
 from model import GPT2Model, TransformerConfig
 from model.distributed import DistributedDataParallel
 from tests.distributed import run_distributed
-from tests.test_pretrain_gpt2 import _base_args, _losses
+from tests.helpers import gpt2_args, gpt2_losses, train_gpt2
 
 CONFIG = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
                            max_sequence_length=16, hidden_dropout=0.0, attention_dropout=0.0)
@@ -90,16 +90,15 @@ def test_local_ddp_averages_every_gradient_over_the_data_parallel_group_in_many_
 
 def _resume_worker(runs: list[list[str]], logs: dict[str, str]) -> dict:
     """An unbroken run, then the same run stopped at iteration 4 and resumed, in one process group."""
-    from tests.test_pretrain_gpt2 import _train
 
     unbroken, first, second = runs
-    _train(unbroken)
-    stopped = _train(first)
-    _train(second)
+    train_gpt2(unbroken)
+    stopped = train_gpt2(first)
+    train_gpt2(second)
     assert mpu.get_data_parallel_world_size() == 2 and mpu.get_model_parallel_world_size() == 1
     if dist.get_rank() != 0:
         return {}
-    return {"unbroken": _losses(logs["unbroken"]), "resumed": _losses(logs["resumed"]),
+    return {"unbroken": gpt2_losses(logs["unbroken"]), "resumed": gpt2_losses(logs["resumed"]),
             "stopped_at": stopped["iteration"]}
 
 
@@ -109,9 +108,9 @@ def test_resume_dataloader_at_data_parallel_2_matches_an_unbroken_run_bitwise(tm
     logs = {name: str(tmp_path / name) for name in ("unbroken", "resumed")}
     ckpt = str(tmp_path / "ckpt")
     runs = [  # written here, once: the ranks only read the corpus and vocabulary files
-        _base_args(tmp_path, **common, **{"--log-dir": logs["unbroken"]}),
-        _base_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 4, "--log-dir": logs["resumed"]}),
-        _base_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt, "--log-dir": logs["resumed"]}),
+        gpt2_args(tmp_path, **common, **{"--log-dir": logs["unbroken"]}),
+        gpt2_args(tmp_path, **common, **{"--save": ckpt, "--exit-interval": 4, "--log-dir": logs["resumed"]}),
+        gpt2_args(tmp_path, **common, **{"--save": ckpt, "--load": ckpt, "--log-dir": logs["resumed"]}),
     ]
     result = run_distributed(_resume_worker, 2, runs, logs)[0]
     expected, got = result["unbroken"], result["resumed"]

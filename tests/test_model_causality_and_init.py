@@ -19,7 +19,7 @@ import torch
 import mpu
 from model import GPT2Model, TransformerConfig
 from tests.distributed import run_distributed
-from tests.test_pretrain_gpt2 import _base_args
+from tests.helpers import gpt2_args
 
 SEQ, CUT = 12, 5  # tokens after position CUT are changed; logits at positions <= CUT must not move
 # The cut inside the prompt that fills the cache, or inside a chunk of several tokens after a cache.
@@ -123,8 +123,8 @@ def test_gpt2_initialisation_scales(single_process_group, tmp_path):
     import pretrain_gpt2
     from arguments import get_args
 
-    argv = _base_args(tmp_path, **{"--num-layers": LAYERS, "--hidden-size": 256, "--num-attention-heads": 4,
-                                   "--seq-length": 64, "--max-position-embeddings": 64, "--init-method-std": STD})
+    argv = gpt2_args(tmp_path, **{"--num-layers": LAYERS, "--hidden-size": 256, "--num-attention-heads": 4,
+                                  "--seq-length": 64, "--max-position-embeddings": 64, "--init-method-std": STD})
     mpu.model_parallel_cuda_manual_seed(1)
     model = pretrain_gpt2.model_provider(get_args(argv), 512)
     normal = _check_init(model, STD, scaled_outputs=True)
@@ -140,9 +140,9 @@ def test_bert_entry_point_initialisation_scales(single_process_group, tmp_path, 
     import pretrain_bert
     from arguments import get_args
 
-    argv = _base_args(tmp_path, **{"--num-layers": LAYERS, "--hidden-size": 256, "--num-attention-heads": 4,
-                                   "--seq-length": 64, "--max-position-embeddings": 64, "--init-method-std": STD,
-                                   "--deep-init": deep_init})
+    argv = gpt2_args(tmp_path, **{"--num-layers": LAYERS, "--hidden-size": 256, "--num-attention-heads": 4,
+                                  "--seq-length": 64, "--max-position-embeddings": 64, "--init-method-std": STD,
+                                  "--deep-init": deep_init})
     mpu.model_parallel_cuda_manual_seed(1)
     model = pretrain_bert.model_provider(get_args(argv, defaults=pretrain_bert.BERT_DEFAULTS), 512)
     normal = _check_init(model, STD, scaled_outputs=deep_init)
