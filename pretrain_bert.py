@@ -85,10 +85,20 @@ def forward_step_provider(args, tokenizer, device: torch.device):
     return forward_step
 
 
-def main() -> None:
-    args = get_args(description="BERT pretraining", defaults=FLAG_DEFAULTS)
-    results = pretrain(args, model_provider, data_provider, forward_step_provider,
-                       model_defaults={**BERT_DEFAULTS, "scaled_init": args.deep_init})
+def model_defaults(args) -> dict:
+    """The model settings BERT uses where neither a flag nor a checkpoint decides (``model.BERT_DEFAULTS``,
+    and ``--deep-init``'s scaled initialization)."""
+    return {**BERT_DEFAULTS, "scaled_init": args.deep_init}
+
+
+def run(args) -> dict:
+    """Pretrain BERT on ``args`` (from ``get_args(defaults=FLAG_DEFAULTS)``); the run's results."""
+    return pretrain(args, model_provider, data_provider, forward_step_provider, model_defaults(args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args(argv, description="BERT pretraining", defaults=FLAG_DEFAULTS)
+    results = run(args)
     print_run_summary(results, lambda v: f"validation lm loss {v['lm_loss']:.4f}, nsp loss {v['nsp_loss']:.4f}")
 
 

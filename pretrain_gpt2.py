@@ -45,9 +45,14 @@ def forward_step_provider(args, tokenizer, device: torch.device):
                              args.eod_mask_loss)
 
 
+def run(args) -> dict:
+    """Pretrain GPT2 on ``args`` (from ``get_args``); the run's results."""
+    return pretrain(args, model_provider, data_provider, forward_step_provider)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = get_args(argv, description="GPT2 pretraining")
-    results = pretrain(args, model_provider, data_provider, forward_step_provider)
+    results = run(args)
     print_run_summary(results, lambda valid: f"validation perplexity {valid['ppl']:.2f}")
 
 

@@ -83,7 +83,7 @@ def tokenizer_spec(cache_dir: str, folder: str) -> tuple[dict, str]:
     """``make_tokenizer`` arguments and a description: the real GPT-2 files if present, else the tiny table."""
     vocab, merges = os.path.join(cache_dir, GPT2_VOCAB_NAME), os.path.join(cache_dir, GPT2_MERGES_NAME)
     if not (os.path.isfile(vocab) and os.path.isfile(merges)):
-        from tests.test_data_common import write_tiny_gpt2
+        from tests.helpers import write_tiny_gpt2
 
         vocab, merges = write_tiny_gpt2(folder)
         what = "the tests' tiny GPT-2 table (no gpt2-vocab.json in --cache-dir)"

@@ -268,14 +268,11 @@ def gpt2_args(folder, **overrides) -> list[str]:
 
 
 def train_gpt2(argv: list[str]) -> dict:
-    """``training.pretrain`` of pretrain_gpt2 on ``argv`` in this process; its results."""
+    """``pretrain_gpt2.run`` on ``argv`` in this process; its results."""
     import pretrain_gpt2
     from arguments import get_args
-    from training import pretrain
 
-    args = get_args(argv)
-    return pretrain(args, pretrain_gpt2.model_provider, pretrain_gpt2.data_provider,
-                    pretrain_gpt2.forward_step_provider)
+    return pretrain_gpt2.run(get_args(argv))
 
 
 def run_gpt2_cli(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -287,7 +284,7 @@ def run_gpt2_cli(argv: list[str], env: dict | None = None) -> subprocess.Complet
 def run_gpt2_main(argv: list[str], capsys) -> tuple[int, str, str]:
     """``pretrain_gpt2.py`` in this process, as its command line runs: (exit status, stdout, stderr)."""
     import pretrain_gpt2
-    from training import run_main
+    from initialize import run_main
 
     try:
         run_main(lambda: pretrain_gpt2.main(argv))
@@ -355,14 +352,11 @@ def bert_args(folder, **overrides) -> list[str]:
 
 
 def train_bert(argv: list[str]) -> dict:
-    """``training.pretrain`` of pretrain_bert (with its BERT_DEFAULTS) on ``argv`` in this process; its results."""
+    """``pretrain_bert.run`` (with its flag defaults) on ``argv`` in this process; its results."""
     import pretrain_bert
     from arguments import get_args
-    from training import pretrain
 
-    args = get_args(argv, defaults=pretrain_bert.BERT_DEFAULTS)
-    return pretrain(args, pretrain_bert.model_provider, pretrain_bert.data_provider,
-                    pretrain_bert.forward_step_provider)
+    return pretrain_bert.run(get_args(argv, defaults=pretrain_bert.FLAG_DEFAULTS))
 
 
 def bert_losses(log_dir) -> dict[int, tuple[float, float]]:

@@ -245,10 +245,8 @@ def test_pretrain_gpt2_from_a_blend_trains_resumes_exactly_and_refuses_bad_blend
 def _pretrain_gpt2(argv: list[str]) -> dict:
     import pretrain_gpt2
     from arguments import get_args
-    from training import pretrain
 
-    results = pretrain(get_args(argv), pretrain_gpt2.model_provider, pretrain_gpt2.data_provider,
-                       pretrain_gpt2.forward_step_provider)
+    results = pretrain_gpt2.run(get_args(argv))
     return {"valid": {k: float(v) for k, v in results["valid"].items()}}
 
 
@@ -322,17 +320,18 @@ def test_trailing_eod_is_found_by_a_sample_and_a_mixed_sample_checks_every_docum
 def test_the_training_loop_reads_a_presampled_blend_in_its_own_order(single_process_group):
     import argparse
 
-    import training
+    from restore import TrainState
+    from training import build_data_iterators
 
     blend = BlendedDataset([[{"text": np.array([i])} for i in range(10)]], np.zeros(40, dtype=np.int16),
                            np.arange(40) % 10)
     args = argparse.Namespace(batch_size=4, seed=1, num_workers=0, shuffle=True, eval_iters=0)
-    state = training.TrainState()
-    train, _, _ = training._loaders(args, (blend, None, None), state)
+    state = TrainState()
+    train, _, _ = build_data_iterators(args, (blend, None, None), state)
     first = [next(train)["text"].flatten().tolist() for _ in range(3)]
     assert first == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]  # not reshuffled by the sampler
     plain = [{"text": np.array([i])} for i in range(40)]
-    train, _, _ = training._loaders(args, (plain, None, None), state)
+    train, _, _ = build_data_iterators(args, (plain, None, None), state)
     assert next(train)["text"].flatten().tolist() != [0, 1, 2, 3]  # an ordinary dataset is shuffled
 
 

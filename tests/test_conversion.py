@@ -30,7 +30,7 @@ def _tool(name: str):
 
 def _run_tool(name: str, argv: list[str], capsys=None) -> tuple[int, str, str]:
     """Run a tool's main like its command line does: (exit status, stdout, stderr)."""
-    from training import run_main
+    from initialize import run_main
 
     tool = _tool(name)
     try:
@@ -559,20 +559,20 @@ def hf_tiny_bpe(tmp_path_factory) -> dict:
 
 
 def _inference_logits(argv: list[str]) -> tuple[tuple, np.ndarray]:
-    from inference import load_gpt2_for_inference
-
-    from arguments import get_args
+    from arguments import distributed_settings, get_args
     from data_utils import make_tokenizer
-    from training import initialize_distributed
+    from initialize import initialize_distributed
+    from restore import load_gpt2_for_inference
 
     args = get_args(argv)
-    device = initialize_distributed(args)
+    device = initialize_distributed(**distributed_settings(args))
     tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir)
-    model, _ = load_gpt2_for_inference(args, tokenizer, device, parallel_output=False)
+    model, loaded = load_gpt2_for_inference(args, tokenizer, device, parallel_output=False)
     tokens = torch.arange(10).unsqueeze(0) * 7 % tokenizer.vocab_size
     with torch.no_grad():
         logits = model(tokens, torch.arange(10).unsqueeze(0))
-    return (args.num_layers, args.hidden_size, args.num_attention_heads), logits[..., :tokenizer.vocab_size].numpy()
+    shape = (loaded.config.num_layers, loaded.config.hidden_size, loaded.config.num_attention_heads)
+    return shape, logits[..., :tokenizer.vocab_size].numpy()
 
 
 @pytest.mark.parametrize("mp", [1, 2])

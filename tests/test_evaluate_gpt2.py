@@ -190,10 +190,8 @@ def _train_argv(data: dict[str, str], mp: int, save: str) -> list[str]:
 def _train(argv: list[str]) -> None:
     import pretrain_gpt2
     from arguments import get_args
-    from training import pretrain
 
-    pretrain(get_args(argv), pretrain_gpt2.model_provider, pretrain_gpt2.data_provider,
-             pretrain_gpt2.forward_step_provider)
+    pretrain_gpt2.run(get_args(argv))
 
 
 class _GroupOfOne:
@@ -224,7 +222,7 @@ def _eval_argv(data: dict[str, str], *flags: str, ckpt: str | None = None) -> li
 
 def _evaluate(data: dict[str, str], *flags: str, results: str | None = None) -> dict:
     """Run evaluate_gpt2's entry point in this process; the results file's contents."""
-    from training import run_main
+    from initialize import run_main
 
     results = results or os.path.join(data["folder"], "results.json")
     run_main(lambda: evaluate_gpt2.main(_eval_argv(data, *flags, "--results-file", results)))
@@ -233,7 +231,7 @@ def _evaluate(data: dict[str, str], *flags: str, results: str | None = None) -> 
 
 
 def _loaded_model(data: dict[str, str]):
-    from inference import load_gpt2_for_inference
+    from restore import load_gpt2_for_inference
 
     tokenizer = make_tokenizer("GPT2BPETokenizer", data["vocab"], data["merges"])
     args = evaluate_gpt2.parse_args(_eval_argv(data))
@@ -386,7 +384,7 @@ def test_cli_mistakes_fail_with_one_line(tiny, tmp_path, case):
 
 def _fails_in_process(data: dict[str, str], capsys, *flags: str) -> str:
     """Run the entry point expecting a user error; its stderr."""
-    from training import run_main
+    from initialize import run_main
 
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: evaluate_gpt2.main(_eval_argv(data, *flags)))

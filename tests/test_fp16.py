@@ -333,12 +333,13 @@ def _setup(tmp_path, **flags):
     """The model, optimizer and scheduler ``training.pretrain`` builds for these flags (a group of one)."""
     import pretrain_gpt2
     from arguments import get_args
+    from restore import decide_model_config
     from training import setup_model_and_optimizer
 
     args = get_args(gpt2_args(tmp_path, **flags))
     mpu.model_parallel_cuda_manual_seed(args.seed)
-    model, optimizer, scheduler = setup_model_and_optimizer(args, pretrain_gpt2.model_provider, 320,
-                                                            torch.device("cpu"))
+    model, optimizer, scheduler = setup_model_and_optimizer(args, pretrain_gpt2.model_provider,
+                                                            decide_model_config(args, 300), torch.device("cpu"))
     return args, model, optimizer, scheduler
 
 

@@ -57,7 +57,7 @@ def _load(folder, ckpt):
     """(model, tokenizer) from ``ckpt``; call inside a process group."""
     from arguments import get_args
     from data_utils import make_tokenizer
-    from inference import load_gpt2_for_inference
+    from restore import load_gpt2_for_inference
 
     args = get_args(_argv(folder, ckpt))
     tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
@@ -309,9 +309,20 @@ def test_a_run_failing_mid_way_leaves_no_partial_output(single_process_group, tr
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--temperature", "0"], "--temperature"),
-    (["--top_p", "1.5"], "--top_p"),
-    (["--top_k", "-1"], "--top_k"),
+    (["--temperature", "0"], "--temperature must be above 0"),
+    (["--top_p", "1.5"], "--top_p is a probability"),
+    (["--top_k", "-1"], "--top_k must not be negative"),
+])
+def test_bad_sampling_flags_are_refused_while_parsing(flags, fragment, capsys):
+    import generate_samples
+
+    with pytest.raises(SystemExit) as exit_info:
+        generate_samples.main(["--load", "unused", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flags, fragment", [
     (["--out-seq-length", "0"], "--out-seq-length"),
     (["--num-samples", "2", "--sample-input-file", "x.txt"], "not both"),
     (["--sample-output-file", "x.jsonl"], "needs --sample-input-file"),
@@ -443,7 +454,7 @@ def test_generate_text_sh_defaults_to_the_cpu_sample_checkpoint(tmp_path, monkey
     assert args.load == "checkpoints/gpt2_cpu_sample" and args.tokenizer_type == "GPT2BPETokenizer"
     assert (args.temperature, args.top_k, args.top_p, args.greedy) == (0.9, 0, 0.9, False)
     assert args.out_seq_length == 256 and args.cache_dir == "cache" and args.model_parallel_size == 1
-    assert not {"num_layers", "hidden_size", "num_attention_heads"} & args.explicit_flags  # shape from the checkpoint
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (None, None, None)  # the checkpoint's
     assert args.log_interval == 7  # extra flags are appended
 
 

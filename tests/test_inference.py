@@ -11,16 +11,16 @@ from tests.helpers import gpt2_args, train_gpt2
 
 def _load_each(argvs: list[list[str]]) -> list[tuple[str, object]]:
     """Load ``--load`` with each argv in turn; ("ok", what came back) or ("error", the message)."""
-    from arguments import get_args
-    from checkpointing import CheckpointError
+    from arguments import distributed_settings, get_args
     from data_utils import make_tokenizer
-    from inference import load_gpt2_for_inference
-    from training import initialize_distributed
+    from errors import CheckpointError
+    from initialize import initialize_distributed
+    from restore import load_gpt2_for_inference
 
     results = []
     for argv in argvs:
         args = get_args(argv)
-        device = initialize_distributed(args)
+        device = initialize_distributed(**distributed_settings(args))
         tokenizer = make_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.cache_dir)
         try:
             model, loaded = load_gpt2_for_inference(args, tokenizer, device)
@@ -30,7 +30,8 @@ def _load_each(argvs: list[list[str]]) -> list[tuple[str, object]]:
         tokens = torch.arange(8).unsqueeze(0) % tokenizer.vocab_size
         with torch.no_grad():
             logits = model(tokens, torch.arange(8).unsqueeze(0))
-        results.append(("ok", (loaded.iteration, args.num_layers, args.hidden_size, model.training, logits)))
+        shape = (loaded.config.num_layers, loaded.config.hidden_size)
+        results.append(("ok", (loaded.iteration, *shape, model.training, logits)))
     return results
 
 

@@ -19,6 +19,7 @@ LAUNCHERS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "sc
 @pytest.mark.parametrize("script", LAUNCHERS)
 def test_launcher_flags_parse_and_extra_flags_are_appended(tmp_path, monkeypatch, script):
     from arguments import get_args
+    from restore import decide_model_config
 
     calls = [argv for argv in recorded_launcher_calls(tmp_path, script) if any(a.startswith("pretrain_") for a in argv)]
     assert len(calls) == 1, calls
@@ -30,7 +31,7 @@ def test_launcher_flags_parse_and_extra_flags_are_appended(tmp_path, monkeypatch
         world = int(argv[argv.index("--nproc_per_node") + 1]) * int(argv[argv.index("--nnodes") + 1])
         monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # GPU launchers ask for nccl and fp16
-    args = get_args(flags, defaults=getattr(module, "BERT_DEFAULTS", None))
+    args = get_args(flags, defaults=getattr(module, "FLAG_DEFAULTS", None))
     assert args.log_interval == 7, "flags given to the launcher must reach the entry point"
     if "model_parallel" in script:
         assert args.model_parallel_size == 2 and args.data_parallel_size == 4
@@ -38,7 +39,8 @@ def test_launcher_flags_parse_and_extra_flags_are_appended(tmp_path, monkeypatch
         assert args.use_tfrecords and args.train_data == ["a.tfrecord", "b.tfrecord"]
         assert args.valid_data == ["v.tfrecord"]
     if "bert" in script:
-        assert args.max_preds_per_seq is not None and args.layernorm_epsilon == 1e-12
+        config = decide_model_config(args, 30522, model_defaults=module.model_defaults(args))
+        assert args.max_preds_per_seq is not None and config.layernorm_epsilon == 1e-12
 
 
 def test_every_bert_and_gpt2_launcher_is_covered():

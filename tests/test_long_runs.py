@@ -150,7 +150,7 @@ def _train_with_nan(argv: list[str], nan_rank: int, nan_calls: set[int], gradien
     try:
         results = pretrain(args, pretrain_gpt2.model_provider, pretrain_gpt2.data_provider, provider)
     except Exception as err:  # noqa: BLE001 - the test wants the message on every rank
-        return {"error": f"{type(err).__name__}: {err}", "agreed": getattr(err, "agreed", False)}
+        return {"error": f"{type(err).__name__}: {err}", "agreed": getattr(err, "every_rank", False)}
     return results
 
 
@@ -282,16 +282,14 @@ def _setup_fails_on_rank_1(argv: list[str]) -> dict:
 
     import pretrain_gpt2
     from arguments import get_args
-    from training import pretrain
 
-    args = get_args(argv)
     if dist.get_rank() == 1:  # this node cannot see the checkpoint directory as a directory
-        args.save = args.train_data[0]
+        argv = list(argv)
+        argv[argv.index("--save") + 1] = argv[argv.index("--train-data") + 1]
     try:
-        pretrain(args, pretrain_gpt2.model_provider, pretrain_gpt2.data_provider,
-                 pretrain_gpt2.forward_step_provider)
+        pretrain_gpt2.run(get_args(argv))
     except Exception as err:  # noqa: BLE001
-        return {"error": str(err), "agreed": getattr(err, "agreed", False)}
+        return {"error": str(err), "agreed": getattr(err, "every_rank", False)}
     return {}
 
 

@@ -122,11 +122,12 @@ def _check_init(model, std: float, scaled_outputs: bool) -> list[str]:
 def test_gpt2_initialisation_scales(single_process_group, tmp_path):
     import pretrain_gpt2
     from arguments import get_args
+    from restore import decide_model_config
 
     argv = gpt2_args(tmp_path, **{"--num-layers": LAYERS, "--hidden-size": 256, "--num-attention-heads": 4,
                                   "--seq-length": 64, "--max-position-embeddings": 64, "--init-method-std": STD})
     mpu.model_parallel_cuda_manual_seed(1)
-    model = pretrain_gpt2.model_provider(get_args(argv), 512)
+    model = pretrain_gpt2.model_provider(decide_model_config(get_args(argv), 512))
     normal = _check_init(model, STD, scaled_outputs=True)
     # Every kind of weight was looked at: embeddings, both input projections, both residual outputs.
     for part in ("word_embeddings", "position_embeddings", "query_key_value.weight", "dense_h_to_4h.weight",
@@ -139,12 +140,15 @@ def test_gpt2_initialisation_scales(single_process_group, tmp_path):
 def test_bert_entry_point_initialisation_scales(single_process_group, tmp_path, deep_init):
     import pretrain_bert
     from arguments import get_args
+    from restore import decide_model_config
 
     argv = gpt2_args(tmp_path, **{"--num-layers": LAYERS, "--hidden-size": 256, "--num-attention-heads": 4,
                                   "--seq-length": 64, "--max-position-embeddings": 64, "--init-method-std": STD,
                                   "--deep-init": deep_init})
     mpu.model_parallel_cuda_manual_seed(1)
-    model = pretrain_bert.model_provider(get_args(argv, defaults=pretrain_bert.BERT_DEFAULTS), 512)
+    args = get_args(argv, defaults=pretrain_bert.FLAG_DEFAULTS)
+    config = decide_model_config(args, 512, model_defaults=pretrain_bert.model_defaults(args))
+    model = pretrain_bert.model_provider(config)
     normal = _check_init(model, STD, scaled_outputs=deep_init)
     for part in ("tokentype_embeddings", "pooler.weight", "nsp_head.weight", "lm_head.dense.weight",
                  *RESIDUAL_OUTPUTS):

@@ -40,10 +40,11 @@ def _forward_step_against_direct_computation(folder: str) -> tuple[float, float,
     import pretrain_bert
     from arguments import get_args
     from data_utils import build_bert_datasets, make_tokenizer
+    from restore import decide_model_config
 
     mpu.initialize_model_parallel(1)
     args = get_args(bert_args(folder, **{"--hidden-size": 32, "--seq-length": 48,
-                                         "--max-position-embeddings": 48}), defaults=pretrain_bert.BERT_DEFAULTS)
+                                         "--max-position-embeddings": 48}), defaults=pretrain_bert.FLAG_DEFAULTS)
     tokenizer = make_tokenizer("BertWordPieceTokenizer", args.vocab_file)
     train_set = build_bert_datasets(args.train_data, None, None, "1", 48, 5, tokenizer, False, None, 5,
                                     presplit_sentences=True)[0]
@@ -52,7 +53,8 @@ def _forward_step_against_direct_computation(folder: str) -> tuple[float, float,
     assert batch["pad_mask"].any(), "the batch must hold padding for this test to mean anything"
     torch.manual_seed(0)
     mpu.model_parallel_cuda_manual_seed(0)
-    model = pretrain_bert.model_provider(args, 128)
+    model = pretrain_bert.model_provider(decide_model_config(args, tokenizer.vocab_size,
+                                                             model_defaults=pretrain_bert.model_defaults(args)))
     model.eval()
     loss, metrics = pretrain_bert.forward_step_provider(args, tokenizer, torch.device("cpu"))(batch, model)
     # The reference: logits at every position, real tokens attended to, labels read where mask is 1.

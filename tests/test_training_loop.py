@@ -120,13 +120,16 @@ def test_weight_decay_groups_exclude_exactly_biases_and_layernorms(single_proces
 
     from arguments import get_args
     from model import optimizer_param_groups
+    from restore import decide_model_config
     from training import setup_model_and_optimizer
 
     module = importlib.import_module(entry)
     argv = gpt2_args(tmp_path, **{"--weight-decay": 0.03, **flags})
-    args = get_args(argv, defaults=getattr(module, "BERT_DEFAULTS", None))
+    args = get_args(argv, defaults=getattr(module, "FLAG_DEFAULTS", None))
+    defaults = module.model_defaults(args) if hasattr(module, "model_defaults") else None
+    config = decide_model_config(args, 300, model_defaults=defaults)
     mpu.model_parallel_cuda_manual_seed(1)
-    model, optimizer, _ = setup_model_and_optimizer(args, module.model_provider, 320, torch.device("cpu"))
+    model, optimizer, _ = setup_model_and_optimizer(args, module.model_provider, config, torch.device("cpu"))
     names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
     assert sum(n.endswith("bias") for n in names.values()) >= 8 and sum("layernorm" in n for n in names.values()) >= 8
     # optimizer_param_groups on the wrapped model (the names carry the wrappers' prefixes).
