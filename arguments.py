@@ -17,6 +17,7 @@ import torch
 from atomic import temporary_path
 from data_utils.corpora import set_delimiter
 from errors import ArgumentError
+from microbatches import BatchSchedule
 
 
 class Arguments(argparse.Namespace):
@@ -120,7 +121,16 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training", "optimisation and schedule")
-    group.add_argument("--batch-size", type=int, default=4, help="micro-batch size per data-parallel rank")
+    group.add_argument("--micro-batch-size", "--batch-size", dest="micro_batch_size", type=int, default=4,
+                       help="samples per forward pass on each data-parallel rank (--batch-size is the 2019 name)")
+    group.add_argument("--global-batch-size", type=int, default=None,
+                       help="samples per optimiser step over all ranks (default: micro-batch size x data-parallel "
+                            "size); the rest is gradient accumulation over global / (micro x data-parallel) "
+                            "micro-batches")
+    group.add_argument("--rampup-batch-size", type=int, nargs=3, default=None,
+                       metavar=("START", "INCREMENT", "SAMPLES"),
+                       help="grow the global batch from START by INCREMENT in equal steps over the first SAMPLES "
+                            "samples, up to --global-batch-size")
     group.add_argument("--train-iters", type=int, default=1000000, help="total training iterations")
     group.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     group.add_argument("--min-lr", type=float, default=0.0, help="floor of the decayed learning rate")
@@ -263,6 +273,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                             "position count)")
     group.add_argument("--max-preds-per-seq", type=int, default=None,
                        help="BERT: at most this many masked tokens per sample (required with --use-tfrecords)")
+    group.add_argument("--eval-max-preds-per-seq", type=int, default=None,
+                       help="BERT: --max-preds-per-seq of the validation and test samples (default: the training one)")
     group.add_argument("--use-tfrecords", action="store_true",
                        help="BERT: --train-data (and --valid-data/--test-data) are TFRecord files written by "
                             "Google BERT's create_pretraining_data.py")
@@ -277,9 +289,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation", "evaluate_gpt2.py: wikitext, LAMBADA, loose-json perplexity")
-    group.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default --batch-size)")
+    group.add_argument("--eval-batch-size", type=int, default=None,
+                       help="samples per rank in each validation, test or evaluation batch (default "
+                            "--micro-batch-size)")
     group.add_argument("--eval-seq-length", type=int, default=None,
-                       help="evaluation window length (default --seq-length)")
+                       help="tokens per validation and test sample, and evaluate_gpt2.py's window (default "
+                            "--seq-length)")
     group.add_argument("--overlapping-eval", type=int, default=32,
                        help="wikitext: stride between windows; later windows score only their last this-many targets")
     group.add_argument("--cloze-eval", action="store_true", help="LAMBADA cloze accuracy on --valid-data")
@@ -340,10 +355,10 @@ def flag_name(dest: str) -> str:
 
 
 def check_model_shape(shape: dict[str, int | None], model_parallel_size: int, seq_length: int | None,
-                      where: str = "") -> None:
+                      where: str = "", eval_seq_length: int | None = None) -> None:
     """The one check of a model's shape (keyed by flag destination; ``None`` means not known yet)
-    against the model-parallel size and the sequence length; ``where`` names the checkpoint the
-    values came from."""
+    against the model-parallel size and the sequence lengths (training and validation); ``where``
+    names the checkpoint the values came from."""
     heads, hidden = shape.get("num_attention_heads"), shape.get("hidden_size")
     positions = shape.get("max_position_embeddings")
     suffix = f" (the checkpoint's in {where})" if where else ""
@@ -353,6 +368,8 @@ def check_model_shape(shape: dict[str, int | None], model_parallel_size: int, se
            f"--hidden-size {hidden} is not divisible by --num-attention-heads {heads}{suffix}")
     _check(seq_length is None or positions is None or seq_length <= positions,
            f"--seq-length {seq_length} exceeds --max-position-embeddings {positions}{suffix}")
+    _check(eval_seq_length is None or positions is None or eval_seq_length <= positions,
+           f"--eval-seq-length {eval_seq_length} exceeds --max-position-embeddings {positions}{suffix}")
 
 
 # Float flags that must be finite and lie in a range: (flag, low, high, low inclusive, high inclusive, why).
@@ -430,7 +447,7 @@ def validate_args(args: argparse.Namespace) -> None:
     shape = {dest: getattr(args, dest) for dest in SHAPE_FLAGS.values()}
     if not args.load:
         shape = {dest: MODEL_SHAPE_DEFAULTS.get(dest) if value is None else value for dest, value in shape.items()}
-    check_model_shape(shape, mp, args.seq_length)
+    check_model_shape(shape, mp, args.seq_length, eval_seq_length=args.eval_seq_length)
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive; pick one")
     islands = [f for f, on in (("--fp32-embedding", args.fp32_embedding), ("--fp32-layernorm", args.fp32_layernorm),
                                ("--fp32-tokentypes", args.fp32_tokentypes)) if on]
@@ -438,7 +455,14 @@ def validate_args(args: argparse.Namespace) -> None:
                                                   "or --bf16")
     _check(0.0 <= args.warmup <= 1.0, f"--warmup is a fraction of --lr-decay-iters, got {args.warmup}")
     _check(args.checkpoint_num_layers >= 1, "--checkpoint-num-layers must be at least 1")
-    _check(args.batch_size >= 1, "--batch-size must be at least 1")
+    _check(args.micro_batch_size >= 1, f"--micro-batch-size must be at least 1, got {args.micro_batch_size}")
+    _check(args.eval_batch_size is None or args.eval_batch_size >= 1,
+           f"--eval-batch-size must be at least 1, got {args.eval_batch_size}")
+    _check(args.eval_seq_length is None or args.eval_seq_length >= 1,
+           f"--eval-seq-length must be at least 1, got {args.eval_seq_length}")
+    _check(args.eval_max_preds_per_seq is None or args.eval_max_preds_per_seq >= 1,
+           f"--eval-max-preds-per-seq must be at least 1, got {args.eval_max_preds_per_seq}")
+    batch_schedule(args)  # the global batch splits into micro-batches (ArgumentError otherwise)
     _check(args.log_interval >= 1, f"--log-interval must be at least 1, got {args.log_interval}")
     _check(args.exit_duration_in_mins is None or args.exit_duration_in_mins > 0,
            f"--exit-duration-in-mins must be positive, got {args.exit_duration_in_mins}")
@@ -514,6 +538,8 @@ def derive_args(args: argparse.Namespace) -> None:
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     args.data_parallel_size = max(1, args.world_size // max(1, args.model_parallel_size))
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
     args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
 
 
@@ -541,6 +567,13 @@ def get_args(
         sys.exit(2)
     set_delimiter(args.delim)  # csv/tsv corpora of this process are read with it
     return args.seal()
+
+
+def batch_schedule(args: argparse.Namespace) -> BatchSchedule:
+    """The global batch of every iteration: ``--micro-batch-size``, ``--global-batch-size``,
+    ``--rampup-batch-size`` and the data-parallel size."""
+    return BatchSchedule(args.micro_batch_size, args.data_parallel_size, args.global_batch_size,
+                         tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
 
 
 def distributed_settings(args: argparse.Namespace) -> dict:

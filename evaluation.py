@@ -267,7 +267,7 @@ def evaluate_webtext(args, tokenizer, model, device: torch.device, window: int) 
 
 
 def _batch_size(args) -> int:
-    return args.eval_batch_size or args.batch_size
+    return args.eval_batch_size or args.micro_batch_size
 
 
 def _text_key(args) -> str:

@@ -96,8 +96,8 @@ def file_prompts(args, tokenizer, context: int) -> Iterator[Batch]:
             texts = f.read().splitlines()
     path = args.sample_input_file
     prompts = [(t, encode_prompt(tokenizer, t, context, f"{path} line {i + 1}")) for i, t in enumerate(texts)]
-    for start in range(0, len(prompts), args.batch_size):
-        yield prompts[start:start + args.batch_size]
+    for start in range(0, len(prompts), args.micro_batch_size):
+        yield prompts[start:start + args.micro_batch_size]
 
 
 class AtomicJsonLines:

@@ -82,10 +82,13 @@ class IntervalStats:
         self.count = 0
         self.stepped = 0
         self.grad_norm = 0.0
+        self.tokens = 0
         self.start = time.monotonic()
 
-    def add(self, metrics: dict[str, float], grad_norm: float | None) -> None:
-        """Add one iteration; ``grad_norm`` is ``None`` for a skipped (overflowed) step."""
+    def add(self, metrics: dict[str, float], grad_norm: float | None, tokens: int = 0) -> None:
+        """Add one iteration of ``tokens`` (its global batch's); ``grad_norm`` is ``None`` for a skipped
+        (overflowed) step."""
+        self.tokens += tokens
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
         if grad_norm is not None:
@@ -95,18 +98,19 @@ class IntervalStats:
 
 
 def log_training(logger: MetricsLogger, stats: IntervalStats, *, iteration: int, train_iters: int,
-                 skipped_iters: int, lr: float, loss_scale: float, tokens_per_iteration: int, train_start: float,
+                 skipped_iters: int, lr: float, loss_scale: float, batch: dict[str, int], train_start: float,
                  perf: Performance | None = None) -> None:
-    """One console line in Megatron's style and one ``train`` record for the interval in ``stats``."""
+    """One console line in Megatron's style and one ``train`` record for the interval in ``stats``;
+    ``batch`` holds the last iteration's ``global_batch_size``, ``micro_batch_size`` and
+    ``accumulation_steps``. Tokens/s (and with them TFLOP/s and MFU) count every global batch whole."""
     elapsed = time.monotonic() - stats.start
     n = max(1, stats.count)
     means = {k: v / n for k, v in stats.sums.items()}
-    tokens = stats.count * tokens_per_iteration
     record = {
         "iteration": iteration, "split": "train", **means, "lr": lr,
         "loss_scale": loss_scale, "grad_norm": stats.grad_norm / max(1, stats.stepped),
-        "skipped_iters": skipped_iters,
-        "tokens_per_s": tokens / max(elapsed, 1e-9), "elapsed_s": time.monotonic() - train_start,
+        "skipped_iters": skipped_iters, **batch,
+        "tokens_per_s": stats.tokens / max(elapsed, 1e-9), "elapsed_s": time.monotonic() - train_start,
     }
     extra = ""
     if perf is not None:
@@ -124,7 +128,8 @@ def log_training(logger: MetricsLogger, stats: IntervalStats, *, iteration: int,
     losses = " | ".join(f"{k.replace('_', ' ')} {v:.6E}" for k, v in means.items())
     print_rank_0(
         f" iteration {iteration:8d}/{train_iters:8d} | elapsed time per iteration (ms): "
-        f"{1000 * elapsed / n:.1f} | learning rate {record['lr']:.3E} | {losses} | loss scale "
+        f"{1000 * elapsed / n:.1f} | learning rate {record['lr']:.3E} | global batch size "
+        f"{batch.get('global_batch_size', 0):5d} | {losses} | loss scale "
         f"{record['loss_scale']:.1f} | grad norm {record['grad_norm']:.3f} | skipped iterations "
         f"{skipped_iters} | tokens/s {record['tokens_per_s']:.0f} |{extra}"
     )
@@ -147,7 +152,8 @@ def log_evaluation(logger: MetricsLogger, name: str, split: str, iteration: int,
 
 def print_run_summary(results: dict[str, Any], describe_valid: Callable[[dict[str, float]], str]) -> None:
     """Rank 0's last line of a training run: iteration, validation (``describe_valid``), where outputs went."""
-    summary = [f"trained to iteration {results['iteration']}"]
+    summary = [f"trained to iteration {results['iteration']}" + (f" ({results['batches']})" if "batches" in results
+                                                                 else "")]
     if results.get("stopped"):
         summary.append(f"stopped early ({results['stopped']})")
     if "valid" in results:

@@ -59,30 +59,64 @@ def data_provider(args):
     return (tokenizer, *datasets)
 
 
-def _global_count(count: torch.Tensor) -> torch.Tensor:
-    """``count`` summed over the data-parallel group."""
-    if mpu.get_data_parallel_world_size() == 1:
-        return count
-    group = mpu.get_data_parallel_group()
-    total = count.to(mpu.collective_device(group), torch.float32)
-    dist.all_reduce(total, group=group)
+def _all_ranks_sum(count: torch.Tensor) -> torch.Tensor:
+    """``count`` summed over every rank (as float32 on the collective device, back on ``count``'s)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return count.float()
+    total = count.to(mpu.collective_device(), torch.float32)
+    dist.all_reduce(total)
     return total.to(count.device)
 
 
-def forward_step_provider(args, tokenizer, device: torch.device):
-    def forward_step(batch, model):
-        data = {k: v.to(device) for k, v in mpu.broadcast_data(BATCH_KEYS, batch, torch.int64).items()}
+class BertForwardStep:
+    """BERT's forward step: masked-LM loss plus next-sentence loss.
+
+    The masked-LM loss is the mean over every predicted token of the global batch, whatever its split
+    over data-parallel ranks and micro-batches: data parallelism averages gradients over ranks and the
+    training step averages micro-batches, so each micro-batch's loss is its sum times (ranks x
+    micro-batches) over the global count. ``start_iteration`` (called by ``training.train_step`` with
+    the iteration's micro-batches) counts the predicted tokens of the whole global batch, in one
+    collective; a forward without it (evaluation) counts its own batch over the data-parallel ranks.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._count: torch.Tensor | None = None  # predicted tokens of the current global batch
+        self._micro_batches = 1
+        self._left = 0  # forwards of the current iteration still to come
+
+    def start_iteration(self, batches: list) -> None:
+        """Count the predicted tokens of this iteration's micro-batches on all ranks together. Only the
+        first rank of each model-parallel group holds data, so the world's sum is the global batch's."""
+        mine = sum(int(batch["mask"].sum()) for batch in batches if batch is not None)
+        self._count = _all_ranks_sum(torch.tensor(float(mine))).to(self.device).clamp(min=1.0)
+        self._micro_batches = self._left = len(batches)
+
+    def _global_count(self, lm_positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if self._left > 0:
+            self._left -= 1
+            return self._count, self._micro_batches
+        count = lm_positions.sum().float()
+        if mpu.get_data_parallel_world_size() > 1:
+            group = mpu.get_data_parallel_group()
+            total = count.to(mpu.collective_device(group))
+            dist.all_reduce(total, group=group)
+            count = total.to(count.device)
+        return count.clamp(min=1.0), 1
+
+    def __call__(self, batch, model):
+        data = {k: v.to(self.device) for k, v in mpu.broadcast_data(BATCH_KEYS, batch, torch.int64).items()}
         lm_positions = data["mask"].bool()  # (b, s): the tokens to predict
         lm_logits, nsp_logits = model(data["text"], data["types"], 1 - data["pad_mask"], lm_positions)
         losses = mpu.vocab_parallel_cross_entropy(lm_logits, data["mask_labels"][lm_positions])  # (m,)
-        # The mean over every predicted token of the global batch, whatever the data-parallel split: data
-        # parallelism averages gradients over ranks, so each rank divides its sum by (global count / ranks).
-        count = _global_count(lm_positions.sum().float()).clamp(min=1.0)
-        lm_loss = losses.sum() * mpu.get_data_parallel_world_size() / count
+        count, micro_batches = self._global_count(lm_positions)
+        lm_loss = losses.sum() * (mpu.get_data_parallel_world_size() * micro_batches) / count
         nsp_loss = F.cross_entropy(nsp_logits.float(), data["is_random"])
         return lm_loss + nsp_loss, {"lm_loss": lm_loss.detach(), "nsp_loss": nsp_loss.detach()}
 
-    return forward_step
+
+def forward_step_provider(args, tokenizer, device: torch.device) -> BertForwardStep:
+    return BertForwardStep(device)
 
 
 def model_defaults(args) -> dict:

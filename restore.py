@@ -127,7 +127,8 @@ def decide_shape(args, stored: dict[str, Any] | None, where: str = "", training:
     if epsilon is not None:
         shape["layernorm_epsilon"] = epsilon
     check_model_shape({dest: shape.get(field) for field, dest in SHAPE_FLAGS.items()}, args.model_parallel_size,
-                      args.seq_length if training else None, where if stored else "")
+                      args.seq_length if training else None, where if stored else "",
+                      args.eval_seq_length if training else None)
     return shape
 
 
@@ -244,10 +245,14 @@ def load_gpt2_for_inference(args, tokenizer, device: torch.device,
 
 @dataclasses.dataclass
 class TrainState:
-    """Progress that a checkpoint carries forward."""
+    """Progress that a checkpoint carries forward: iterations, the samples trained on (which set the
+    global batch of a ramp-up), where the training data continues (``data_samples``: the samples
+    drawn since the data last started from its beginning; restored with ``--resume-dataloader``) and
+    the steps skipped."""
 
     iteration: int = 0
     consumed_samples: int = 0
+    data_samples: int = 0
     skipped_iters: int = 0
 
 
@@ -267,7 +272,8 @@ def save(args, state: TrainState, model: nn.Module, optimizer, scheduler: Anneal
     ``--keep-last-checkpoints``); returns this rank's file."""
     extra = {
         "config": _model_config(model),
-        "data": {"consumed_samples": state.consumed_samples},
+        "data": {"consumed_samples": state.data_samples},
+        "consumed_samples": state.consumed_samples,
         "skipped_iters": state.skipped_iters,
         "args": _plain_args(args),
     }
@@ -326,12 +332,16 @@ def load(args, ckpt: dict[str, Any] | None, model: nn.Module, optimizer, schedul
     _load_schedule(args, ckpt.get("lr_scheduler"), scheduler, iteration)
     if not args.no_load_rng and "rng" in ckpt:
         set_rng_state(ckpt["rng"])
-    consumed = ckpt.get("data", {}).get("consumed_samples")
-    if args.resume_dataloader and consumed is None:
+    position = ckpt.get("data", {}).get("consumed_samples")
+    if args.resume_dataloader and position is None:
         print_rank_0(f"note: {args.load} holds no data-loader position; data starts from the first sample")
+    # Checkpoints from before the global batch was stored trained iteration x one constant batch.
+    trained = ckpt.get("consumed_samples", iteration * ckpt.get("args", {}).get("global_batch_size", 0)
+                       if position is None else position)
     state = TrainState(
         iteration=iteration,
-        consumed_samples=int(consumed) if args.resume_dataloader and consumed is not None else 0,
+        consumed_samples=int(trained),
+        data_samples=int(position) if args.resume_dataloader and position is not None else 0,
         skipped_iters=int(ckpt.get("skipped_iters", 0)),
     )
     print_rank_0(f"loaded checkpoint from {args.load} at iteration {state.iteration}")

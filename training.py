@@ -16,6 +16,7 @@ stop requests and distributed set-up live in ``restore``, ``metrics``, ``resilie
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 import mpu
-from arguments import distributed_settings
+from arguments import batch_schedule, distributed_settings
 from data_utils import make_data_loader, resolve_corpora
 from errors import ArgumentError
 from fp16 import FP16_Module, FP16_Optimizer
@@ -66,41 +67,68 @@ def _next_batch(iterator: Iterator | None) -> Any:
     return next(iterator) if iterator is not None else None
 
 
+def _reduction_deferred(model: nn.Module, defer: bool):
+    """torch DDP's ``no_sync`` while ``defer`` (gradients accumulate locally); otherwise nothing. The
+    local DDP reduces only when ``allreduce_gradients`` is called, once per global batch."""
+    if defer and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def train_step(
     forward_step: ForwardStep, iterator: Iterator | None, model: nn.Module, optimizer: FP16_Optimizer, scheduler,
-    args, timers: Timers | None = None,
+    args, timers: Timers | None = None, num_micro_batches: int = 1,
 ) -> tuple[dict[str, torch.Tensor], float, bool]:
-    """One iteration: forward, scaled backward, data-parallel reduction, clip and step; the step is
-    skipped on every rank when any rank's loss or gradient norm is not finite (an fp16 overflow).
+    """One iteration on one global batch: forward and scaled backward on each of ``num_micro_batches``
+    micro-batches (gradients accumulate; each micro-batch's loss counts ``1 / num_micro_batches``, so
+    the step sees their mean), one data-parallel reduction, then clip and step. The step is skipped on
+    every rank when any rank's loss on any micro-batch, or the gradient norm, is not finite (an fp16
+    overflow). Activations live for one micro-batch at a time.
+
+    A forward step with a ``start_iteration(batches)`` method is shown the iteration's micro-batches
+    first (BERT counts the predicted tokens of the whole global batch there).
 
     ``timers`` (``--log-timers``) time the phases: ``data`` (the loader), ``forward`` (the batch's
     broadcast to the model-parallel group and the forward pass), ``backward``, ``allreduce`` (the local
-    DDP's gradient all-reduce; torch DDP overlaps it with ``backward``) and ``optimizer`` (unscale,
-    clip, step). Returns the metrics, the gradient norm and whether the step was skipped.
+    DDP's gradient all-reduce; torch DDP overlaps it with the last ``backward``) and ``optimizer``
+    (unscale, clip, step), summed over the micro-batches. Returns the metrics (means over the
+    micro-batches), the gradient norm and whether the step was skipped.
     """
     timers = timers or Timers(False)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     timers("data").start()
-    batch = _next_batch(iterator)
+    batches = [_next_batch(iterator) for _ in range(num_micro_batches)]
     timers("data").stop()
-    timers("forward").start()
-    loss, metrics = forward_step(batch, model)
-    timers("forward").stop()
-    timers("backward").start()
-    optimizer.backward(loss)
-    timers("backward").stop()
+    start_iteration = getattr(forward_step, "start_iteration", None)
+    if start_iteration is not None:
+        start_iteration(batches)
+    totals: dict[str, torch.Tensor] = {}
+    finite: list[torch.Tensor] = []
+    for index, batch in enumerate(batches):
+        with _reduction_deferred(model, index < num_micro_batches - 1):
+            timers("forward").start()
+            loss, metrics = forward_step(batch, model)
+            timers("forward").stop()
+            timers("backward").start()
+            optimizer.backward(loss / num_micro_batches if num_micro_batches > 1 else loss)
+            timers("backward").stop()
+        finite.append(torch.isfinite(loss.detach()).all())
+        for key, value in metrics.items():
+            totals[key] = totals[key] + value if key in totals else value
+    if num_micro_batches > 1:
+        totals = {key: value / num_micro_batches for key, value in totals.items()}
     timers("allreduce").start()
     if isinstance(model, DistributedDataParallel):
         model.allreduce_gradients()
     timers("allreduce").stop()
     timers("optimizer").start()
-    nonfinite_loss = not bool(torch.isfinite(loss.detach()).all())
+    nonfinite_loss = not bool(torch.stack(finite).all())
     grad_norm, skipped = optimizer.step(args.clip_grad if args.clip_grad > 0 else math.inf, nonfinite_loss)
     if not skipped:
         scheduler.step()
     timers("optimizer").stop()
-    return metrics, grad_norm, skipped
+    return totals, grad_norm, skipped
 
 
 def evaluate(forward_step: ForwardStep, make_iterator: Callable[[], Iterator | None],
@@ -124,10 +152,16 @@ def evaluate_and_print(name: str, split: str, forward_step, make_iterator, model
     return log_evaluation(logger, name, split, iteration, evaluate(forward_step, make_iterator, model, args.eval_iters))
 
 
+def eval_batch_size(args) -> int:
+    """Samples per data-parallel rank in one validation or test batch (``--eval-batch-size``)."""
+    return args.eval_batch_size or args.micro_batch_size
+
+
 def samples_needed(args) -> tuple[int, int, int]:
-    """Global samples training, one validation pass and the test pass draw (sizes of a presampled blend)."""
-    global_batch = args.batch_size * args.data_parallel_size
-    return args.train_iters * global_batch, args.eval_iters * global_batch, args.eval_iters * global_batch
+    """Global samples training (the ramp-up included), one validation pass and the test pass draw (sizes
+    of a presampled blend)."""
+    evaluation = args.eval_iters * eval_batch_size(args) * args.data_parallel_size
+    return batch_schedule(args).samples_after(args.train_iters), evaluation, evaluation
 
 
 def build_data_iterators(args, datasets, state: TrainState):
@@ -140,30 +174,34 @@ def build_data_iterators(args, datasets, state: TrainState):
     feeds = mpu.get_model_parallel_rank() == 0
     dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
 
-    def loader(dataset, consumed: int, shuffle: bool):
+    def loader(dataset, batch_size: int, consumed: int, shuffle: bool):
         if dataset is None or not feeds:
             return None
         if getattr(dataset, "rank_sharded", False):
-            return iter(make_data_loader(dataset, args.batch_size, 0, 1, args.seed, consumed // dp_size,
+            return iter(make_data_loader(dataset, batch_size, 0, 1, args.seed, consumed // dp_size,
                                          shuffle, args.num_workers, in_order=not args.shuffle))
         # A presampled dataset (a --data-path blend) is in its training order already.
         in_order = not args.shuffle or getattr(dataset, "presampled", False)
-        return iter(make_data_loader(dataset, args.batch_size, dp_rank, dp_size, args.seed, consumed,
+        return iter(make_data_loader(dataset, batch_size, dp_rank, dp_size, args.seed, consumed,
                                      shuffle, args.num_workers, in_order=in_order))
+
+    evaluation_batch = eval_batch_size(args)
 
     def eval_factory(dataset):
         if dataset is None:
             return None
-        return lambda: _cycle(lambda: loader(dataset, 0, False)) if feeds else None
+        return lambda: _cycle(lambda: loader(dataset, evaluation_batch, 0, False)) if feeds else None
 
     for name, dataset in (("valid", valid_ds), ("test", test_ds)):
-        needed = args.batch_size * (1 if getattr(dataset, "rank_sharded", False) else dp_size)
+        needed = evaluation_batch * (1 if getattr(dataset, "rank_sharded", False) else dp_size)
         if dataset is not None and args.eval_iters > 0 and len(dataset) < needed:
             raise ArgumentError(
-                f"the {name} split has {len(dataset)} samples, fewer than one global batch ({needed}); "
-                "lower --batch-size or give it a larger share in --split"
+                f"the {name} split has {len(dataset)} samples, fewer than one evaluation batch over the "
+                f"data-parallel ranks ({needed}); lower --eval-batch-size (or --micro-batch-size) or give it a "
+                "larger share in --split"
             )
-    train = loader(train_ds, state.consumed_samples, True)
+    # Micro-batches in order: the iteration after ``consumed`` samples takes the next global batch of them.
+    train = loader(train_ds, args.micro_batch_size, state.data_samples, True)
     return train, eval_factory(valid_ds), eval_factory(test_ds)
 
 
@@ -268,7 +306,7 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
         validate()  # the starting point, so that a run shows how far its validation loss fell
     stats = IntervalStats()
     train_start = time.monotonic()
-    global_batch = args.batch_size * args.data_parallel_size
+    schedule = batch_schedule(args)
     # Under fp16 with a dynamic scale, an overflow is how the scale finds its level: not a divergence.
     watch = SkipWatch(args.skipped_window, args.max_skipped_fraction, args.abort_on_nonfinite,
                       overflow_expected=args.fp16 and isinstance(optimizer.loss_scaler, DynamicLossScaler))
@@ -279,22 +317,26 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
     stop = StopRequest(args.exit_duration_in_mins)
     try:
         while state.iteration < args.train_iters:
+            global_batch = schedule.global_batch_at(state.consumed_samples)
+            micro_batches = global_batch // schedule.samples_per_micro_step
             metrics, grad_norm, skipped = train_step(forward_step, train_iter, model, optimizer, scheduler, args,
-                                                     perf.timers)
+                                                     perf.timers, micro_batches)
             if not memory_reported:
                 memory = ", ".join(f"{k[:-3].replace('_', ' ')} {v:.1f} MB" for k, v in peak_memory_mb(device).items())
                 print_rank_0(f" > memory after the first iteration: {memory}")
                 memory_reported = True
             state.iteration += 1
             state.consumed_samples += global_batch
+            state.data_samples += global_batch
             state.skipped_iters += int(skipped)
-            stats.add(reduce_metrics(metrics), None if skipped else grad_norm)
+            stats.add(reduce_metrics(metrics), None if skipped else grad_norm, global_batch * args.seq_length)
             watch.add(state.iteration, skipped, optimizer.loss_scale)
             if state.iteration % args.log_interval == 0:
                 log_training(logger, stats, iteration=state.iteration, train_iters=args.train_iters,
                              skipped_iters=state.skipped_iters, lr=optimizer.param_groups[0]["lr"],
-                             loss_scale=optimizer.loss_scale, tokens_per_iteration=global_batch * args.seq_length,
-                             train_start=train_start, perf=perf)
+                             loss_scale=optimizer.loss_scale, train_start=train_start, perf=perf,
+                             batch={"global_batch_size": global_batch, "micro_batch_size": args.micro_batch_size,
+                                    "accumulation_steps": micro_batches})
                 stats.reset()
             if args.save_interval and state.iteration % args.save_interval == 0:
                 checkpoint()
@@ -354,13 +396,16 @@ def pretrain(args, model_provider, data_provider, forward_step_provider,
     print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with {config.vocab_size - tokenizer.vocab_size} "
                  f"dummy tokens (new size: {config.vocab_size})")
     model, optimizer, scheduler = setup_model_and_optimizer(args, model_provider, config, device)
+    batches = batch_schedule(args).describe()
+    print_rank_0(f" > {batches}")
     state = load(args, ckpt, model, optimizer, scheduler) if args.load else TrainState()
     del ckpt  # the model and optimizer hold their copies now
     forward_step = forward_step_provider(args, tokenizer, device)
     train_iter, valid_factory, test_factory = build_data_iterators(args, datasets, state)
     logger = MetricsLogger(args.log_dir)
     outcome = _train(args, forward_step, model, optimizer, scheduler, state, train_iter, valid_factory, logger)
-    results: dict[str, Any] = {"iteration": state.iteration, "save": args.save, "metrics": logger.path}
+    results: dict[str, Any] = {"iteration": state.iteration, "batches": batches, "save": args.save,
+                               "metrics": logger.path}
     if outcome.stopped:
         results["stopped"] = outcome.stopped
     if outcome.exited or args.eval_iters <= 0:

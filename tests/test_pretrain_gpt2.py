@@ -149,7 +149,7 @@ def test_checkpoint_of_another_shape_is_refused_naming_both(tmp_path):
 
 def test_evaluation_split_smaller_than_a_global_batch_is_refused_before_training(tmp_path):
     proc = run_gpt2_cli(gpt2_args(tmp_path, **{"--batch-size": 90}))
-    _assert_one_line_error(proc, "split has", "fewer than one global batch (90)")
+    _assert_one_line_error(proc, "split has", "fewer than one evaluation batch over the data-parallel ranks (90)")
     assert "iteration        1/" not in proc.stdout
 
 
