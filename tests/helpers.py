@@ -247,7 +247,8 @@ def write_gpt2_corpus(folder) -> str:
 
 
 def gpt2_args(folder, **overrides) -> list[str]:
-    """pretrain_gpt2 flags for a tiny CPU run on files written into ``folder``, then ``overrides`` (None drops one)."""
+    """pretrain_gpt2 flags for a tiny CPU run on files written into ``folder``, then ``overrides`` (None drops one,
+    lists are nargs)."""
     vocab, merges = write_tiny_gpt2(str(folder))
     flags = {
         "--num-layers": 2, "--hidden-size": 32, "--num-attention-heads": 4, "--seq-length": 16,
@@ -262,6 +263,8 @@ def gpt2_args(folder, **overrides) -> list[str]:
     for key, value in flags.items():
         if value is True:
             argv.append(key)
+        elif isinstance(value, list):
+            argv += [key, *map(str, value)]
         elif value is not None and value is not False:
             argv += [key, str(value)]
     return argv

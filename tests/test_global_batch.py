@@ -207,10 +207,10 @@ def test_every_split_of_a_global_batch_of_16_gives_the_same_losses(tmp_path, mod
 @pytest.mark.slow
 def test_fp16_skips_the_same_steps_whatever_the_split(tmp_path):
     # A loss scale far too high: the first steps overflow (and are skipped) until the scale comes down.
-    fp16 = {"--fp16": True, "--initial-loss-scale": 2.0**40, "--hysteresis": 1}
+    fp16 = {"--fp16": True, "--initial-loss-scale": 2.0**26, "--hysteresis": 1, "--train-iters": 10}
     records = _run_layouts(tmp_path, "gpt2", fp16, names=("single", "accumulated", "dp2"))
     skipped = {name: [(r["skipped_iters"], r["loss_scale"]) for r in got] for name, got in records.items()}
-    assert skipped["single"][0][0] >= 1 and skipped["single"][-1][0] < 6, skipped["single"]
+    assert skipped["single"][0][0] >= 1 and skipped["single"][-1][0] < 10, skipped["single"]
     assert skipped["accumulated"] == skipped["dp2"] == skipped["single"], skipped
     for name in ("accumulated", "dp2"):
         for mine, theirs in zip(records[name], records["single"], strict=True):
