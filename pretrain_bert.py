@@ -40,18 +40,21 @@ def data_provider(args):
     if args.use_tfrecords:
         datasets = build_tfrecord_datasets(
             args.train_data or [], args.valid_data, args.test_data, args.seq_length, args.max_preds_per_seq,
-            mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size(),
+            mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size(), args.eval_seq_length,
+            args.eval_max_preds_per_seq,
         )
     else:
         datasets = build_bert_datasets(
             args.train_data or [], args.valid_data, args.test_data, args.split, args.seq_length,
             args.max_preds_per_seq, tokenizer, args.lazy_loader, args.cache_dir, args.seed, args.text_key,
-            args.presplit_sentences, eval_text_key=args.eval_text_key,
+            args.presplit_sentences, eval_text_key=args.eval_text_key, eval_seq_length=args.eval_seq_length,
+            eval_max_preds_per_seq=args.eval_max_preds_per_seq,
         )
     if args.data_path:
         blends = build_indexed_datasets(
             args.data_path, args.split, args.seed, samples_needed(args),
-            bert_member(args.seq_length, args.max_preds_per_seq, tokenizer, args.seed), tokenizer, gpt2=False,
+            bert_member(args.seq_length, args.max_preds_per_seq, tokenizer, args.seed, args.eval_seq_length,
+                        args.eval_max_preds_per_seq), tokenizer, gpt2=False,
             valid_given=bool(args.valid_data), test_given=bool(args.test_data), shuffle=args.shuffle,
             data_cache_path=args.data_cache_path, cache_dir=args.cache_dir,
         )

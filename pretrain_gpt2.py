@@ -25,14 +25,16 @@ def data_provider(args):
     if args.use_npy_data_loader:
         return (tokenizer, *build_npy_datasets(args.train_data_path, args.val_data_path, args.test_data_path,
                                                args.input_data_sizes_file, args.seq_length, args.cache_dir,
-                                               args.trust_pickle))
+                                               args.trust_pickle, eval_seq_length=args.eval_seq_length))
     train, valid, test = build_gpt2_datasets(
         args.train_data or [], args.valid_data, args.test_data, args.split, args.seq_length, tokenizer,
         args.lazy_loader, args.cache_dir, args.seed, args.text_key, eval_text_key=args.eval_text_key,
+        eval_seq_length=args.eval_seq_length,
     )
     if args.data_path:
         blends = build_indexed_datasets(
-            args.data_path, args.split, args.seed, samples_needed(args), gpt2_member(args.seq_length, tokenizer),
+            args.data_path, args.split, args.seed, samples_needed(args),
+            gpt2_member(args.seq_length, tokenizer, args.eval_seq_length),
             tokenizer, gpt2=True, valid_given=bool(args.valid_data), test_given=bool(args.test_data),
             shuffle=args.shuffle, data_cache_path=args.data_cache_path, cache_dir=args.cache_dir,
         )

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_utils.datasets import SPLIT_NAMES, Documents, sample_index, split_documents
+from data_utils.datasets import SPLIT_NAMES, Documents, sample_index, split_documents, split_lengths
 from data_utils.errors import DataError
 from data_utils.lazy_loader import SentenceCorpus, load_sentence_corpus
 from data_utils.tokenization import Tokenizer
@@ -212,7 +212,8 @@ class BertSentencePairDataset(torch.utils.data.Dataset):
 def build_bert_datasets(train_data: list[str] | None, valid_data: list[str] | None, test_data: list[str] | None,
                         split: str, seq_length: int, max_preds_per_seq: int | None, tokenizer: Tokenizer,
                         lazy: bool, cache_dir: str | None, seed: int, text_key: str = "text",
-                        presplit_sentences: bool = False, group: Any = None, eval_text_key: str | None = None
+                        presplit_sentences: bool = False, group: Any = None, eval_text_key: str | None = None,
+                        eval_seq_length: int | None = None, eval_max_preds_per_seq: int | None = None
                         ) -> tuple[BertSentencePairDataset | None, BertSentencePairDataset | None,
                                    BertSentencePairDataset | None]:
     """(train, valid, test) sentence-pair datasets; a split without documents is None.
@@ -225,7 +226,10 @@ def build_bert_datasets(train_data: list[str] | None, valid_data: list[str] | No
     group must call this. The splits sample streams 0, 1 and 2 of ``seed``; valid and test are as
     deterministic as train.
     """
-    check_bert_lengths(seq_length, max_preds_per_seq)
+    lengths = split_lengths(seq_length, eval_seq_length)
+    max_preds = split_lengths(max_preds_per_seq, eval_max_preds_per_seq)
+    for length, preds in zip(lengths, max_preds, strict=True):
+        check_bert_lengths(length, preds)
     special_ids(tokenizer)  # fail before tokenizing anything
     loaded: dict[tuple[str, str], SentenceCorpus] = {}
 
@@ -238,10 +242,10 @@ def build_bert_datasets(train_data: list[str] | None, valid_data: list[str] | No
     datasets: list[BertSentencePairDataset | None] = []
     for stream, (name, split_parts) in enumerate(zip(SPLIT_NAMES, parts, strict=True)):
         docs = SentenceDocuments(split_parts)
-        dataset = (BertSentencePairDataset(docs, seq_length, max_preds_per_seq, tokenizer, seed, stream, name)
+        dataset = (BertSentencePairDataset(docs, lengths[stream], max_preds[stream], tokenizer, seed, stream, name)
                    if len(docs) else None)
         if dataset is not None:
             logger.info("%s: %d documents, %d sentences, %d tokens, %d sentence pairs of %d tokens", name,
-                        len(docs), int(docs.num_sentences.sum()), dataset.num_tokens, len(dataset), seq_length)
+                        len(docs), int(docs.num_sentences.sum()), dataset.num_tokens, len(dataset), lengths[stream])
         datasets.append(dataset)
     return datasets[0], datasets[1], datasets[2]

@@ -46,7 +46,14 @@ import torch
 from atomic import remove_orphans, temporary_path
 from data_utils.bert_dataset import BertSentencePairDataset, SentenceDocuments
 from data_utils.coordination import once_per_group
-from data_utils.datasets import SPLIT_NAMES, GPT2Dataset, assign_corpus_splits, parse_split, sample_index
+from data_utils.datasets import (
+    SPLIT_NAMES,
+    GPT2Dataset,
+    assign_corpus_splits,
+    parse_split,
+    sample_index,
+    split_lengths,
+)
 from data_utils.errors import DataError, warn
 from data_utils.indexed_dataset import IndexedDataset, data_file_path, index_file_path
 from data_utils.lazy_loader import SentenceCorpus
@@ -388,23 +395,30 @@ def build_indexed_datasets(data_path: Sequence[str], split: str, seed: int, num_
     return out
 
 
-def gpt2_member(seq_length: int, tokenizer: Tokenizer) -> Callable[..., IndexedGPT2Dataset]:
-    """``make_dataset`` for GPT2 windows over one dataset's split."""
+def gpt2_member(seq_length: int, tokenizer: Tokenizer, eval_seq_length: int | None = None
+                ) -> Callable[..., IndexedGPT2Dataset]:
+    """``make_dataset`` for GPT2 windows over one dataset's split (validation and test windows of
+    ``eval_seq_length`` when given)."""
+    lengths = split_lengths(seq_length, eval_seq_length)
 
     def make(split: int, k: int, name: str, ds: IndexedDataset, cache: _CachedArrays) -> IndexedGPT2Dataset:
         docs = IndexedDocuments(ds, cache.load(f"{name}_docs"), cache.load(f"{name}_lengths"))
-        return IndexedGPT2Dataset(docs, cache.load(f"{name}_ends"), seq_length, tokenizer.eod, tokenizer.vocab_size,
+        return IndexedGPT2Dataset(docs, cache.load(f"{name}_ends"), lengths[split], tokenizer.eod, tokenizer.vocab_size,
                                   f"{name} split of {os.path.basename(ds.prefix)}")
 
     return make
 
 
-def bert_member(seq_length: int, max_preds_per_seq: int | None, tokenizer: Tokenizer, seed: int
-                ) -> Callable[..., Any]:
-    """``make_dataset`` for BERT sentence pairs over one sentence-level dataset's split (stream ``3 k + split``)."""
+def bert_member(seq_length: int, max_preds_per_seq: int | None, tokenizer: Tokenizer, seed: int,
+                eval_seq_length: int | None = None, eval_max_preds_per_seq: int | None = None) -> Callable[..., Any]:
+    """``make_dataset`` for BERT sentence pairs over one sentence-level dataset's split (stream ``3 k + split``;
+    validation and test with the ``eval_`` lengths when given)."""
+    lengths = split_lengths(seq_length, eval_seq_length)
+    max_preds = split_lengths(max_preds_per_seq, eval_max_preds_per_seq)
+
     def make(split: int, k: int, name: str, ds: IndexedDataset, cache: _CachedArrays) -> Any:
         docs = SentenceDocuments([(IndexedSentenceCorpus(ds), np.asarray(cache.load(f"{name}_docs")))])
-        return BertSentencePairDataset(docs, seq_length, max_preds_per_seq, tokenizer, seed, 3 * k + split,
+        return BertSentencePairDataset(docs, lengths[split], max_preds[split], tokenizer, seed, 3 * k + split,
                                        f"{name} split of {os.path.basename(ds.prefix)}")
 
     return make

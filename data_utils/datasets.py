@@ -33,6 +33,13 @@ SPLIT_NAMES = ("train", "valid", "test")
 _MASK64 = (1 << 64) - 1
 
 
+def split_lengths(train: Any, evaluation: Any = None) -> tuple[Any, Any, Any]:
+    """A per-split setting (train, valid, test): ``evaluation`` for validation and test when given
+    (``--eval-seq-length``, ``--eval-max-preds-per-seq``), else the training one."""
+    held_out = train if evaluation is None else evaluation
+    return train, held_out, held_out
+
+
 def parse_split(split: str, valid_given: bool = False, test_given: bool = False) -> tuple[float, float, float]:
     """Normalised (train, valid, test) fractions of ``--train-data`` from ``--split``, as in Megatron-LM (2019).
 
@@ -248,7 +255,8 @@ def split_documents(train_data: list[str] | None, valid_data: list[str] | None, 
 
 def build_gpt2_datasets(train_data: list[str] | None, valid_data: list[str] | None, test_data: list[str] | None,
                         split: str, seq_length: int, tokenizer: Tokenizer, lazy: bool, cache_dir: str | None,
-                        seed: int, text_key: str = "text", group: Any = None, eval_text_key: str | None = None
+                        seed: int, text_key: str = "text", group: Any = None, eval_text_key: str | None = None,
+                        eval_seq_length: int | None = None
                         ) -> tuple[GPT2Dataset | None, GPT2Dataset | None, GPT2Dataset | None]:
     """(train, valid, test) GPT2 datasets; a split without documents is None.
 
@@ -267,11 +275,11 @@ def build_gpt2_datasets(train_data: list[str] | None, valid_data: list[str] | No
 
     parts = split_documents(train_data, valid_data, test_data, split, seed, cache_dir, load, text_key, eval_text_key)
     datasets: list[GPT2Dataset | None] = []
-    for name, split_parts in zip(SPLIT_NAMES, parts, strict=True):
+    for name, split_parts, length in zip(SPLIT_NAMES, parts, split_lengths(seq_length, eval_seq_length), strict=True):
         docs = Documents(split_parts)
-        dataset = GPT2Dataset(docs, seq_length, tokenizer.eod, name) if len(docs) else None
+        dataset = GPT2Dataset(docs, length, tokenizer.eod, name) if len(docs) else None
         if dataset is not None:
             logger.info("%s: %d documents, %d tokens, %d samples of %d tokens", name, len(docs),
-                        dataset.num_tokens, len(dataset), seq_length + 1)
+                        dataset.num_tokens, len(dataset), length + 1)
         datasets.append(dataset)
     return datasets[0], datasets[1], datasets[2]

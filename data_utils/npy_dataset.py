@@ -36,7 +36,7 @@ import torch
 
 from atomic import remove_orphans, temporary_path
 from data_utils.coordination import once_per_group
-from data_utils.datasets import sample_index
+from data_utils.datasets import sample_index, split_lengths
 from data_utils.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -240,15 +240,18 @@ class NpyShardsDataset(torch.utils.data.Dataset):
 
 
 def build_npy_datasets(train_path: str | None, val_path: str | None, test_path: str | None, sizes_file: str,
-                       seq_length: int, cache_dir: str | None = None, trust_pickle: bool = False, group: Any = None
+                       seq_length: int, cache_dir: str | None = None, trust_pickle: bool = False, group: Any = None,
+                       eval_seq_length: int | None = None
                        ) -> tuple[NpyShardsDataset | None, NpyShardsDataset | None, NpyShardsDataset | None]:
-    """(train, valid, test) from the ``--*-data-path`` folders; None where a path is None (or empty)."""
+    """(train, valid, test) from the ``--*-data-path`` folders; None where a path is None (or empty).
+    Validation and test windows have ``eval_seq_length`` tokens when given."""
     datasets: list[NpyShardsDataset | None] = []
-    for name, path in (("train", train_path), ("valid", val_path), ("test", test_path)):
-        dataset = NpyShardsDataset(path, sizes_file, seq_length, cache_dir, trust_pickle, name, group) \
+    paths = (("train", train_path), ("valid", val_path), ("test", test_path))
+    for (name, path), length in zip(paths, split_lengths(seq_length, eval_seq_length), strict=True):
+        dataset = NpyShardsDataset(path, sizes_file, length, cache_dir, trust_pickle, name, group) \
             if path else None
         if dataset is not None:
             logger.info("%s: %d npy shards, %d tokens, %d samples of %d tokens", name, len(dataset.shards),
-                        dataset.num_tokens, len(dataset), seq_length + 1)
+                        dataset.num_tokens, len(dataset), length + 1)
         datasets.append(dataset)
     return datasets[0], datasets[1], datasets[2]

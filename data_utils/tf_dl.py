@@ -236,7 +236,8 @@ def shard_tfrecord_files(paths: Sequence[str], dp_rank: int, dp_size: int) -> li
 
 def build_tfrecord_datasets(train_paths: Sequence[str] | None, valid_paths: Sequence[str] | None,
                             test_paths: Sequence[str] | None, seq_length: int, max_preds_per_seq: int,
-                            dp_rank: int, dp_size: int) -> tuple[TFRecordBertDataset | None, ...]:
+                            dp_rank: int, dp_size: int, eval_seq_length: int | None = None,
+                            eval_max_preds_per_seq: int | None = None) -> tuple[TFRecordBertDataset | None, ...]:
     """(train, valid, test) datasets, ``None`` where no paths are given.
 
     Training files are sharded by whole files over the data-parallel ranks (``rank_sharded``). Every
@@ -247,6 +248,7 @@ def build_tfrecord_datasets(train_paths: Sequence[str] | None, valid_paths: Sequ
     if train_paths:
         train = TFRecordBertDataset(shard_tfrecord_files(list(train_paths), dp_rank, dp_size), seq_length,
                                     max_preds_per_seq, rank_sharded=True)
-    valid = TFRecordBertDataset(valid_paths, seq_length, max_preds_per_seq) if valid_paths else None
-    test = TFRecordBertDataset(test_paths, seq_length, max_preds_per_seq) if test_paths else None
+    length, preds = eval_seq_length or seq_length, eval_max_preds_per_seq or max_preds_per_seq  # held-out records
+    valid = TFRecordBertDataset(valid_paths, length, preds) if valid_paths else None
+    test = TFRecordBertDataset(test_paths, length, preds) if test_paths else None
     return train, valid, test

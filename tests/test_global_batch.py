@@ -318,3 +318,65 @@ def test_a_run_stopped_in_a_ramp_or_with_accumulation_resumes_bitwise(tmp_path, 
         assert [r["global_batch_size"] for r in got] == [2, 2, 2, 2, 4, 4, 6, 6, 8, 8]
     state = torch.load(os.path.join(ckpt, "iter_0000010", "mp_rank_00", "model_optim_rng.pt"), weights_only=False)
     assert state["consumed_samples"] == sum(r["global_batch_size"] for r in got)
+
+
+# --- validation and test batches --------------------------------------------------------------------------------------
+
+
+def _record_batches(entry: str, argv: list[str]) -> list[tuple[bool, tuple[int, ...], int]]:
+    """Pretrain ``entry`` on ``argv`` in this process (a group of one), recording for each forward whether
+    it trained, its batch's ``text`` shape and the largest number of predicted tokens in a sample (BERT)."""
+    import importlib
+
+    from arguments import get_args
+    from training import pretrain
+
+    module = importlib.import_module(entry)
+    args = get_args(argv, defaults=getattr(module, "FLAG_DEFAULTS", None))
+    seen = []
+
+    def provider(args, tokenizer, device):
+        step = module.forward_step_provider(args, tokenizer, device)
+
+        def forward_step(batch, model):
+            preds = int(batch["mask"].sum(dim=1).max()) if "mask" in batch else 0
+            seen.append((model.training, tuple(batch["text"].shape), preds))
+            return step(batch, model)
+
+        if hasattr(step, "start_iteration"):
+            forward_step.start_iteration = step.start_iteration
+        return forward_step
+
+    defaults = module.model_defaults(args) if hasattr(module, "model_defaults") else None
+    try:
+        pretrain(args, module.model_provider, module.data_provider, provider, defaults)
+    finally:
+        mpu.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return seen
+
+
+def test_validation_and_test_take_the_evaluation_batch_and_sequence_length(tmp_path):
+    argv = gpt2_args(tmp_path, **{"--batch-size": None, "--micro-batch-size": 2, "--global-batch-size": 4,
+                                  "--train-iters": 2, "--eval-interval": 2, "--eval-iters": 2, "--eval-batch-size": 3,
+                                  "--seq-length": 16, "--eval-seq-length": 8})
+    seen = _record_batches("pretrain_gpt2", argv)
+    assert [shape for training, shape, _ in seen if training] == [(2, 17)] * 4  # two iterations of 2 x 2
+    assert [shape for training, shape, _ in seen if not training] == [(3, 9)] * 6  # at 0 and 2, then the test
+
+
+def test_bert_validation_takes_its_own_sequence_length_and_predictions(tmp_path):
+    argv = bert_args(tmp_path, **{"--train-iters": 1, "--eval-interval": 1, "--eval-iters": 2,
+                                  "--eval-batch-size": 3, "--eval-seq-length": 24, "--eval-max-preds-per-seq": 2})
+    seen = _record_batches("pretrain_bert", argv)
+    train = [(shape, preds) for training, shape, preds in seen if training]
+    evaluation = [(shape, preds) for training, shape, preds in seen if not training]
+    assert [shape for shape, _ in train] == [(4, 32)] and train[0][1] > 2
+    assert {shape for shape, _ in evaluation} == {(3, 24)} and max(preds for _, preds in evaluation) <= 2
+
+
+def test_an_evaluation_sequence_beyond_the_positions_is_one_clear_error(tmp_path):
+    proc = run_gpt2_cli(gpt2_args(tmp_path, **{"--eval-seq-length": 32}))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--eval-seq-length 32 exceeds --max-position-embeddings 16" in proc.stderr.strip().splitlines()[-1]
