@@ -325,7 +325,8 @@ def test_the_training_loop_reads_a_presampled_blend_in_its_own_order(single_proc
 
     blend = BlendedDataset([[{"text": np.array([i])} for i in range(10)]], np.zeros(40, dtype=np.int16),
                            np.arange(40) % 10)
-    args = argparse.Namespace(batch_size=4, seed=1, num_workers=0, shuffle=True, eval_iters=0)
+    args = argparse.Namespace(micro_batch_size=4, eval_batch_size=None, seed=1, num_workers=0, shuffle=True,
+                              eval_iters=0)
     state = TrainState()
     train, _, _ = build_data_iterators(args, (blend, None, None), state)
     first = [next(train)["text"].flatten().tolist() for _ in range(3)]
