@@ -210,6 +210,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                        help="torch.distributed backend (default: nccl on cuda, gloo on cpu)")
     group.add_argument("--DDP-impl", default="local", choices=["local", "torch"],
                        help="data-parallel implementation: all-reduce after backward, or torch's overlapping DDP")
+    group.add_argument("--sequence-parallel", action="store_true",
+                       help="split LayerNorm, dropout and residual activations along the sequence over the "
+                            "model-parallel group (needs --model-parallel-size above 1)")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="auto: cuda when available")
     group.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
@@ -449,6 +452,13 @@ def validate_args(args: argparse.Namespace) -> None:
         shape = {dest: MODEL_SHAPE_DEFAULTS.get(dest) if value is None else value for dest, value in shape.items()}
     check_model_shape(shape, mp, args.seq_length, eval_seq_length=args.eval_seq_length)
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive; pick one")
+    _check(not args.sequence_parallel or mp > 1,
+           "--sequence-parallel splits activations over the model-parallel group; it needs --model-parallel-size "
+           "2 or more")
+    for flag, length in (("--seq-length", args.seq_length), ("--eval-seq-length", args.eval_seq_length)):
+        _check(not args.sequence_parallel or length is None or length % mp == 0,
+               f"--sequence-parallel splits the sequence over --model-parallel-size {mp}; {flag} {length} is "
+               f"not a multiple of it")
     islands = [f for f, on in (("--fp32-embedding", args.fp32_embedding), ("--fp32-layernorm", args.fp32_layernorm),
                                ("--fp32-tokentypes", args.fp32_tokentypes)) if on]
     _check(not islands or args.fp16 or args.bf16, f"{islands[0] if islands else ''} only makes sense with --fp16 "

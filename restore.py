@@ -155,6 +155,7 @@ def decide_model_config(args, vocab_size: int, stored: dict[str, Any] | None = N
         "init_method_std": args.init_method_std,
         "checkpoint_activations": args.checkpoint_activations,
         "checkpoint_num_layers": args.checkpoint_num_layers,
+        "sequence_parallel": args.sequence_parallel,
     })
 
 
@@ -225,7 +226,7 @@ def load_gpt2_for_inference(args, tokenizer, device: torch.device,
     decide_shape(args, saved, args.load, training=False)
     check_vocabulary(args.load, saved, tokenizer.vocab_size, args.make_vocab_size_divisible_by)
     config = TransformerConfig(**{**saved, "hidden_dropout": 0.0, "attention_dropout": 0.0,
-                                  "checkpoint_activations": False})
+                                  "checkpoint_activations": False, "sequence_parallel": False})
     model = GPT2Model(config, parallel_output=parallel_output)
     try:
         model.load_state_dict(ckpt["model"])

@@ -119,6 +119,7 @@ def train_step(
     if num_micro_batches > 1:
         totals = {key: value / num_micro_batches for key, value in totals.items()}
     timers("allreduce").start()
+    mpu.allreduce_sequence_parallel_gradients(model)  # --sequence-parallel's LayerNorm weights and biases
     if isinstance(model, DistributedDataParallel):
         model.allreduce_gradients()
     timers("allreduce").stop()

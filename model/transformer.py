@@ -69,6 +69,9 @@ class TransformerConfig:
     unpadded_vocab_size: int | None = None
     """The tokenizer's real vocabulary; the padded entries above it get no probability (their logits
     are the dtype's minimum). ``None`` (checkpoints from before) leaves every entry a candidate."""
+    sequence_parallel: bool = False
+    """Split the activations outside the model-parallel matrix multiplies (LayerNorm, dropout, the
+    residual stream) along the sequence over the model-parallel group (``--sequence-parallel``)."""
 
     @property
     def ffn_hidden_size(self) -> int:

@@ -5,7 +5,7 @@ The public names follow Megatron-LM so that its users feel at home.
 
 from .cross_entropy import vocab_parallel_cross_entropy
 from .data import broadcast_data
-from .grads import clip_grad_norm
+from .grads import allreduce_sequence_parallel_gradients, clip_grad_norm
 from .initialize import (
     destroy_model_parallel,
     get_data_parallel_group,
@@ -52,6 +52,7 @@ from .utils import (
 )
 
 __all__ = [
+    "allreduce_sequence_parallel_gradients",
     "ColumnParallelLinear",
     "ParallelEmbedding",
     "RNGStatesTracker",

@@ -1,4 +1,5 @@
-"""Gradient clipping over a model whose parameters are spread across the model-parallel group."""
+"""Gradient clipping over a model whose parameters are spread across the model-parallel group, and the
+reduction that sequence parallelism's replicated parameters need."""
 
 from __future__ import annotations
 
@@ -8,7 +9,30 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from .initialize import get_model_parallel_group, group_rank, group_world_size
+from .initialize import get_model_parallel_group, get_model_parallel_world_size, group_rank, group_world_size
+from .utils import collective_device
+
+
+def allreduce_sequence_parallel_gradients(module: torch.nn.Module) -> int:
+    """Sum over the model-parallel group the gradients of the parameters tagged ``sequence_parallel``
+    (replicated weights, such as LayerNorm's, that each rank applied to its own slice of the sequence:
+    each rank's gradient covers only its slice). One flat all-reduce per dtype; returns how many
+    gradients were reduced (0, and no collective, for a model without such parameters)."""
+    grads = [p.grad for p in module.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads or get_model_parallel_world_size() == 1:
+        return 0
+    group = get_model_parallel_group()
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same]).to(collective_device(group))
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for grad in same:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+    return len(grads)
 
 
 def clip_grad_norm(
