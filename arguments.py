@@ -210,6 +210,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                        help="torch.distributed backend (default: nccl on cuda, gloo on cpu)")
     group.add_argument("--DDP-impl", default="local", choices=["local", "torch"],
                        help="data-parallel implementation: all-reduce after backward, or torch's overlapping DDP")
+    group.add_argument("--use-distributed-optimizer", action="store_true",
+                       help="shard the fp32 master weights and optimizer state over the data-parallel group "
+                            "(reduce-scatter the gradients, update the shard, all-gather the weights)")
     group.add_argument("--sequence-parallel", action="store_true",
                        help="split LayerNorm, dropout and residual activations along the sequence over the "
                             "model-parallel group (needs --model-parallel-size above 1)")
@@ -452,6 +455,8 @@ def validate_args(args: argparse.Namespace) -> None:
         shape = {dest: MODEL_SHAPE_DEFAULTS.get(dest) if value is None else value for dest, value in shape.items()}
     check_model_shape(shape, mp, args.seq_length, eval_seq_length=args.eval_seq_length)
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive; pick one")
+    _check(not (args.use_distributed_optimizer and args.DDP_impl == "torch"),
+           "--use-distributed-optimizer does its own gradient reduce-scatter; it works with --DDP-impl local only")
     _check(not args.sequence_parallel or mp > 1,
            "--sequence-parallel splits activations over the model-parallel group; it needs --model-parallel-size "
            "2 or more")

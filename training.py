@@ -31,7 +31,7 @@ import mpu
 from arguments import batch_schedule, distributed_settings
 from data_utils import make_data_loader, resolve_corpora
 from errors import ArgumentError
-from fp16 import FP16_Module, FP16_Optimizer
+from fp16 import DistributedOptimizer, FP16_Module, FP16_Optimizer
 from fp16.loss_scaler import DynamicLossScaler, LossScaler
 from initialize import all_ranks_agree, initialize_distributed, print_rank_0, set_random_seed
 from learning_rates import AnnealingLR
@@ -120,8 +120,8 @@ def train_step(
         totals = {key: value / num_micro_batches for key, value in totals.items()}
     timers("allreduce").start()
     mpu.allreduce_sequence_parallel_gradients(model)  # --sequence-parallel's LayerNorm weights and biases
-    if isinstance(model, DistributedDataParallel):
-        model.allreduce_gradients()
+    if isinstance(model, DistributedDataParallel) and not getattr(optimizer, "reduces_gradients", False):
+        model.allreduce_gradients()  # (a distributed optimizer reduce-scatters them in its step instead)
     timers("allreduce").stop()
     timers("optimizer").start()
     nonfinite_loss = not bool(torch.stack(finite).all())
@@ -269,7 +269,10 @@ def setup_model_and_optimizer(args, model_provider, config: TransformerConfig, d
         n_params = sum(p.numel() for p in model.parameters())
         print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}: {n_params}",
               flush=True)
-    optimizer = FP16_Optimizer(get_optimizer(model, args), get_loss_scaler(args))
+    if args.use_distributed_optimizer:
+        optimizer = DistributedOptimizer(get_optimizer(model, args), get_loss_scaler(args))
+    else:
+        optimizer = FP16_Optimizer(get_optimizer(model, args), get_loss_scaler(args))
     model = wrap_data_parallel(model, args.DDP_impl, device, args.fp32_allreduce)
     scheduler = get_learning_rate_scheduler(optimizer, args)
     return model, optimizer, scheduler

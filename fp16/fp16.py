@@ -143,6 +143,14 @@ class FP16_Optimizer:
                     param.copy_(master)
         return grad_norm, False
 
+    def state_bytes(self) -> int:
+        """Bytes held for the optimizer on this rank: fp32 masters of half weights and the wrapped
+        optimizer's state (Adam's moments), replicated on every data-parallel rank."""
+        masters = sum(m.numel() * 4 for m, p in zip(self.master_params, self.model_params) if m is not p)
+        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
+                    if torch.is_tensor(t))
+        return masters + state
+
     def state_dict(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
