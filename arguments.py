@@ -213,6 +213,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--use-distributed-optimizer", action="store_true",
                        help="shard the fp32 master weights and optimizer state over the data-parallel group "
                             "(reduce-scatter the gradients, update the shard, all-gather the weights)")
+    group.add_argument("--overlap-grad-reduce", action="store_true",
+                       help="--DDP-impl local: start each bucket's gradient all-reduce during backward, as soon as "
+                            "its gradients are ready, instead of after backward")
     group.add_argument("--sequence-parallel", action="store_true",
                        help="split LayerNorm, dropout and residual activations along the sequence over the "
                             "model-parallel group (needs --model-parallel-size above 1)")
@@ -457,6 +460,9 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(not (args.fp16 and args.bf16), "--fp16 and --bf16 are exclusive; pick one")
     _check(not (args.use_distributed_optimizer and args.DDP_impl == "torch"),
            "--use-distributed-optimizer does its own gradient reduce-scatter; it works with --DDP-impl local only")
+    _check(not args.overlap_grad_reduce or (args.DDP_impl == "local" and not args.use_distributed_optimizer),
+           "--overlap-grad-reduce overlaps the local DDP's all-reduce (torch DDP always overlaps); it does not "
+           "combine with --use-distributed-optimizer, whose reduce-scatter runs in the optimizer step")
     _check(not args.sequence_parallel or mp > 1,
            "--sequence-parallel splits activations over the model-parallel group; it needs --model-parallel-size "
            "2 or more")

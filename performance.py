@@ -146,6 +146,19 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
 
 
+def training_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
+    """Bytes this rank holds for the weights, their gradients (the model's, and fp32 master gradients where
+    they are separate) and the optimizer state (``optimizer.state_bytes()``: fp32 masters and Adam's
+    moments, a data-parallel shard of them under ``--use-distributed-optimizer``)."""
+    params = list(model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    masters = [m for g in optimizer.param_groups for m in g["params"]]
+    grads += sum(m.grad.numel() * m.grad.element_size() for m in masters
+                 if m.grad is not None and all(m is not p for p in params))
+    return {"parameters": sum(p.numel() * p.element_size() for p in params), "gradients": grads,
+            "optimizer state": optimizer.state_bytes()}
+
+
 @dataclasses.dataclass
 class Performance:
     """What a run's log lines need to report its speed: timers, model FLOPs per token and the peak for MFU."""

@@ -38,7 +38,7 @@ from learning_rates import AnnealingLR
 from metrics import IntervalStats, MetricsLogger, log_evaluation, log_training, reduce_metrics
 from model import ParallelTransformerLayer, TransformerConfig, optimizer_param_groups
 from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_parallel
-from performance import Performance, Timers, peak_memory_mb, precision_name
+from performance import Performance, Timers, peak_memory_mb, precision_name, training_state_bytes
 from resilience import SkipWatch, StopRequest
 from restore import TrainState, check_run_paths, decide_model_config, decide_shape, load, read_load_state, save
 
@@ -68,9 +68,10 @@ def _next_batch(iterator: Iterator | None) -> Any:
 
 
 def _reduction_deferred(model: nn.Module, defer: bool):
-    """torch DDP's ``no_sync`` while ``defer`` (gradients accumulate locally); otherwise nothing. The
-    local DDP reduces only when ``allreduce_gradients`` is called, once per global batch."""
-    if defer and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    """The data-parallel wrapper's ``no_sync`` while ``defer`` (gradients accumulate locally: torch DDP,
+    and the local DDP with --overlap-grad-reduce, would start reductions during backward); otherwise
+    nothing. The plain local DDP reduces only in ``allreduce_gradients``, once per global batch."""
+    if defer and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
 
@@ -273,7 +274,7 @@ def setup_model_and_optimizer(args, model_provider, config: TransformerConfig, d
         optimizer = DistributedOptimizer(get_optimizer(model, args), get_loss_scaler(args))
     else:
         optimizer = FP16_Optimizer(get_optimizer(model, args), get_loss_scaler(args))
-    model = wrap_data_parallel(model, args.DDP_impl, device, args.fp32_allreduce)
+    model = wrap_data_parallel(model, args.DDP_impl, device, args.fp32_allreduce, args.overlap_grad_reduce)
     scheduler = get_learning_rate_scheduler(optimizer, args)
     return model, optimizer, scheduler
 
@@ -327,7 +328,9 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
                                                      perf.timers, micro_batches)
             if not memory_reported:
                 memory = ", ".join(f"{k[:-3].replace('_', ' ')} {v:.1f} MB" for k, v in peak_memory_mb(device).items())
-                print_rank_0(f" > memory after the first iteration: {memory}")
+                held = ", ".join(f"{name} {size / 2**20:.1f} MB" for name, size in
+                                 training_state_bytes(model, optimizer).items())
+                print_rank_0(f" > memory after the first iteration: {memory}; this rank holds {held}")
                 memory_reported = True
             state.iteration += 1
             state.consumed_samples += global_batch

@@ -186,3 +186,54 @@ def test_checkpoints_move_between_data_parallel_sizes_and_with_and_without_the_f
     resumed = _losses(tmp_path, "plain_resumed", 2, **common, **{"--use-distributed-optimizer": True,
                                                                  "--load": plain_ckpt, "--save": plain_ckpt})
     _assert_same(resumed, unbroken[4:], 1e-5)
+
+
+# --- overlapped gradient reduction ------------------------------------------------------------------------------------
+
+
+def _overlapped_backward(bucket_size: int) -> dict:
+    """Backward of a toy model under the local DDP with overlap: reductions in flight when backward
+    returns, and the gradients afterwards, against the DDP without overlap."""
+    from model.distributed import DistributedDataParallel
+
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(1)
+    results = {}
+    for overlap in (False, True):
+        model = DistributedDataParallel(_toy_model(), bucket_size=bucket_size, overlap=overlap)
+        gen = torch.Generator().manual_seed(dist.get_rank())
+        x = torch.randn(4, 7, generator=gen)
+        with model.no_sync():  # an earlier micro-batch: accumulate, start nothing
+            model(x).square().mean().backward()
+        started_early = len(model._in_flight)
+        model(x * 2).square().mean().backward()
+        results[overlap] = {"in_flight": len(model._in_flight), "early": started_early}
+        model.allreduce_gradients()
+        results[overlap]["grads"] = [p.grad.flatten().tolist() for p in model.parameters()]
+    return results
+
+
+def test_overlapped_reduction_starts_during_backward_and_gives_the_same_gradients():
+    for result in run_distributed(_overlapped_backward, 2, 30):
+        assert result[True]["early"] == 0  # nothing reduced under no_sync
+        assert result[True]["in_flight"] >= 3  # every bucket of 30 elements started before backward returned
+        assert result[False]["in_flight"] == 0
+        assert result[True]["grads"] == result[False]["grads"]  # bitwise
+
+
+@pytest.mark.slow
+def test_a_run_with_overlapped_reduction_equals_one_without_bitwise(tmp_path):
+    common = {"--global-batch-size": 8, "--train-iters": 6}  # two accumulated micro-batches per rank
+    plain = _losses(tmp_path, "plain", 2, **common)
+    overlapped = _losses(tmp_path, "overlapped", 2, **common, **{"--overlap-grad-reduce": True})
+    fields = ("lm_loss", "grad_norm", "lr")
+    assert [[r[k] for k in fields] for r in overlapped] == [[r[k] for k in fields] for r in plain]
+
+
+def test_the_run_reports_the_bytes_it_holds_per_rank(tmp_path):
+    from tests.helpers import run_gpt2_cli
+
+    proc = run_gpt2_cli(gpt2_args(tmp_path, **{"--train-iters": 2, "--eval-iters": 0}))
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if "memory after the first iteration" in line)
+    assert "this rank holds parameters" in line and "gradients" in line and "optimizer state" in line, line
