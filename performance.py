@@ -159,6 +159,49 @@ def training_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, in
             "optimizer state": optimizer.state_bytes()}
 
 
+class SavedActivationMeter:
+    """The bytes of distinct storages autograd keeps for backward while the meter is entered: the
+    activations, which grow with the batch and the sequence (weights saved for backward count too,
+    once). ``live`` now, ``peak`` the most at any time. CPU has no allocator statistics; this counts
+    what the memory of a training step is made of, on any device."""
+
+    def __init__(self) -> None:
+        self.refs: dict[tuple[int, int], int] = {}
+        self.live = self.peak = 0
+
+    def __enter__(self) -> SavedActivationMeter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor: torch.Tensor) -> _Held:
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if not self.refs.get(key):
+            self.live += key[1]
+            self.peak = max(self.peak, self.live)
+        self.refs[key] = self.refs.get(key, 0) + 1
+        return _Held(self, key, tensor)
+
+    def release(self, key: tuple[int, int]) -> None:
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            self.live -= key[1]
+
+
+class _Held:
+    """What autograd holds instead of a saved tensor; its end is the tensor's release."""
+
+    def __init__(self, owner: SavedActivationMeter, key: tuple[int, int], tensor: torch.Tensor) -> None:
+        self.owner, self.key, self.tensor = owner, key, tensor
+
+    def __del__(self) -> None:
+        self.owner.release(self.key)
+
+
 @dataclasses.dataclass
 class Performance:
     """What a run's log lines need to report its speed: timers, model FLOPs per token and the peak for MFU."""

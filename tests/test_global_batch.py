@@ -19,6 +19,7 @@ import torch.distributed as dist
 import mpu
 from errors import ArgumentError
 from microbatches import BatchSchedule
+from performance import SavedActivationMeter
 from tests.distributed import run_distributed
 from tests.helpers import bert_args, gpt2_args, read_metrics, run_gpt2_cli, train_bert, train_gpt2
 
@@ -220,47 +221,6 @@ def test_fp16_skips_the_same_steps_whatever_the_split(tmp_path):
 # --- memory -----------------------------------------------------------------------------------------------------------
 
 
-class SavedActivations:
-    """The bytes of distinct storages autograd keeps for backward (the activations, which grow with the
-    batch; parameters, gradients and optimizer state do not), live and at their peak."""
-
-    def __init__(self) -> None:
-        self.refs: dict[tuple[int, int], int] = {}
-        self.live = self.peak = 0
-
-    def __enter__(self) -> SavedActivations:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-    def _pack(self, tensor: torch.Tensor) -> _Held:
-        storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if not self.refs.get(key):
-            self.live += key[1]
-            self.peak = max(self.peak, self.live)
-        self.refs[key] = self.refs.get(key, 0) + 1
-        return _Held(self, key, tensor)
-
-    def release(self, key: tuple[int, int]) -> None:
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            self.live -= key[1]
-
-
-class _Held:
-    """What autograd holds instead of a saved tensor; its end is the tensor's release."""
-
-    def __init__(self, owner: SavedActivations, key: tuple[int, int], tensor: torch.Tensor) -> None:
-        self.owner, self.key, self.tensor = owner, key, tensor
-
-    def __del__(self) -> None:
-        self.owner.release(self.key)
-
-
 def test_a_step_of_accumulated_micro_batches_holds_the_activations_of_one(single_process_group, tmp_path):
     import pretrain_gpt2
     from arguments import get_args
@@ -280,7 +240,7 @@ def test_a_step_of_accumulated_micro_batches_holds_the_activations_of_one(single
             args, pretrain_gpt2.model_provider, decide_model_config(args, tokenizer.vocab_size), torch.device("cpu"))
         train, _, _ = build_data_iterators(args, (datasets[0], None, None), TrainState())
         forward_step = pretrain_gpt2.forward_step_provider(args, tokenizer, torch.device("cpu"))
-        with SavedActivations() as saved:
+        with SavedActivationMeter() as saved:
             train_step(forward_step, train, model, optimizer, scheduler, args,
                        num_micro_batches=global_batch // micro)
         assert saved.live == 0  # nothing is kept once the step is done
