@@ -34,7 +34,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import mpu  # noqa: E402
 from bench.loop_overhead import write_corpus  # noqa: E402
+from model import GPT2Model, TransformerConfig  # noqa: E402
+from performance import SavedActivationMeter  # noqa: E402
+from tests.distributed import run_distributed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELD = re.compile(r"optimizer state ([0-9.]+) MB")
@@ -84,8 +88,6 @@ def measure_optimizer(args: argparse.Namespace) -> None:
 
 
 def measure_activations(args: argparse.Namespace) -> None:
-    from tests.distributed import run_distributed
-
     try:
         peaks = {sp: run_distributed(activation_peak, 2, vars(args), sp)[0] for sp in (False, True)}
     except Exception as err:  # noqa: BLE001 - a model without sequence parallelism says so
@@ -103,10 +105,6 @@ def measure_activations(args: argparse.Namespace) -> None:
 
 def activation_peak(settings: dict, sequence_parallel: bool) -> int:
     """This rank's peak of saved activations in one forward and backward of GPT2 at model-parallel 2."""
-    import mpu
-    from model import GPT2Model, TransformerConfig
-    from performance import SavedActivationMeter
-
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(2)
     mpu.model_parallel_cuda_manual_seed(1)
