@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mpu
+from conversion.layout import build_model, model_layout, model_parallel_of_one
 from model.bert import BertModel, bert_config
 from model.gpt2 import GPT2Model
 from model.transformer import TransformerConfig
@@ -72,6 +73,30 @@ class _Held:
     def __del__(self) -> None:
         if self.owner is not None:
             self.owner.release(self.key)
+
+
+# --- building ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["gpt2", "bert"])
+def test_a_sequence_parallel_model_has_the_plain_models_tensors_and_layout(model):
+    """Checkpoints, resharding and Hugging Face conversion build models on the meta device, outside any run,
+    from stored configs that may say ``sequence_parallel``: the same names, shapes and layout come out."""
+    shape = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, max_sequence_length=16)
+    configs = [(TransformerConfig if model == "gpt2" else bert_config)(**shape, sequence_parallel=sp)
+               for sp in (False, True)]
+    assert model_layout(model, configs[0]) == model_layout(model, configs[1])
+    with model_parallel_of_one():
+        plain, split = ({name: tuple(t.shape) for name, t in build_model(model, config).state_dict().items()}
+                        for config in configs)
+    assert list(plain.items()) == list(split.items())
+
+
+def test_decoding_with_a_kv_cache_refuses_a_sequence_parallel_model(single_process_group):
+    net = _build("gpt2", sequence_parallel=True)
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="KV cache is not sequence-parallel"):
+        net(tokens, torch.arange(4).unsqueeze(0), kv_cache=net.allocate_kv_cache(1))
 
 
 # --- one model, forward and backward, at model-parallel size 2 ------------------------------------------------------
