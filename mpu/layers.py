@@ -112,7 +112,7 @@ class _SequenceGatheredLinear(torch.autograd.Function):
             total = _gather_sequence(input_, None).to(dtype)
             grad_weight = grad_flat.t().matmul(total.reshape(-1, total.shape[-1])).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_flat.sum(0)
+            grad_bias = grad_flat.sum(0).to(weight.dtype)
         return grad_input, grad_weight, grad_bias
 
 
