@@ -13,7 +13,14 @@ from torch import nn
 
 import mpu
 
-from .transformer import LayerNorm, ParallelTransformer, TransformerConfig, init_method_normal, mask_padded_vocab
+from .transformer import (
+    Dropout,
+    LayerNorm,
+    ParallelTransformer,
+    TransformerConfig,
+    init_method_normal,
+    mask_padded_vocab,
+)
 
 # BERT's departures from ``TransformerConfig``'s (GPT2's) defaults: post-LN, exact GELU, bidirectional,
 # two token types, LayerNorm epsilon 1e-12 and no depth-scaled initialisation (``--deep-init`` turns it on).
@@ -35,7 +42,11 @@ def _linear(in_features: int, out_features: int, std: float) -> nn.Linear:
 
 
 class BertEmbeddings(nn.Module):
-    """``E = Dropout(LN(W[ids] + P[positions] + T[types]))``, the word table ``W`` split over the vocabulary."""
+    """``E = Dropout(LN(W[ids] + P[positions] + T[types]))``, the word table ``W`` split over the vocabulary.
+
+    With ``config.sequence_parallel`` the sum is scattered along the sequence before the LayerNorm, which
+    (with the dropout) then runs on this rank's slice: ``E`` is ``(b, s/p, h)``.
+    """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -46,16 +57,19 @@ class BertEmbeddings(nn.Module):
         init_method(self.position_embeddings.weight.data)
         self.tokentype_embeddings = nn.Embedding(config.num_tokentypes, config.hidden_size)
         init_method(self.tokentype_embeddings.weight.data)
-        self.layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.sequence_parallel = config.sequence_parallel
+        self.layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.sequence_parallel)
+        self.dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
 
     def forward(self, input_ids: torch.Tensor, tokentype_ids: torch.Tensor) -> torch.Tensor:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, s)
         words = self.word_embeddings(input_ids)  # (b, s, h)
         # Under --fp32-tokentypes the token-type table is fp32 while the others may be half.
         embeddings = words + self.position_embeddings(position_ids).to(words.dtype)
-        embeddings = embeddings.float() + self.tokentype_embeddings(tokentype_ids).float()
-        return self.dropout(self.layernorm(embeddings.to(words.dtype)))
+        embeddings = (embeddings.float() + self.tokentype_embeddings(tokentype_ids).float()).to(words.dtype)
+        if self.sequence_parallel:
+            embeddings = mpu.scatter_to_sequence_parallel_region(embeddings)  # (b, s/p, h)
+        return self.dropout(self.layernorm(embeddings))
 
 
 class BertLMHead(nn.Module):
@@ -88,6 +102,12 @@ class BertModel(nn.Module):
     masked tokens: the head then runs on those alone), and ``nsp_logits (b, 2)`` from the pooled
     first token. ``attention_mask`` is 1 (or true) for real tokens and 0 for padding, which no token
     attends to. ``parallel_output=False`` gathers the vocabulary.
+
+    With ``config.sequence_parallel`` the embeddings and the stack run on this rank's slice of the
+    sequence; the stack's output is all-gathered before the heads, since the pooler needs token 0 and
+    the LM head the predicted positions wherever they are. Every rank then computes the same pooler
+    and NSP head, and the LM head's input gradient is all-reduced already, so the gather's backward
+    keeps this rank's slice.
     """
 
     def __init__(self, config: TransformerConfig, parallel_output: bool = True) -> None:
@@ -107,7 +127,9 @@ class BertModel(nn.Module):
         keep = attention_mask.bool()
         # Keys that may be attended to: (b, 1, 1, s); None when nothing is padding (a faster kernel).
         mask = None if bool(keep.all()) else keep[:, None, None, :]
-        hidden = self.transformer(self.embeddings(input_ids, tokentype_ids), mask)  # (b, s, h)
+        hidden = self.transformer(self.embeddings(input_ids, tokentype_ids), mask)  # (b, s, h), SP: (b, s/p, h)
+        if self.config.sequence_parallel:
+            hidden = mpu.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         pooled = torch.tanh(self.pooler(hidden[:, 0]))  # (b, h)
         nsp_logits = self.nsp_head(pooled)  # (b, 2)
         lm_hidden = hidden if lm_positions is None else hidden[lm_positions.bool()]

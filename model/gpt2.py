@@ -7,7 +7,14 @@ from torch import nn
 
 import mpu
 
-from .transformer import KVCache, ParallelTransformer, TransformerConfig, init_method_normal, mask_padded_vocab
+from .transformer import (
+    Dropout,
+    KVCache,
+    ParallelTransformer,
+    TransformerConfig,
+    init_method_normal,
+    mask_padded_vocab,
+)
 
 
 class GPT2Model(nn.Module):
@@ -22,6 +29,12 @@ class GPT2Model(nn.Module):
     the cached ones and causally among themselves, their keys and values join the cache, and the
     logits of the new positions come back. ``position_ids`` are then their absolute positions, and
     an explicit ``attention_mask`` is ``(b, 1, s_new, cached + s_new)`` (e.g. to hide left padding).
+
+    With ``config.sequence_parallel`` the embeddings (computed for the whole sequence) are scattered
+    along the sequence before their dropout; the stack and its final LayerNorm run on this rank's
+    slice, which is all-gathered before the logits. The gather's backward reduce-scatters: each rank's
+    gradient there is only its vocabulary slice's part (the job ``copy_to_model_parallel_region``'s
+    all-reduce does otherwise). Decoding with a KV cache is not sequence-parallel.
     """
 
     def __init__(self, config: TransformerConfig, parallel_output: bool = True) -> None:
@@ -34,7 +47,7 @@ class GPT2Model(nn.Module):
         )
         self.position_embeddings = nn.Embedding(config.max_sequence_length, config.hidden_size)
         init_method(self.position_embeddings.weight.data)
-        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.embedding_dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
         self.transformer = ParallelTransformer(config)
 
     def allocate_kv_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
@@ -52,11 +65,20 @@ class GPT2Model(nn.Module):
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
+        sequence_parallel = self.config.sequence_parallel
+        if sequence_parallel and kv_cache is not None:
+            raise ValueError("decoding with a KV cache is not sequence-parallel: build the model with "
+                             "sequence_parallel=False")
         embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (b, s, h)
+        if sequence_parallel:
+            embeddings = mpu.scatter_to_sequence_parallel_region(embeddings)  # (b, s/p, h)
         hidden = self.transformer(self.embedding_dropout(embeddings), attention_mask, kv_cache)
         # Output layer tied to the input embedding: logits_r = H E_r^T for this rank's vocabulary.
         weight = self.word_embeddings.weight
-        hidden_parallel = mpu.copy_to_model_parallel_region(hidden.to(weight.dtype))
+        if sequence_parallel:
+            hidden_parallel = mpu.gather_from_sequence_parallel_region(hidden.to(weight.dtype), True)  # (b, s, h)
+        else:
+            hidden_parallel = mpu.copy_to_model_parallel_region(hidden.to(weight.dtype))
         logits_parallel = mask_padded_vocab(torch.nn.functional.linear(hidden_parallel, weight), self.config)
         if self.parallel_output:
             return logits_parallel

@@ -3,6 +3,12 @@
 Shapes use ``b`` batch, ``s`` sequence, ``h`` hidden, ``p`` model-parallel size, ``n`` heads and
 ``d = h / n`` the head size. Activations between layers are replicated on every model-parallel
 rank; inside attention and the MLP each rank holds ``n / p`` heads and ``4h / p`` MLP columns.
+
+With ``config.sequence_parallel`` the activations between the parallel matrix multiplies (the
+residual stream, LayerNorms, the hidden dropouts) are split along the sequence instead of
+replicated: each rank holds ``(b, s/p, h)``. The first linear layer of attention and of the MLP
+all-gathers the sequence, the last one reduce-scatters it, so attention still sees the whole
+sequence; the models scatter their embeddings and gather the stack's output before their heads.
 """
 
 from __future__ import annotations
@@ -125,11 +131,40 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in its parameters' precision, returned in the input's.
 
     Under ``--fp16 --fp32-layernorm`` its parameters stay fp32 while the activations are fp16.
+    ``sequence_parallel``: it normalises this rank's slice of the sequence only, so its replicated
+    weight and bias get only that slice's gradient; they are tagged for
+    ``mpu.allreduce_sequence_parallel_gradients`` to sum the slices.
     """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, sequence_parallel: bool = False) -> None:
+        super().__init__(normalized_shape, eps=eps)
+        self.weight.sequence_parallel = sequence_parallel
+        self.bias.sequence_parallel = sequence_parallel
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         output = F.layer_norm(input_.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps)
         return output.to(input_.dtype)
+
+
+class Dropout(nn.Dropout):
+    """Dropout that, with ``sequence_parallel``, draws from the model-parallel random stream.
+
+    Replicated activations must get the same mask on every model-parallel rank (the default stream,
+    seeded alike everywhere); a slice of the sequence must get its own mask on each rank, or positions
+    ``r * s/p + i`` of every rank would share one, and the run would differ from a model-parallel
+    size of one in more than the masks. ``mpu.checkpoint`` replays the tracked stream, so
+    recomputation draws the same masks.
+    """
+
+    def __init__(self, p: float, sequence_parallel: bool = False) -> None:
+        super().__init__(p)
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel and self.training and self.p > 0:
+            with mpu.get_cuda_rng_tracker().fork():
+                return super().forward(input_)
+        return super().forward(input_)
 
 
 class KVCache:
@@ -185,20 +220,24 @@ class ParallelSelfAttention(nn.Module):
         self.hidden_per_partition = mpu.divide(config.hidden_size, world_size)
         self.attention_dropout = config.attention_dropout
         self.causal = config.causal_attention
+        self.sequence_parallel = config.sequence_parallel
         self.query_key_value = mpu.ColumnParallelLinear(
             config.hidden_size, 3 * config.hidden_size, gather_output=False, stride=3,
-            init_method=init_method_normal(config.init_method_std),
+            init_method=init_method_normal(config.init_method_std), sequence_parallel=config.sequence_parallel,
         )
         self.dense = mpu.RowParallelLinear(
             config.hidden_size, config.hidden_size, input_is_parallel=True,
-            init_method=output_init_method(config),
+            init_method=output_init_method(config), sequence_parallel=config.sequence_parallel,
         )
-        self.output_dropout = nn.Dropout(config.hidden_dropout)
+        self.output_dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                 kv_cache: KVCache | None = None, layer_number: int = 0) -> torch.Tensor:
-        b, s, _ = hidden_states.shape
-        mixed = self.query_key_value(hidden_states)  # (b, s, 3h/p)
+        if kv_cache is not None and self.sequence_parallel:
+            raise ValueError("decoding with a KV cache is not sequence-parallel: build the model with "
+                             "sequence_parallel=False")
+        mixed = self.query_key_value(hidden_states)  # (b, s, 3h/p): the whole sequence, also under SP
+        b, s, _ = mixed.shape
         q, k, v = (
             t.view(b, s, self.heads_per_partition, self.head_size).transpose(1, 2)  # (b, n/p, s, d)
             for t in mpu.split_tensor_along_last_dim(mixed, 3)
@@ -229,13 +268,13 @@ class ParallelMLP(nn.Module):
         self.approximate = config.gelu_approximation
         self.dense_h_to_4h = mpu.ColumnParallelLinear(
             config.hidden_size, config.ffn_hidden_size, gather_output=False,
-            init_method=init_method_normal(config.init_method_std),
+            init_method=init_method_normal(config.init_method_std), sequence_parallel=config.sequence_parallel,
         )
         self.dense_4h_to_h = mpu.RowParallelLinear(
             config.ffn_hidden_size, config.hidden_size, input_is_parallel=True,
-            init_method=output_init_method(config),
+            init_method=output_init_method(config), sequence_parallel=config.sequence_parallel,
         )
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         intermediate = F.gelu(self.dense_h_to_4h(hidden_states), approximate=self.approximate)  # (b, s, f/p)
@@ -253,9 +292,10 @@ class ParallelTransformerLayer(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.post_layernorm = config.post_layernorm
-        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.input_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.sequence_parallel)
         self.attention = ParallelSelfAttention(config)
-        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon,
+                                                  config.sequence_parallel)
         self.mlp = ParallelMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -280,8 +320,8 @@ class ParallelTransformer(nn.Module):
         self.checkpoint_activations = config.checkpoint_activations
         self.checkpoint_num_layers = config.checkpoint_num_layers
         self.layers = nn.ModuleList(ParallelTransformerLayer(config) for _ in range(config.num_layers))
-        self.final_layernorm = (None if config.post_layernorm
-                                else LayerNorm(config.hidden_size, eps=config.layernorm_epsilon))
+        self.final_layernorm = (None if config.post_layernorm else
+                                LayerNorm(config.hidden_size, config.layernorm_epsilon, config.sequence_parallel))
 
     def _chunk(self, start: int, end: int) -> Callable[..., torch.Tensor]:
         def run(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

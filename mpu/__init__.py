@@ -28,10 +28,14 @@ from .layers import (
     set_model_parallel_attributes,
 )
 from .mappings import (
+    SEQUENCE_DIM,
     copy_to_model_parallel_region,
     gather_from_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_model_parallel_region,
+    scatter_to_sequence_parallel_region,
 )
 from .random import (
     RNGStatesTracker,
@@ -52,6 +56,7 @@ from .utils import (
 )
 
 __all__ = [
+    "SEQUENCE_DIM",
     "allreduce_sequence_parallel_gradients",
     "ColumnParallelLinear",
     "ParallelEmbedding",
@@ -69,6 +74,7 @@ __all__ = [
     "divide",
     "ensure_divisibility",
     "gather_from_model_parallel_region",
+    "gather_from_sequence_parallel_region",
     "merge_partitions",
     "partition_tensor",
     "get_cuda_rng_tracker",
@@ -86,7 +92,9 @@ __all__ = [
     "model_parallel_is_initialized",
     "model_parallel_manual_seed",
     "reduce_from_model_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_model_parallel_region",
+    "scatter_to_sequence_parallel_region",
     "set_model_parallel_attributes",
     "split_tensor_along_last_dim",
     "vocab_parallel_cross_entropy",

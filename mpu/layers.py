@@ -7,7 +7,16 @@ size. Each layer tags its own parameters:
 * ``model_parallel`` -- ``True`` when the tensor is partitioned over the model-parallel group,
   ``False`` when every model-parallel rank holds the same copy;
 * ``partition_dim`` / ``partition_stride`` -- how a partitioned tensor was cut, so checkpoint
-  tools can reassemble it.
+  tools can reassemble it;
+* ``sequence_parallel`` -- ``True`` on a replicated parameter applied to this rank's slice of the
+  sequence only (under sequence parallelism), whose gradient ``allreduce_sequence_parallel_gradients``
+  must sum over the model-parallel group.
+
+Sequence parallelism (``sequence_parallel=True`` on the linear layers) changes only the communication:
+a column-parallel layer takes a slice ``(b, s/p, h)`` and all-gathers the sequence instead of taking
+the whole, replicated input; a row-parallel layer reduce-scatters its output along the sequence instead
+of all-reducing it. Parameter names, shapes and initialisation stay the same, so checkpoints do not
+know whether a run was sequence-parallel.
 """
 
 from __future__ import annotations
@@ -21,9 +30,12 @@ from torch.nn import init
 
 from .initialize import get_model_parallel_rank, get_model_parallel_world_size
 from .mappings import (
+    _gather_sequence,
+    _reduce_scatter_sequence,
     copy_to_model_parallel_region,
     gather_from_model_parallel_region,
     reduce_from_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_model_parallel_region,
 )
 from .utils import VocabUtility, divide, partition_tensor
@@ -71,6 +83,37 @@ def _initialize_affine_weight(
     with torch.no_grad():
         weight.copy_(own)
     return master_weight
+
+
+class _SequenceGatheredLinear(torch.autograd.Function):
+    """``Y = gather_s(X_r) A^T + b`` that keeps only this rank's slice ``X_r`` for backward.
+
+    Saving the gathered input would keep a whole ``(b, s, h)`` activation per column-parallel layer,
+    which is most of what sequence parallelism sets out to split; backward gathers it again (one more
+    all-gather) for the weight gradient. The input gradient is reduce-scattered: each rank's
+    ``dY_r A_r`` is its own partition's part of the whole input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, input_, weight, bias):
+        ctx.save_for_backward(input_, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(_gather_sequence(input_, None), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input_, weight = ctx.saved_tensors
+        dtype = grad_output.dtype  # under autocast the output may be in another precision than the input
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = _reduce_scatter_sequence(grad_output.matmul(weight.to(dtype)), None).to(input_.dtype)
+        grad_flat = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.needs_input_grad[1]:
+            total = _gather_sequence(input_, None).to(dtype)
+            grad_weight = grad_flat.t().matmul(total.reshape(-1, total.shape[-1])).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_flat.sum(0).to(weight.dtype)
+        return grad_input, grad_weight, grad_bias
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -133,6 +176,10 @@ class ColumnParallelLinear(nn.Module):
     The input is replicated on every rank. With ``gather_output`` the ``Y_i`` are gathered into
     ``Y``; without it each rank keeps ``Y_i``, ready for a ``RowParallelLinear`` with
     ``input_is_parallel=True``.
+
+    With ``sequence_parallel`` the input is this rank's slice of the sequence ``(b, s/p, in)``; it is
+    all-gathered into ``X`` (whose backward reduce-scatters, replacing the all-reduce of the input
+    gradient), and ``Y_i`` covers the whole sequence. It needs ``gather_output=False``.
     """
 
     def __init__(
@@ -144,11 +191,16 @@ class ColumnParallelLinear(nn.Module):
         init_method: InitMethod = init.xavier_normal_,
         stride: int = 1,
         keep_master_weight_for_test: bool = False,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
+        if sequence_parallel and gather_output:
+            raise ValueError("a sequence-parallel ColumnParallelLinear keeps its output partitioned: "
+                             "gather_output must be False")
         self.input_size = input_size
         self.output_size = output_size
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel
         self.stride = stride
         self.output_size_per_partition = divide(output_size, get_model_parallel_world_size())
         # torch's linear stores the transpose: (out, in), so columns of A are rows here.
@@ -165,6 +217,8 @@ class ColumnParallelLinear(nn.Module):
         self.master_weight = master if keep_master_weight_for_test else None
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            return _SequenceGatheredLinear.apply(input_, self.weight, self.bias)
         input_parallel = copy_to_model_parallel_region(input_)
         output_parallel = F.linear(input_parallel, self.weight, self.bias)
         if not self.gather_output:
@@ -197,11 +251,16 @@ class RowParallelLinear(nn.Module):
         init_method: InitMethod = init.xavier_normal_,
         stride: int = 1,
         keep_master_weight_for_test: bool = False,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("a sequence-parallel RowParallelLinear takes its input partitioned: "
+                             "input_is_parallel must be True")
         self.input_size = input_size
         self.output_size = output_size
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel
         self.stride = stride
         self.input_size_per_partition = divide(input_size, get_model_parallel_world_size())
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition))
@@ -209,6 +268,7 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size))
             set_model_parallel_attributes(self.bias, False)
+            self.bias.sequence_parallel = sequence_parallel
         else:
             self.register_parameter("bias", None)
         master = _initialize_affine_weight(
@@ -227,7 +287,10 @@ class RowParallelLinear(nn.Module):
                 input_ = input_.reshape(*lead, self.stride, world_size, -1).transpose(-3, -2).reshape(*lead, -1)
             input_parallel = scatter_to_model_parallel_region(input_)
         output_parallel = F.linear(input_parallel, self.weight)
-        output = reduce_from_model_parallel_region(output_parallel)
+        if self.sequence_parallel:
+            output = reduce_scatter_to_sequence_parallel_region(output_parallel)
+        else:
+            output = reduce_from_model_parallel_region(output_parallel)
         if self.bias is not None:
             output = output + self.bias
         return output
