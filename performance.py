@@ -18,6 +18,7 @@ import dataclasses
 import resource
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -161,13 +162,15 @@ def training_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, in
 
 class SavedActivationMeter:
     """The bytes of distinct storages autograd keeps for backward while the meter is entered: the
-    activations, which grow with the batch and the sequence (weights saved for backward count too,
-    once). ``live`` now, ``peak`` the most at any time. CPU has no allocator statistics; this counts
-    what the memory of a training step is made of, on any device."""
+    activations, which grow with the batch and the sequence. ``live`` now, ``peak`` the most at any
+    time. Storages of ``parameters`` (weights a layer saves for its backward: the same whatever the
+    batch or the parallel layout) are left out. CPU has no allocator statistics; this counts what the
+    memory of a training step is made of, on any device."""
 
-    def __init__(self) -> None:
+    def __init__(self, parameters: Iterable[torch.Tensor] = ()) -> None:
         self.refs: dict[tuple[int, int], int] = {}
         self.live = self.peak = 0
+        self.ignored = {p.untyped_storage().data_ptr() for p in parameters}
 
     def __enter__(self) -> SavedActivationMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor)
@@ -179,6 +182,8 @@ class SavedActivationMeter:
 
     def _pack(self, tensor: torch.Tensor) -> _Held:
         storage = tensor.untyped_storage()
+        if storage.data_ptr() in self.ignored:
+            return _Held(None, None, tensor)
         key = (storage.data_ptr(), storage.nbytes())
         if not self.refs.get(key):
             self.live += key[1]
@@ -195,11 +200,12 @@ class SavedActivationMeter:
 class _Held:
     """What autograd holds instead of a saved tensor; its end is the tensor's release."""
 
-    def __init__(self, owner: SavedActivationMeter, key: tuple[int, int], tensor: torch.Tensor) -> None:
+    def __init__(self, owner: SavedActivationMeter | None, key: tuple[int, int] | None, tensor: torch.Tensor) -> None:
         self.owner, self.key, self.tensor = owner, key, tensor
 
     def __del__(self) -> None:
-        self.owner.release(self.key)
+        if self.owner is not None:
+            self.owner.release(self.key)
 
 
 @dataclasses.dataclass

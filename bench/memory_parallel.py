@@ -13,9 +13,9 @@ Activations: a GPT2 model built at model-parallel 2 in two gloo processes runs o
 on a random batch; the bytes autograd keeps for backward are counted at their peak
 (``performance.SavedActivationMeter``). Expected, from Korthikanti et al. 2022's per-layer formulas
 (``s b h (10 + 24 / t + 5 a s / (h t))`` bytes without sequence parallelism, ``s b h (34 + 5 a s / h) / t``
-with it, in half precision; here fp32 doubles both), their ratio; the embedding, final LayerNorm and
-output layer are the same in both and are left in the measurement, so the measured ratio lies a little
-above the formula's.
+with it, in half precision; here fp32 doubles both), their ratio. The weights a layer saves for its
+backward are left out; the embedding and the output layer, which the formula leaves out, are in, so the
+measured ratio only comes near the formula's.
 
     python bench/memory_parallel.py
     python bench/memory_parallel.py --hidden-size 512 --num-layers 4 --seq-length 256
@@ -115,7 +115,7 @@ def activation_peak(settings: dict, sequence_parallel: bool) -> int:
     tokens = torch.randint(0, 512, (settings["micro_batch_size"], settings["seq_length"]),
                            generator=torch.Generator().manual_seed(0))
     positions = torch.arange(settings["seq_length"]).expand_as(tokens)
-    with SavedActivationMeter() as meter:
+    with SavedActivationMeter(model.parameters()) as meter:
         logits = model(tokens, positions)
         mpu.vocab_parallel_cross_entropy(logits, tokens).mean().backward()
     return meter.peak

@@ -22,57 +22,11 @@ from conversion.layout import build_model, model_layout, model_parallel_of_one
 from model.bert import BertModel, bert_config
 from model.gpt2 import GPT2Model
 from model.transformer import TransformerConfig
+from performance import SavedActivationMeter
 from tests.distributed import run_distributed
 from tests.helpers import bert_args, bert_losses, gpt2_args, gpt2_losses, train_bert, train_gpt2
 
 SEED = 11
-
-
-class SavedActivations:
-    """The bytes of distinct storages autograd keeps for backward (the activations, which grow with the
-    batch; parameters, gradients and optimizer state do not), live and at their peak. Storages of
-    ``parameters`` (which a linear layer saves too, the same with and without sequence parallelism) are
-    left out."""
-
-    def __init__(self, parameters=()) -> None:
-        self.refs: dict[tuple[int, int], int] = {}
-        self.live = self.peak = 0
-        self.ignored = {p.untyped_storage().data_ptr() for p in parameters}
-
-    def __enter__(self) -> SavedActivations:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-    def _pack(self, tensor: torch.Tensor) -> _Held | torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() in self.ignored:
-            return _Held(None, None, tensor)
-        key = (storage.data_ptr(), storage.nbytes())
-        if not self.refs.get(key):
-            self.live += key[1]
-            self.peak = max(self.peak, self.live)
-        self.refs[key] = self.refs.get(key, 0) + 1
-        return _Held(self, key, tensor)
-
-    def release(self, key: tuple[int, int]) -> None:
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            self.live -= key[1]
-
-
-class _Held:
-    """What autograd holds instead of a saved tensor; its end is the tensor's release."""
-
-    def __init__(self, owner: SavedActivations, key: tuple[int, int], tensor: torch.Tensor) -> None:
-        self.owner, self.key, self.tensor = owner, key, tensor
-
-    def __del__(self) -> None:
-        if self.owner is not None:
-            self.owner.release(self.key)
 
 
 # --- building ---------------------------------------------------------------------------------------------------------
@@ -215,7 +169,7 @@ def _peak_activations(sequence_parallel: bool) -> int:
     mpu.initialize_model_parallel(2)
     config = dict(hidden_size=64, max_sequence_length=64, hidden_dropout=0.1, attention_dropout=0.0)
     net = _build("gpt2", **config, sequence_parallel=sequence_parallel)
-    with SavedActivations(net.parameters()) as saved:
+    with SavedActivationMeter(net.parameters()) as saved:
         _loss("gpt2", net, _batch("gpt2", 4, 64, 64)).backward()
     return saved.peak
 
