@@ -170,10 +170,8 @@ LAYOUTS = {
     "dp2": (2, {"--micro-batch-size": 4, "--global-batch-size": 16}),
     "dp2_torch_ddp": (2, {"--micro-batch-size": 4, "--global-batch-size": 16, "--DDP-impl": "torch"}),
     "mp2_dp2": (4, {"--micro-batch-size": 4, "--global-batch-size": 16, "--model-parallel-size": 2}),
-    "mp2_dp2_torch_ddp": (4, {"--micro-batch-size": 4, "--global-batch-size": 16, "--model-parallel-size": 2,
-                              "--DDP-impl": "torch"}),
 }
-ACCUMULATION = {"single": 1, "accumulated": 4, "dp2": 2, "dp2_torch_ddp": 2, "mp2_dp2": 2, "mp2_dp2_torch_ddp": 2}
+ACCUMULATION = {"single": 1, "accumulated": 4, "dp2": 2, "dp2_torch_ddp": 2, "mp2_dp2": 2}
 
 
 def _run_layouts(tmp_path, model: str, extra: dict, names=tuple(LAYOUTS)) -> dict[str, list[dict]]:
