@@ -124,13 +124,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--micro-batch-size", "--batch-size", dest="micro_batch_size", type=int, default=4,
                        help="samples per forward pass on each data-parallel rank (--batch-size is the 2019 name)")
     group.add_argument("--global-batch-size", type=int, default=None,
-                       help="samples per optimiser step over all ranks (default: micro-batch size x data-parallel "
-                            "size); the rest is gradient accumulation over global / (micro x data-parallel) "
-                            "micro-batches")
-    group.add_argument("--rampup-batch-size", type=int, nargs=3, default=None,
-                       metavar=("START", "INCREMENT", "SAMPLES"),
-                       help="grow the global batch from START by INCREMENT in equal steps over the first SAMPLES "
-                            "samples, up to --global-batch-size")
+                       help="samples per optimiser step over all ranks (default: micro x data-parallel size; "
+                            "more accumulates global / (micro x data-parallel) micro-batches)")
+    group.add_argument("--rampup-batch-size", type=int, nargs=3, default=None, metavar=("START", "INC", "SAMPLES"),
+                       help="grow the global batch from START by INC over the first SAMPLES samples")
     group.add_argument("--train-iters", type=int, default=1000000, help="total training iterations")
     group.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     group.add_argument("--min-lr", type=float, default=0.0, help="floor of the decayed learning rate")
@@ -463,9 +460,7 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(not args.overlap_grad_reduce or (args.DDP_impl == "local" and not args.use_distributed_optimizer),
            "--overlap-grad-reduce overlaps the local DDP's all-reduce (torch DDP always overlaps); it does not "
            "combine with --use-distributed-optimizer, whose reduce-scatter runs in the optimizer step")
-    _check(not args.sequence_parallel or mp > 1,
-           "--sequence-parallel splits activations over the model-parallel group; it needs --model-parallel-size "
-           "2 or more")
+    _check(not args.sequence_parallel or mp > 1, "--sequence-parallel needs --model-parallel-size 2 or more")
     for flag, length in (("--seq-length", args.seq_length), ("--eval-seq-length", args.eval_seq_length)):
         _check(not args.sequence_parallel or length is None or length % mp == 0,
                f"--sequence-parallel splits the sequence over --model-parallel-size {mp}; {flag} {length} is "
