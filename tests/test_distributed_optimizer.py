@@ -236,3 +236,22 @@ def test_the_run_reports_the_bytes_it_holds_per_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr
     line = next(line for line in proc.stdout.splitlines() if "memory after the first iteration" in line)
     assert "this rank holds parameters" in line and "gradients" in line and "optimizer state" in line, line
+
+
+@pytest.mark.parametrize("flags, world, fragment", [
+    ({"--use-distributed-optimizer": True, "--DDP-impl": "torch"}, 2, "works with --DDP-impl local only"),
+    ({"--overlap-grad-reduce": True, "--use-distributed-optimizer": True}, 2, "does not combine"),
+    ({"--overlap-grad-reduce": True, "--DDP-impl": "torch"}, 2, "torch DDP always overlaps"),
+    ({"--sequence-parallel": True}, 1, "--sequence-parallel needs --model-parallel-size 2 or more"),
+    ({"--sequence-parallel": True, "--model-parallel-size": 2, "--seq-length": 15,
+      "--max-position-embeddings": 16}, 2, "--seq-length 15 is not a multiple of it"),
+])
+def test_scale_flags_that_cannot_work_together_are_one_clear_line(tmp_path, monkeypatch, capsys, flags, world,
+                                                                   fragment):
+    from arguments import get_args
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(SystemExit) as exit_info:
+        get_args(gpt2_args(tmp_path, **flags))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and fragment in err and len(err.splitlines()) == 1, err
