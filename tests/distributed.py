@@ -47,7 +47,9 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, result
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
             timeout=timedelta(seconds=60),
         )
-        results.put((tag, rank, True, fn(*args)))
+        # Pickled here by value: a tensor put on the queue as it is travels as a shared-memory handle,
+        # which the parent cannot open once this rank has exited (EOFError / connection reset).
+        results.put((tag, rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - any failure must reach the parent
         results.put((tag, rank, False, traceback.format_exc()))
     finally:
@@ -207,7 +209,7 @@ def _collect(server: _ForkServer, tag: int, world_size: int, timeout: float) -> 
                 got_tag, rank, ok, value = server.results.get(timeout=0.1)
                 if got_tag != tag:
                     continue  # a straggler of an earlier, failed call
-                outcomes[rank] = (ok, value)
+                outcomes[rank] = (ok, pickle.loads(value) if ok else value)
                 if not ok and failed_at is None:
                     failed_at = time.monotonic()
                 continue
