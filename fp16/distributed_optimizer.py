@@ -34,6 +34,7 @@ from torch import nn
 
 import mpu
 
+from .fp16 import any_rank_overflowed
 from .loss_scaler import LossScaler
 
 # torch renamed the tensor collectives (2.9); the old names still work, with a warning.
@@ -159,13 +160,6 @@ class DistributedOptimizer:
             dist.all_reduce(total, op=op, group=mpu.get_model_parallel_group())
         return total.item() if norm_type == math.inf else total.item() ** (1.0 / norm_type)
 
-    def _any_rank_overflowed(self, grad_norm: float, nonfinite_loss: bool) -> bool:
-        flag = torch.tensor([0.0 if math.isfinite(grad_norm) and not nonfinite_loss else 1.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = flag.to(mpu.collective_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
     def _all_gather_weights(self) -> None:
         """Every rank's updated shard into every rank's weights."""
         device = mpu.collective_device(self.group)
@@ -186,7 +180,7 @@ class DistributedOptimizer:
         every rank when any rank's gradient norm (or, with ``nonfinite_loss``, its loss) is not finite."""
         self._reduce_scatter_gradients()
         grad_norm = self._grad_norm(2.0)
-        overflow = self._any_rank_overflowed(grad_norm, nonfinite_loss)
+        overflow = any_rank_overflowed(grad_norm, nonfinite_loss)
         self.loss_scaler.update_scale(overflow)
         if overflow:
             self.zero_grad()

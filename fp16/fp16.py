@@ -31,6 +31,16 @@ def _convert(value, dtype: torch.dtype):
     return value
 
 
+def any_rank_overflowed(grad_norm: float, nonfinite_loss: bool = False) -> bool:
+    """Whether any rank's gradient norm (or, with ``nonfinite_loss``, its loss) is not finite: every
+    rank learns the same answer, so every rank skips the same steps."""
+    flag = torch.tensor([0.0 if math.isfinite(grad_norm) and not nonfinite_loss else 1.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = flag.to(mpu.collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
 class FP16_Module(nn.Module):
     """Holds ``module`` in ``dtype`` (fp16 or bf16): floating inputs in, float outputs out.
 
@@ -119,19 +129,12 @@ class FP16_Optimizer:
             if inverse != 1.0:
                 master.grad.mul_(inverse)
 
-    def _any_rank_overflowed(self, grad_norm: float, nonfinite_loss: bool = False) -> bool:
-        flag = torch.tensor([0.0 if math.isfinite(grad_norm) and not nonfinite_loss else 1.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = flag.to(mpu.collective_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
     def step(self, max_norm: float = math.inf, nonfinite_loss: bool = False) -> tuple[float, bool]:
         """Unscale, clip to ``max_norm``, step and copy the masters back; skip on every rank when any rank's
         gradient norm (or, with ``nonfinite_loss``, its loss) is not finite."""
         self._unscale_into_masters()
         grad_norm = mpu.clip_grad_norm(self.master_params, max_norm)
-        overflow = self._any_rank_overflowed(grad_norm, nonfinite_loss)
+        overflow = any_rank_overflowed(grad_norm, nonfinite_loss)
         self.loss_scaler.update_scale(overflow)
         if overflow:
             self.zero_grad()
