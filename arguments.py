@@ -18,6 +18,7 @@ from atomic import temporary_path
 from data_utils.corpora import set_delimiter
 from errors import ArgumentError
 from microbatches import BatchSchedule
+from parallel_layout import check_parallel_sizes
 
 
 class Arguments(argparse.Namespace):
@@ -196,13 +197,16 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume-dataloader", action="store_true",
                        help="continue the data order where the checkpoint left it")
     group.add_argument("--keep-last-checkpoints", type=int, default=None,
-                       help="after each save, delete all but the newest K iter_* folders (never the one "
-                            "latest_checkpointed_iteration.txt names)")
+                       help="after each save, delete all but the newest K iter_* folders (never the tracked one)")
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("distributed", "parallelism and devices")
     group.add_argument("--model-parallel-size", type=int, default=1, help="tensor model-parallel size")
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                       help="pipeline stages: the layers split evenly, micro-batches in the 1F1B schedule")
+    group.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                       help="layers per chunk of the interleaved schedule (each stage holds several chunks)")
     group.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                        help="torch.distributed backend (default: nccl on cuda, gloo on cpu)")
     group.add_argument("--DDP-impl", default="local", choices=["local", "torch"],
@@ -442,12 +446,9 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(args.loss_scale is None or args.fp16, "--loss-scale only applies with --fp16")
     _check_numbers(args)
     mp = args.model_parallel_size
-    _check(mp >= 1, f"--model-parallel-size must be at least 1, got {mp}")
-    _check(mp <= args.world_size,
-           f"--model-parallel-size {mp} needs {mp} processes (or a multiple) and this run has {args.world_size}; "
-           f"launch with torchrun --nproc_per_node {mp} ...")
-    _check(args.world_size % mp == 0,
-           f"world size {args.world_size} is not divisible by --model-parallel-size {mp}")
+    check_parallel_sizes(args.world_size, mp, args.pipeline_model_parallel_size,
+                         args.num_layers_per_virtual_pipeline_stage, args.DDP_impl, args.num_layers,
+                         args.micro_batch_size, args.global_batch_size, bool(args.rampup_batch_size))
     # Without --load the defaults complete the shape; with it, what is given is checked now and the
     # whole shape once the checkpoint's config is known.
     shape = {dest: getattr(args, dest) for dest in SHAPE_FLAGS.values()}
@@ -553,7 +554,8 @@ def derive_args(args: argparse.Namespace) -> None:
         args.distributed_backend = "nccl" if args.device == "cuda" else "gloo"
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
-    args.data_parallel_size = max(1, args.world_size // max(1, args.model_parallel_size))
+    model_ranks = max(1, args.model_parallel_size) * max(1, args.pipeline_model_parallel_size)
+    args.data_parallel_size = max(1, args.world_size // model_ranks)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
     args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
@@ -595,4 +597,5 @@ def batch_schedule(args: argparse.Namespace) -> BatchSchedule:
 def distributed_settings(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``initialize.initialize_distributed`` for this run."""
     return dict(device=args.device, backend=args.distributed_backend, model_parallel_size=args.model_parallel_size,
-                local_rank=args.local_rank, timeout_minutes=args.distributed_timeout_minutes)
+                local_rank=args.local_rank, timeout_minutes=args.distributed_timeout_minutes,
+                pipeline_model_parallel_size=args.pipeline_model_parallel_size)

@@ -32,7 +32,7 @@ def print_rank_0(message: str) -> None:
 
 
 def initialize_distributed(device: str, backend: str, model_parallel_size: int, local_rank: int = 0,
-                           timeout_minutes: float = 10.0) -> torch.device:
+                           timeout_minutes: float = 10.0, pipeline_model_parallel_size: int = 1) -> torch.device:
     """Join the launcher's process group (or a group of one) and build the model-parallel groups.
 
     ``device`` is ``cpu`` or ``cuda`` (``cuda`` takes the GPU ``local_rank`` modulo the count); a
@@ -55,7 +55,7 @@ def initialize_distributed(device: str, backend: str, model_parallel_size: int, 
             minutes = max(DATA_PREP_TIMEOUT_MIN, timeout_minutes)
             set_preparation_group(dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=minutes)))
     if not mpu.model_parallel_is_initialized():
-        mpu.initialize_model_parallel(model_parallel_size)
+        mpu.initialize_model_parallel(model_parallel_size, pipeline_model_parallel_size)
     return where
 
 

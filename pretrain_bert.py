@@ -90,8 +90,11 @@ class BertForwardStep:
 
     def start_iteration(self, batches: list) -> None:
         """Count the predicted tokens of this iteration's micro-batches on all ranks together. Only the
-        first rank of each model-parallel group holds data, so the world's sum is the global batch's."""
+        first rank of each model-parallel group holds data (counted on the first pipeline stage only: every
+        stage loads the same batches), so the world's sum is the global batch's."""
         mine = sum(int(batch["mask"].sum()) for batch in batches if batch is not None)
+        if not mpu.is_pipeline_first_stage(ignore_virtual=True):
+            mine = 0
         self._count = _all_ranks_sum(torch.tensor(float(mine))).to(self.device).clamp(min=1.0)
         self._micro_batches = self._left = len(batches)
 
@@ -110,7 +113,10 @@ class BertForwardStep:
     def __call__(self, batch, model):
         data = {k: v.to(self.device) for k, v in mpu.broadcast_data(BATCH_KEYS, batch, torch.int64).items()}
         lm_positions = data["mask"].bool()  # (b, s): the tokens to predict
-        lm_logits, nsp_logits = model(data["text"], data["types"], 1 - data["pad_mask"], lm_positions)
+        output = model(data["text"], data["types"], 1 - data["pad_mask"], lm_positions)
+        if not mpu.is_pipeline_last_stage():
+            return output, {}  # a pipeline stage's hidden states, for the next stage
+        lm_logits, nsp_logits = output
         losses = mpu.vocab_parallel_cross_entropy(lm_logits, data["mask_labels"][lm_positions])  # (m,)
         count, micro_batches = self._global_count(lm_positions)
         lm_loss = losses.sum() * (mpu.get_data_parallel_world_size() * micro_batches) / count

@@ -41,6 +41,7 @@ from initialize import print_rank_0
 from learning_rates import AnnealingLR
 from model import SHAPE_FIELDS, GPT2Model, TransformerConfig, pad_vocab_size
 from model.distributed import unwrap_model
+from parallel_layout import check_pipeline_layers
 
 # ---------------------------------------------------------------------------------------------
 # Before any work
@@ -129,6 +130,9 @@ def decide_shape(args, stored: dict[str, Any] | None, where: str = "", training:
     check_model_shape({dest: shape.get(field) for field, dest in SHAPE_FLAGS.items()}, args.model_parallel_size,
                       args.seq_length if training else None, where if stored else "",
                       args.eval_seq_length if training else None)
+    if training and getattr(args, "pipeline_model_parallel_size", 1) > 1:
+        check_pipeline_layers(shape["num_layers"], args.pipeline_model_parallel_size,
+                              args.num_layers_per_virtual_pipeline_stage, where if stored else "")
     return shape
 
 

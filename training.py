@@ -16,7 +16,6 @@ stop requests and distributed set-up live in ``restore``, ``metrics``, ``resilie
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -38,9 +37,11 @@ from learning_rates import AnnealingLR
 from metrics import IntervalStats, MetricsLogger, log_evaluation, log_training, reduce_metrics
 from model import ParallelTransformerLayer, TransformerConfig, optimizer_param_groups
 from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_parallel
+from parallel_layout import virtual_pipeline_size
 from performance import Performance, Timers, peak_memory_mb, precision_name, training_state_bytes
 from resilience import SkipWatch, StopRequest
 from restore import TrainState, check_run_paths, decide_model_config, decide_shape, load, read_load_state, save
+from schedules import forward_only_order, run_schedule, share_from_last_stage, training_order
 
 ForwardStep = Callable[[Any, nn.Module], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -67,15 +68,6 @@ def _next_batch(iterator: Iterator | None) -> Any:
     return next(iterator) if iterator is not None else None
 
 
-def _reduction_deferred(model: nn.Module, defer: bool):
-    """The data-parallel wrapper's ``no_sync`` while ``defer`` (gradients accumulate locally: torch DDP,
-    and the local DDP with --overlap-grad-reduce, would start reductions during backward); otherwise
-    nothing. The plain local DDP reduces only in ``allreduce_gradients``, once per global batch."""
-    if defer and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
 def train_step(
     forward_step: ForwardStep, iterator: Iterator | None, model: nn.Module, optimizer: FP16_Optimizer, scheduler,
     args, timers: Timers | None = None, num_micro_batches: int = 1,
@@ -84,7 +76,10 @@ def train_step(
     micro-batches (gradients accumulate; each micro-batch's loss counts ``1 / num_micro_batches``, so
     the step sees their mean), one data-parallel reduction, then clip and step. The step is skipped on
     every rank when any rank's loss on any micro-batch, or the gradient norm, is not finite (an fp16
-    overflow). Activations live for one micro-batch at a time.
+    overflow). Without pipeline parallelism activations live for one micro-batch at a time; with it the
+    micro-batches flow through the stages by ``schedules.training_order`` (1F1B, interleaved with
+    virtual stages), the tied word embeddings' gradients are summed over the first and last stage, and
+    the last stage's metrics are shared with the others.
 
     A forward step with a ``start_iteration(batches)`` method is shown the iteration's micro-batches
     first (BERT counts the predicted tokens of the whole global batch there).
@@ -104,33 +99,28 @@ def train_step(
     start_iteration = getattr(forward_step, "start_iteration", None)
     if start_iteration is not None:
         start_iteration(batches)
-    totals: dict[str, torch.Tensor] = {}
-    finite: list[torch.Tensor] = []
-    for index, batch in enumerate(batches):
-        with _reduction_deferred(model, index < num_micro_batches - 1):
-            timers("forward").start()
-            loss, metrics = forward_step(batch, model)
-            timers("forward").stop()
-            timers("backward").start()
-            optimizer.backward(loss / num_micro_batches if num_micro_batches > 1 else loss)
-            timers("backward").stop()
-        finite.append(torch.isfinite(loss.detach()).all())
-        for key, value in metrics.items():
-            totals[key] = totals[key] + value if key in totals else value
+    totals, finite = run_schedule(training_order(num_micro_batches), forward_step, batches, model,
+                                  optimizer.backward, timers)
     if num_micro_batches > 1:
         totals = {key: value / num_micro_batches for key, value in totals.items()}
     timers("allreduce").start()
     mpu.allreduce_sequence_parallel_gradients(model)  # --sequence-parallel's LayerNorm weights and biases
     if isinstance(model, DistributedDataParallel) and not getattr(optimizer, "reduces_gradients", False):
         model.allreduce_gradients()  # (a distributed optimizer reduce-scatters them in its step instead)
+    mpu.allreduce_tied_embedding_gradients(model)  # pipeline: the first and last stage's word embeddings
     timers("allreduce").stop()
+    totals = share_from_last_stage(totals, _device_of(model))
     timers("optimizer").start()
-    nonfinite_loss = not bool(torch.stack(finite).all())
+    nonfinite_loss = bool(finite) and not bool(torch.stack(finite).all())
     grad_norm, skipped = optimizer.step(args.clip_grad if args.clip_grad > 0 else math.inf, nonfinite_loss)
     if not skipped:
         scheduler.step()
     timers("optimizer").stop()
     return totals, grad_norm, skipped
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def evaluate(forward_step: ForwardStep, make_iterator: Callable[[], Iterator | None],
@@ -139,9 +129,11 @@ def evaluate(forward_step: ForwardStep, make_iterator: Callable[[], Iterator | N
     model.eval()
     iterator = make_iterator()
     totals: dict[str, float] = {}
+    order = forward_only_order(1, mpu.get_virtual_pipeline_model_parallel_world_size())
     with torch.no_grad():
         for _ in range(eval_iters):
-            _, metrics = forward_step(_next_batch(iterator), model)
+            metrics, _ = run_schedule(order, forward_step, [_next_batch(iterator)], model, None)
+            metrics = share_from_last_stage(metrics, _device_of(model))
             for key, value in reduce_metrics(metrics).items():
                 totals[key] = totals.get(key, 0.0) + value
     model.train()
@@ -402,6 +394,8 @@ def pretrain(args, model_provider, data_provider, forward_step_provider,
     config = decide_model_config(args, tokenizer.vocab_size, (ckpt or {}).get("config"), args.load, model_defaults)
     print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with {config.vocab_size - tokenizer.vocab_size} "
                  f"dummy tokens (new size: {config.vocab_size})")
+    mpu.set_virtual_pipeline_model_parallel_world_size(virtual_pipeline_size(
+        config.num_layers, args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage))
     model, optimizer, scheduler = setup_model_and_optimizer(args, model_provider, config, device)
     batches = batch_schedule(args).describe()
     print_rank_0(f" > {batches}")

@@ -91,7 +91,7 @@ class DistributedOptimizer:
                     flat = param.detach().view(-1)[start:end]
                     # fp32 weights are their own masters: the shard's slice of them, updated in place.
                     master = nn.Parameter(flat if param.dtype == torch.float32 else flat.float().clone())
-                    counted = getattr(param, "model_parallel", False) or first_model_rank
+                    counted = mpu.counts_in_norm(param, first_model_rank)
                     self.pieces.append(_Piece(param, start, end, position + start - first, master, counted))
                     masters.append(master)
                 position += param.numel()
@@ -156,8 +156,8 @@ class DistributedOptimizer:
             op = dist.ReduceOp.SUM
         if self.size > 1:
             dist.all_reduce(total, op=op, group=self.group)
-        if mpu.get_model_parallel_world_size() > 1:
-            dist.all_reduce(total, op=op, group=mpu.get_model_parallel_group())
+        if dist.get_world_size(mpu.norm_group()) > 1:  # the model-parallel ranks of every pipeline stage
+            dist.all_reduce(total, op=op, group=mpu.norm_group())
         return total.item() if norm_type == math.inf else total.item() ** (1.0 / norm_type)
 
     def _all_gather_weights(self) -> None:

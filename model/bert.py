@@ -14,12 +14,20 @@ from torch import nn
 import mpu
 
 from .transformer import (
+    HEADS,
+    POSITION_EMBEDDINGS,
+    TOKENTYPE_EMBEDDINGS,
+    WORD_EMBEDDINGS,
     Dropout,
     LayerNorm,
     ParallelTransformer,
     TransformerConfig,
+    current_chunk,
     init_method_normal,
     mask_padded_vocab,
+    seeded_init,
+    stage_input,
+    tag_tied_embeddings,
 )
 
 # BERT's departures from ``TransformerConfig``'s (GPT2's) defaults: post-LN, exact GELU, bidirectional,
@@ -46,17 +54,25 @@ class BertEmbeddings(nn.Module):
 
     With ``config.sequence_parallel`` the sum is scattered along the sequence before the LayerNorm, which
     (with the dropout) then runs on this rank's slice: ``E`` is ``(b, s/p, h)``.
+
+    ``word_only``: just the word table, the last pipeline stage's copy for its tied LM head.
     """
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, init_base: int | None = None, word_only: bool = False) -> None:
         super().__init__()
+        base = torch.initial_seed() if init_base is None else init_base
         init_method = init_method_normal(config.init_method_std)
-        self.word_embeddings = mpu.VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                          init_method=init_method)
-        self.position_embeddings = nn.Embedding(config.max_sequence_length, config.hidden_size)
-        init_method(self.position_embeddings.weight.data)
-        self.tokentype_embeddings = nn.Embedding(config.num_tokentypes, config.hidden_size)
-        init_method(self.tokentype_embeddings.weight.data)
+        with seeded_init(base, WORD_EMBEDDINGS):
+            self.word_embeddings = mpu.VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                              init_method=init_method)
+        if word_only:
+            return
+        with seeded_init(base, POSITION_EMBEDDINGS):
+            self.position_embeddings = nn.Embedding(config.max_sequence_length, config.hidden_size)
+            init_method(self.position_embeddings.weight.data)
+        with seeded_init(base, TOKENTYPE_EMBEDDINGS):
+            self.tokentype_embeddings = nn.Embedding(config.num_tokentypes, config.hidden_size)
+            init_method(self.tokentype_embeddings.weight.data)
         self.sequence_parallel = config.sequence_parallel
         self.layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon, config.sequence_parallel)
         self.dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
@@ -108,6 +124,10 @@ class BertModel(nn.Module):
     the LM head the predicted positions wherever they are. Every rank then computes the same pooler
     and NSP head, and the LM head's input gradient is all-reduced already, so the gather's backward
     keeps this rank's slice.
+
+    Under pipeline parallelism the model is one stage's, as ``GPT2Model`` describes: the embeddings on
+    the first stage, the pooler and both heads on the last (with its copy of the word table), and a
+    stage that does not end the model returns its hidden states.
     """
 
     def __init__(self, config: TransformerConfig, parallel_output: bool = True) -> None:
@@ -116,18 +136,36 @@ class BertModel(nn.Module):
             raise ValueError("BertModel needs num_tokentypes >= 1 (BERT uses 2)")
         self.config = config
         self.parallel_output = parallel_output
-        self.embeddings = BertEmbeddings(config)
-        self.transformer = ParallelTransformer(config)
-        self.pooler = _linear(config.hidden_size, config.hidden_size, config.init_method_std)
-        self.lm_head = BertLMHead(config)
-        self.nsp_head = _linear(config.hidden_size, 2, config.init_method_std)
+        self.chunks = mpu.pipeline_layer_chunks(config.num_layers)
+        self.pre_process = self.chunks[0][0] == 0
+        self.post_process = self.chunks[-1][1] == config.num_layers
+        self.input_tensor: torch.Tensor | None = None
+        base = torch.initial_seed()
+        if self.pre_process or self.post_process:
+            self.embeddings = BertEmbeddings(config, base, word_only=not self.pre_process)
+            tag_tied_embeddings(self.embeddings.word_embeddings.weight, self.pre_process)
+        layers = [n for start, end in self.chunks for n in range(start, end)]
+        self.transformer = ParallelTransformer(config, layers, init_base=base)
+        if self.post_process:
+            with seeded_init(base, HEADS):
+                self.pooler = _linear(config.hidden_size, config.hidden_size, config.init_method_std)
+                self.lm_head = BertLMHead(config)
+                self.nsp_head = _linear(config.hidden_size, 2, config.init_method_std)
+
+    def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
+        """The previous stage's output, this stage's input on its next forward (pipeline parallelism)."""
+        self.input_tensor = tensor
 
     def forward(self, input_ids: torch.Tensor, tokentype_ids: torch.Tensor, attention_mask: torch.Tensor,
                 lm_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         keep = attention_mask.bool()
         # Keys that may be attended to: (b, 1, 1, s); None when nothing is padding (a faster kernel).
         mask = None if bool(keep.all()) else keep[:, None, None, :]
-        hidden = self.transformer(self.embeddings(input_ids, tokentype_ids), mask)  # (b, s, h), SP: (b, s/p, h)
+        start, end = current_chunk(self.chunks)
+        hidden = self.embeddings(input_ids, tokentype_ids) if start == 0 else stage_input(self)
+        hidden = self.transformer(hidden, mask, layers=(start, end))  # (b, s, h), SP: (b, s/p, h)
+        if end < self.config.num_layers:
+            return hidden  # to the next pipeline stage
         if self.config.sequence_parallel:
             hidden = mpu.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         pooled = torch.tanh(self.pooler(hidden[:, 0]))  # (b, h)

@@ -8,12 +8,18 @@ from torch import nn
 import mpu
 
 from .transformer import (
+    POSITION_EMBEDDINGS,
+    WORD_EMBEDDINGS,
     Dropout,
     KVCache,
     ParallelTransformer,
     TransformerConfig,
+    current_chunk,
     init_method_normal,
     mask_padded_vocab,
+    seeded_init,
+    stage_input,
+    tag_tied_embeddings,
 )
 
 
@@ -35,20 +41,42 @@ class GPT2Model(nn.Module):
     slice, which is all-gathered before the logits. The gather's backward reduce-scatters: each rank's
     gradient there is only its vocabulary slice's part (the job ``copy_to_model_parallel_region``'s
     all-reduce does otherwise). Decoding with a KV cache is not sequence-parallel.
+
+    Under pipeline parallelism the model is one stage's: the layers of ``mpu.pipeline_layer_chunks``
+    (several chunks with virtual stages), the embeddings on the first stage, the final LayerNorm and
+    the output layer on the last, which holds its own copy of the word embeddings (initialised equal,
+    kept equal by ``mpu.allreduce_tied_embedding_gradients``). A stage that does not start the model
+    reads its input from ``set_input_tensor``; one that does not end it returns its hidden states
+    ``(b, s, h)``. Parameter names are the whole model's, so stages' state dicts join into it.
     """
 
     def __init__(self, config: TransformerConfig, parallel_output: bool = True) -> None:
         super().__init__()
         self.config = config
         self.parallel_output = parallel_output
+        self.chunks = mpu.pipeline_layer_chunks(config.num_layers)
+        self.pre_process = self.chunks[0][0] == 0
+        self.post_process = self.chunks[-1][1] == config.num_layers
+        self.input_tensor: torch.Tensor | None = None
+        base = torch.initial_seed()
         init_method = init_method_normal(config.init_method_std)
-        self.word_embeddings = mpu.VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, init_method=init_method
-        )
-        self.position_embeddings = nn.Embedding(config.max_sequence_length, config.hidden_size)
-        init_method(self.position_embeddings.weight.data)
-        self.embedding_dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
-        self.transformer = ParallelTransformer(config)
+        if self.pre_process or self.post_process:
+            with seeded_init(base, WORD_EMBEDDINGS):
+                self.word_embeddings = mpu.VocabParallelEmbedding(
+                    config.vocab_size, config.hidden_size, init_method=init_method
+                )
+            tag_tied_embeddings(self.word_embeddings.weight, self.pre_process)
+        if self.pre_process:
+            with seeded_init(base, POSITION_EMBEDDINGS):
+                self.position_embeddings = nn.Embedding(config.max_sequence_length, config.hidden_size)
+                init_method(self.position_embeddings.weight.data)
+            self.embedding_dropout = Dropout(config.hidden_dropout, config.sequence_parallel)
+        layers = [n for start, end in self.chunks for n in range(start, end)]
+        self.transformer = ParallelTransformer(config, layers, init_base=base)
+
+    def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
+        """The previous stage's output, this stage's input on its next forward (pipeline parallelism)."""
+        self.input_tensor = tensor
 
     def allocate_kv_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """An empty key/value cache for ``batch_size`` sequences of up to ``max_length`` tokens
@@ -69,10 +97,17 @@ class GPT2Model(nn.Module):
         if sequence_parallel and kv_cache is not None:
             raise ValueError("decoding with a KV cache is not sequence-parallel: build the model with "
                              "sequence_parallel=False")
-        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (b, s, h)
-        if sequence_parallel:
-            embeddings = mpu.scatter_to_sequence_parallel_region(embeddings)  # (b, s/p, h)
-        hidden = self.transformer(self.embedding_dropout(embeddings), attention_mask, kv_cache)
+        start, end = current_chunk(self.chunks)
+        if start == 0:
+            embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (b, s, h)
+            if sequence_parallel:
+                embeddings = mpu.scatter_to_sequence_parallel_region(embeddings)  # (b, s/p, h)
+            hidden = self.embedding_dropout(embeddings)
+        else:
+            hidden = stage_input(self)
+        hidden = self.transformer(hidden, attention_mask, kv_cache, (start, end))
+        if end < self.config.num_layers:
+            return hidden  # to the next pipeline stage
         # Output layer tied to the input embedding: logits_r = H E_r^T for this rank's vocabulary.
         weight = self.word_embeddings.weight
         if sequence_parallel:
@@ -136,6 +171,8 @@ def gpt2_forward_step(eod: int, device: torch.device, reset_position_ids: bool =
         if eod_mask_loss:
             loss_mask[tokens == eod] = 0.0
         logits = model(tokens, position_ids, attention_mask)  # (b, s, V/p)
+        if not mpu.is_pipeline_last_stage():
+            return logits, {}  # a pipeline stage's hidden states, for the next stage
         losses = mpu.vocab_parallel_cross_entropy(logits, labels)
         loss = (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
         return loss, {"lm_loss": loss.detach()}

@@ -90,6 +90,26 @@ class TransformerConfig:
         return "none" if self.exact_gelu else "tanh"
 
 
+def init_seed(base: int, part: int) -> int:
+    """The seed a model part is initialised from: derived from ``base`` (the seed the run set) and the
+    part's number, so every part draws the same weights whichever pipeline stage builds it and whatever
+    was built before it."""
+    return (base * 1_000_003 + 7_919 * (part + 1)) % (2**63 - 1)
+
+
+# Part numbers for ``seeded_init``: the embeddings and heads; transformer layer ``i`` is ``LAYER_PARTS + i``.
+WORD_EMBEDDINGS, POSITION_EMBEDDINGS, TOKENTYPE_EMBEDDINGS, HEADS, LAYER_PARTS = 0, 1, 2, 10, 100
+
+
+@contextlib.contextmanager
+def seeded_init(base: int, part: int):
+    """Draw the weights built inside from the CPU stream seeded ``init_seed(base, part)``; the stream
+    outside is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed(base, part))
+        yield
+
+
 def init_method_normal(std: float) -> InitMethod:
     """``N(0, std^2)`` initialisation."""
 
@@ -125,6 +145,29 @@ def mask_padded_vocab(logits_parallel: torch.Tensor, config: TransformerConfig) 
     if first_padded < width:
         logits_parallel[..., first_padded:] = torch.finfo(logits_parallel.dtype).min
     return logits_parallel
+
+
+def current_chunk(chunks: list[tuple[int, int]]) -> tuple[int, int]:
+    """The layers ``[start, end)`` a stage runs now: its chunk the schedule chose (virtual stages)."""
+    return chunks[mpu.get_virtual_pipeline_model_parallel_rank()] if len(chunks) > 1 else chunks[0]
+
+
+def stage_input(model: nn.Module) -> torch.Tensor:
+    """The input the pipeline schedule set on a stage that does not start the model."""
+    if model.input_tensor is None:
+        raise RuntimeError("a pipeline stage after the first ran without its input: the schedule passes the "
+                           "previous stage's output through set_input_tensor")
+    return model.input_tensor
+
+
+def tag_tied_embeddings(weight: torch.Tensor, first_stage: bool) -> None:
+    """Tag the word embeddings under pipeline parallelism: ``pipeline_tied`` on the first and last stage
+    (their gradients are summed over both), ``pipeline_tied_copy`` on the last stage's copy (left out
+    of the gradient norm, which the first stage's counts)."""
+    if mpu.get_pipeline_model_parallel_world_size() > 1:
+        weight.pipeline_tied = True
+        if not first_stage:
+            weight.pipeline_tied_copy = True
 
 
 class LayerNorm(nn.LayerNorm):
@@ -309,24 +352,54 @@ class ParallelTransformerLayer(nn.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+class LayerStack(nn.ModuleDict):
+    """Transformer layers named by their number in the whole model (``layers.5`` is layer 5 on whichever
+    pipeline stage holds it, so a stage's parameter names are the whole model's), iterated and indexed
+    by position like a list."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            return super().__getitem__(index)
+        return list(self.values())[index]
+
+    @property
+    def numbers(self) -> list[int]:
+        return [int(key) for key in self.keys()]
+
+
 class ParallelTransformer(nn.Module):
     """A stack of layers, optionally checkpointed in chunks of layers.
 
     Pre-LayerNorm stacks end with a final LayerNorm; post-LayerNorm ones (BERT) end normalised already.
+    A pipeline stage holds only the layers numbered ``layer_numbers`` (default: all), and the final
+    LayerNorm only with the last layer. Layer ``i`` is initialised from its own seed
+    (``seeded_init(init_base, LAYER_PARTS + i)``, ``init_base`` defaulting to the seed the process set),
+    so a stage's layers equal the whole model's.
     """
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, layer_numbers: list[int] | None = None,
+                 init_base: int | None = None) -> None:
         super().__init__()
+        self.num_layers = config.num_layers
         self.checkpoint_activations = config.checkpoint_activations
         self.checkpoint_num_layers = config.checkpoint_num_layers
-        self.layers = nn.ModuleList(ParallelTransformerLayer(config) for _ in range(config.num_layers))
-        self.final_layernorm = (None if config.post_layernorm else
+        base = torch.initial_seed() if init_base is None else init_base
+        numbers = range(config.num_layers) if layer_numbers is None else layer_numbers
+        self.layers = LayerStack()
+        for number in numbers:
+            with seeded_init(base, LAYER_PARTS + number):
+                self.layers[str(number)] = ParallelTransformerLayer(config)
+        has_last = config.num_layers - 1 in numbers or config.num_layers == 0
+        self.final_layernorm = (None if config.post_layernorm or not has_last else
                                 LayerNorm(config.hidden_size, config.layernorm_epsilon, config.sequence_parallel))
 
-    def _chunk(self, start: int, end: int) -> Callable[..., torch.Tensor]:
+    def _chunk(self, positions: list[int]) -> Callable[..., torch.Tensor]:
         def run(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-            for layer in self.layers[start:end]:
-                hidden_states = layer(hidden_states, attention_mask)
+            for position in positions:
+                hidden_states = self.layers[position](hidden_states, attention_mask)
             return hidden_states
 
         return run
@@ -337,16 +410,22 @@ class ParallelTransformer(nn.Module):
         return self.layers[0].attention.query_key_value.weight.dtype if self.layers else torch.get_default_dtype()
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, layers: tuple[int, int] | None = None) -> torch.Tensor:
+        """Run the held layers numbered in ``[start, end)`` of ``layers`` (default: all held), then the
+        final LayerNorm if the last of the model's layers was among them."""
         hidden_states = hidden_states.to(self.dtype)
+        start, end = layers or (0, self.num_layers)
+        positions = [p for p, number in enumerate(self.layers.numbers) if start <= number < end]
         if kv_cache is not None:
-            for number, layer in enumerate(self.layers):
-                hidden_states = layer(hidden_states, attention_mask, kv_cache, number)
+            for position in positions:
+                hidden_states = self.layers[position](hidden_states, attention_mask, kv_cache, position)
             kv_cache.advance(hidden_states.shape[1])
         elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
-            for start in range(0, len(self.layers), self.checkpoint_num_layers):
-                end = min(start + self.checkpoint_num_layers, len(self.layers))
-                hidden_states = mpu.checkpoint(self._chunk(start, end), hidden_states, attention_mask)
+            for first in range(0, len(positions), self.checkpoint_num_layers):
+                chunk = positions[first:first + self.checkpoint_num_layers]
+                hidden_states = mpu.checkpoint(self._chunk(chunk), hidden_states, attention_mask)
         else:
-            hidden_states = self._chunk(0, len(self.layers))(hidden_states, attention_mask)
-        return hidden_states if self.final_layernorm is None else self.final_layernorm(hidden_states)
+            hidden_states = self._chunk(positions)(hidden_states, attention_mask)
+        if self.final_layernorm is None or end < self.num_layers:
+            return hidden_states
+        return self.final_layernorm(hidden_states)

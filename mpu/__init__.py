@@ -1,23 +1,44 @@
-"""Model-parallel primitives: groups, communication, parallel layers, losses, RNG and clipping.
+"""Model-parallel primitives: groups, communication (``mpu.p2p`` between pipeline stages), parallel
+layers, losses, RNG and clipping.
 
 The public names follow Megatron-LM so that its users feel at home.
 """
 
 from .cross_entropy import vocab_parallel_cross_entropy
 from .data import broadcast_data
-from .grads import allreduce_sequence_parallel_gradients, clip_grad_norm
+from .grads import (
+    allreduce_sequence_parallel_gradients,
+    allreduce_tied_embedding_gradients,
+    clip_grad_norm,
+    counts_in_norm,
+    norm_group,
+)
 from .initialize import (
     destroy_model_parallel,
     get_data_parallel_group,
     get_data_parallel_rank,
     get_data_parallel_world_size,
+    get_embedding_group,
+    get_model_and_pipeline_parallel_group,
     get_model_parallel_group,
     get_model_parallel_rank,
     get_model_parallel_src_rank,
     get_model_parallel_world_size,
+    get_pipeline_model_parallel_group,
+    get_pipeline_model_parallel_last_rank,
+    get_pipeline_model_parallel_rank,
+    get_pipeline_model_parallel_ranks,
+    get_pipeline_model_parallel_world_size,
+    get_virtual_pipeline_model_parallel_rank,
+    get_virtual_pipeline_model_parallel_world_size,
     initialize_model_parallel,
+    is_pipeline_first_stage,
+    is_pipeline_last_stage,
     is_rank_0,
     model_parallel_is_initialized,
+    pipeline_layer_chunks,
+    set_virtual_pipeline_model_parallel_rank,
+    set_virtual_pipeline_model_parallel_world_size,
 )
 from .layers import (
     ColumnParallelLinear,
@@ -56,6 +77,23 @@ from .utils import (
 )
 
 __all__ = [
+    "allreduce_tied_embedding_gradients",
+    "counts_in_norm",
+    "norm_group",
+    "get_embedding_group",
+    "get_model_and_pipeline_parallel_group",
+    "get_pipeline_model_parallel_group",
+    "get_pipeline_model_parallel_last_rank",
+    "get_pipeline_model_parallel_rank",
+    "get_pipeline_model_parallel_ranks",
+    "get_pipeline_model_parallel_world_size",
+    "get_virtual_pipeline_model_parallel_rank",
+    "get_virtual_pipeline_model_parallel_world_size",
+    "is_pipeline_first_stage",
+    "is_pipeline_last_stage",
+    "pipeline_layer_chunks",
+    "set_virtual_pipeline_model_parallel_rank",
+    "set_virtual_pipeline_model_parallel_world_size",
     "SEQUENCE_DIM",
     "allreduce_sequence_parallel_gradients",
     "ColumnParallelLinear",

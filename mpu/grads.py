@@ -9,7 +9,15 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from .initialize import get_model_parallel_group, get_model_parallel_world_size, group_rank, group_world_size
+from .initialize import (
+    get_embedding_group,
+    get_model_and_pipeline_parallel_group,
+    get_model_parallel_group,
+    get_model_parallel_rank,
+    get_model_parallel_world_size,
+    get_pipeline_model_parallel_world_size,
+    group_rank,
+)
 from .utils import collective_device
 
 
@@ -35,6 +43,39 @@ def allreduce_sequence_parallel_gradients(module: torch.nn.Module) -> int:
     return len(grads)
 
 
+def allreduce_tied_embedding_gradients(module: torch.nn.Module) -> int:
+    """Sum over the embedding group (the first and last pipeline stage) the gradients of the parameters
+    tagged ``pipeline_tied`` (the word embeddings, which the first stage reads and the last stage's output
+    layer reuses), so that both copies take the same step and stay equal. Returns how many gradients
+    were reduced (0, and no collective, without pipeline parallelism)."""
+    if get_pipeline_model_parallel_world_size() == 1:
+        return 0
+    grads = [p.grad for p in module.parameters() if getattr(p, "pipeline_tied", False) and p.grad is not None]
+    group = get_embedding_group()
+    for grad in grads:
+        reduced = grad.to(collective_device(group))
+        dist.all_reduce(reduced, group=group)
+        if reduced is not grad:
+            grad.copy_(reduced)
+    return len(grads)
+
+
+def counts_in_norm(param: torch.Tensor, first_model_rank: bool) -> bool:
+    """Whether ``param`` adds its gradient to the whole model's norm on this rank, so that each element
+    counts once: partitioned parameters on every model-parallel rank, replicated ones on the first, and
+    the last pipeline stage's copy of the tied word embeddings nowhere (the first stage counts them)."""
+    if getattr(param, "pipeline_tied_copy", False):
+        return False
+    return getattr(param, "model_parallel", False) or first_model_rank
+
+
+def norm_group() -> dist.ProcessGroup:
+    """The group over which a whole-model sum runs: every tensor-parallel rank of every pipeline stage."""
+    if get_pipeline_model_parallel_world_size() > 1:
+        return get_model_and_pipeline_parallel_group()
+    return get_model_parallel_group()
+
+
 def clip_grad_norm(
     parameters: torch.Tensor | Iterable[torch.Tensor],
     max_norm: float,
@@ -45,19 +86,20 @@ def clip_grad_norm(
 
     The norm is that of the full (unpartitioned) model: partitioned parameters (tagged
     ``model_parallel=True`` by their layer) contribute from every rank, replicated ones only from
-    the group's first rank, so each element counts once. ``norm_type`` may be ``inf``. Returns the
-    total norm before clipping, the same on every rank of the group.
+    the group's first rank, so each element counts once (``counts_in_norm``). Without ``group``, the
+    sum runs over every stage of a pipeline too. ``norm_type`` may be ``inf``. Returns the total norm
+    before clipping, the same on every rank of the group.
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     params = [p for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
-    world_size = group_world_size(group)
-    first_rank = group_rank(group) == 0
+    pg = norm_group() if group is None else group
+    world_size = dist.get_world_size(pg)
+    first_rank = (get_model_parallel_rank() if group is None else group_rank(group)) == 0
     grads = [p.grad.detach() for p in params]
-    owned = [p.grad.detach() for p in params if getattr(p, "model_parallel", False) or first_rank]
+    owned = [p.grad.detach() for p in params if counts_in_norm(p, first_rank)]
     device = grads[0].device if grads else torch.device("cpu")
-    pg = get_model_parallel_group() if group is None else group
 
     if norm_type == math.inf:
         local = torch.stack([g.abs().max().float() for g in grads]).max() if grads else torch.zeros(())

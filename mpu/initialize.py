@@ -1,12 +1,21 @@
-"""The one place that holds model- and data-parallel state.
+"""The one place that holds tensor-, pipeline- and data-parallel state.
 
-Ranks are laid out with model-parallel groups of consecutive ranks and data-parallel groups of
-strided ranks. With a world of 8 and a model-parallel size of 2::
+"Model parallel" keeps its 2019 meaning: tensor parallelism, the layers' matrices split over a group
+of ranks. Pipeline parallelism splits the layers themselves into stages; data parallelism replicates
+the whole. Ranks are laid out with the tensor rank fastest, then the data-parallel rank, then the
+pipeline stage (Megatron's order). With a world of 8, tensor size 2 and pipeline size 2::
 
-    model-parallel groups: [0, 1] [2, 3] [4, 5] [6, 7]
-    data-parallel groups:  [0, 2, 4, 6] [1, 3, 5, 7]
+    model-parallel (tensor) groups: [0, 1] [2, 3] [4, 5] [6, 7]
+    data-parallel groups:           [0, 2] [1, 3] [4, 6] [5, 7]
+    pipeline groups:                [0, 4] [1, 5] [2, 6] [3, 7]
+    embedding groups:               the first and last stage of each pipeline group
 
-Consecutive ranks share a node, so the chatty model-parallel collectives stay on the fast links.
+Consecutive ranks share a node, so the chatty tensor-parallel collectives stay on the fast links and
+the pipeline's point-to-point messages are the ones that cross nodes. Without pipeline parallelism
+(size 1) the layout is the 2019 one.
+
+With virtual stages (the interleaved schedule) each pipeline rank holds several chunks of layers;
+the schedule says which chunk runs through ``set_virtual_pipeline_model_parallel_rank``.
 """
 
 from __future__ import annotations
@@ -22,14 +31,24 @@ from .utils import ensure_divisibility
 class _ParallelState:
     model_parallel_group: dist.ProcessGroup
     data_parallel_group: dist.ProcessGroup
+    pipeline_group: dist.ProcessGroup
+    embedding_group: dist.ProcessGroup | None
+    model_and_pipeline_group: dist.ProcessGroup
+    activation_group: dist.ProcessGroup
+    gradient_group: dist.ProcessGroup
     model_parallel_size: int
     data_parallel_size: int
+    pipeline_size: int
     model_parallel_rank: int
     data_parallel_rank: int
+    pipeline_rank: int
     model_parallel_src_rank: int
+    pipeline_ranks: tuple[int, ...]
 
 
 _STATE: _ParallelState | None = None
+_VIRTUAL_RANK = 0
+_VIRTUAL_SIZE = 1
 
 
 def _state() -> _ParallelState:
@@ -41,12 +60,15 @@ def _state() -> _ParallelState:
     return _STATE
 
 
-def initialize_model_parallel(model_parallel_size: int) -> None:
-    """Build the model- and data-parallel groups of the current world.
+def initialize_model_parallel(model_parallel_size: int, pipeline_model_parallel_size: int = 1,
+                              virtual_pipeline_model_parallel_size: int = 1) -> None:
+    """Build the tensor-, pipeline-, data-parallel and embedding groups of the current world.
 
     Every rank must call this, in the same order, since creating a group is collective.
+    ``virtual_pipeline_model_parallel_size`` is the number of layer chunks per pipeline rank (1 for
+    the plain schedules).
     """
-    global _STATE
+    global _STATE, _VIRTUAL_RANK, _VIRTUAL_SIZE
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "torch.distributed is not initialized: call torch.distributed.init_process_group "
@@ -56,39 +78,66 @@ def initialize_model_parallel(model_parallel_size: int) -> None:
         raise RuntimeError("model parallelism is already initialized; call destroy_model_parallel first")
     world_size = dist.get_world_size()
     rank = dist.get_rank()
-    if model_parallel_size < 1:
-        raise ValueError(f"model-parallel size must be at least 1, got {model_parallel_size}")
+    tp, pp = model_parallel_size, pipeline_model_parallel_size
+    if tp < 1 or pp < 1 or virtual_pipeline_model_parallel_size < 1:
+        raise ValueError(f"parallel sizes must be at least 1, got model-parallel {tp}, pipeline {pp}, "
+                         f"virtual {virtual_pipeline_model_parallel_size}")
     try:
-        ensure_divisibility(world_size, model_parallel_size)
+        ensure_divisibility(world_size, tp * pp)
     except ValueError:
-        raise ValueError(
-            f"world size {world_size} is not divisible by model-parallel size {model_parallel_size}; "
-            "launch a multiple of --model-parallel-size processes"
-        ) from None
-    data_parallel_size = world_size // model_parallel_size
+        sizes = f"model-parallel size {tp}" + (f" x pipeline size {pp}" if pp > 1 else "")
+        flags = "--model-parallel-size" + (" x --pipeline-model-parallel-size" if pp > 1 else "")
+        raise ValueError(f"world size {world_size} is not divisible by {sizes}; launch a multiple of {flags} "
+                         "processes") from None
+    dp = world_size // (tp * pp)
 
-    model_group = data_group = None
-    # new_group is collective: every rank creates every group, keeps its own.
-    for i in range(model_parallel_size):
-        ranks = list(range(i, world_size, model_parallel_size))
+    def global_rank(t: int, d: int, p: int) -> int:
+        return (p * dp + d) * tp + t
+
+    mine: dict[str, dist.ProcessGroup] = {}
+    pipeline_ranks: tuple[int, ...] = ()
+
+    def make(name: str, ranks: list[int]) -> None:
+        # new_group is collective: every rank creates every group, keeps its own.
         group = dist.new_group(ranks)
         if rank in ranks:
-            data_group = group
-    for i in range(data_parallel_size):
-        ranks = list(range(i * model_parallel_size, (i + 1) * model_parallel_size))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            model_group = group
-    assert model_group is not None and data_group is not None
+            mine[name] = group
+
+    for p in range(pp):
+        for t in range(tp):
+            make("data", [global_rank(t, d, p) for d in range(dp)])
+        for d in range(dp):
+            make("model", [global_rank(t, d, p) for t in range(tp)])
+    for d in range(dp):
+        for t in range(tp):
+            ranks = [global_rank(t, d, p) for p in range(pp)]
+            make("pipeline", ranks)
+            # One communicator per direction of the schedules' messages: activations go forward, their
+            # gradients backward, and each stream stays in order by itself (NCCL matches by order only).
+            make("activations", ranks)
+            make("gradients", ranks)
+            make("embedding", sorted({ranks[0], ranks[-1]}))
+            if rank in ranks:
+                pipeline_ranks = tuple(ranks)
+        make("model_and_pipeline", [global_rank(t, d, p) for p in range(pp) for t in range(tp)])
     _STATE = _ParallelState(
-        model_parallel_group=model_group,
-        data_parallel_group=data_group,
-        model_parallel_size=model_parallel_size,
-        data_parallel_size=data_parallel_size,
-        model_parallel_rank=rank % model_parallel_size,
-        data_parallel_rank=rank // model_parallel_size,
-        model_parallel_src_rank=(rank // model_parallel_size) * model_parallel_size,
+        model_parallel_group=mine["model"],
+        data_parallel_group=mine["data"],
+        pipeline_group=mine["pipeline"],
+        embedding_group=mine.get("embedding"),  # a middle stage holds no embeddings
+        model_and_pipeline_group=mine["model_and_pipeline"],
+        activation_group=mine["activations"],
+        gradient_group=mine["gradients"],
+        model_parallel_size=tp,
+        data_parallel_size=dp,
+        pipeline_size=pp,
+        model_parallel_rank=rank % tp,
+        data_parallel_rank=(rank // tp) % dp,
+        pipeline_rank=rank // (tp * dp),
+        model_parallel_src_rank=rank - rank % tp,
+        pipeline_ranks=pipeline_ranks,
     )
+    _VIRTUAL_RANK, _VIRTUAL_SIZE = 0, virtual_pipeline_model_parallel_size
 
 
 def model_parallel_is_initialized() -> bool:
@@ -98,18 +147,22 @@ def model_parallel_is_initialized() -> bool:
 
 def destroy_model_parallel() -> None:
     """Forget the groups so that ``initialize_model_parallel`` may run again."""
-    global _STATE
+    global _STATE, _VIRTUAL_RANK, _VIRTUAL_SIZE
     if _STATE is not None:
-        for group in (_STATE.model_parallel_group, _STATE.data_parallel_group):
+        groups = {id(g): g for g in (_STATE.model_parallel_group, _STATE.data_parallel_group, _STATE.pipeline_group,
+                                     _STATE.embedding_group, _STATE.model_and_pipeline_group,
+                                     _STATE.activation_group, _STATE.gradient_group) if g is not None}
+        for group in groups.values():
             try:
                 dist.destroy_process_group(group)
             except (RuntimeError, ValueError):
                 pass  # the default group may already be gone at shutdown
     _STATE = None
+    _VIRTUAL_RANK, _VIRTUAL_SIZE = 0, 1
 
 
 def get_model_parallel_group() -> dist.ProcessGroup:
-    """The model-parallel group this rank belongs to."""
+    """The model-parallel (tensor-parallel) group this rank belongs to."""
     return _state().model_parallel_group
 
 
@@ -137,6 +190,116 @@ def get_data_parallel_world_size() -> int:
 
 def get_data_parallel_rank() -> int:
     return _state().data_parallel_rank
+
+
+def get_pipeline_model_parallel_group() -> dist.ProcessGroup:
+    """The ranks holding the other stages of this rank's copy of the model (same tensor and data rank)."""
+    return _state().pipeline_group
+
+
+def get_pipeline_model_parallel_world_size() -> int:
+    return _state().pipeline_size if _STATE is not None else 1
+
+
+def get_pipeline_model_parallel_rank() -> int:
+    return _state().pipeline_rank if _STATE is not None else 0
+
+
+def get_pipeline_model_parallel_ranks() -> tuple[int, ...]:
+    """Global ranks of this rank's pipeline group, stage 0 first."""
+    return _state().pipeline_ranks
+
+
+def get_pipeline_model_parallel_next_rank() -> int:
+    """Global rank of the next stage (wrapping around: the interleaved schedule's chunks go on)."""
+    state = _state()
+    return state.pipeline_ranks[(state.pipeline_rank + 1) % state.pipeline_size]
+
+
+def get_pipeline_model_parallel_prev_rank() -> int:
+    """Global rank of the previous stage (wrapping around)."""
+    state = _state()
+    return state.pipeline_ranks[(state.pipeline_rank - 1) % state.pipeline_size]
+
+
+def get_pipeline_model_parallel_last_rank() -> int:
+    """Global rank of the last stage of this rank's pipeline."""
+    return _state().pipeline_ranks[-1]
+
+
+def get_embedding_group() -> dist.ProcessGroup | None:
+    """The first and last stage of this rank's pipeline: the two holders of the tied word embeddings
+    (``None`` on a stage between them)."""
+    return _state().embedding_group
+
+
+def get_model_and_pipeline_parallel_group() -> dist.ProcessGroup:
+    """Every rank holding a part of this rank's copy of the model (all tensor ranks of all stages):
+    the group over which a whole-model quantity such as the gradient norm is summed."""
+    return _state().model_and_pipeline_group
+
+
+def get_pipeline_message_groups() -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """The pipeline group's two communicators for point-to-point messages: (activations, gradients)."""
+    state = _state()
+    return state.activation_group, state.gradient_group
+
+
+def get_virtual_pipeline_model_parallel_world_size() -> int:
+    """Chunks of layers per pipeline rank (1 unless the interleaved schedule is used)."""
+    return _VIRTUAL_SIZE
+
+
+def set_virtual_pipeline_model_parallel_world_size(chunks: int) -> None:
+    """Set the chunks per pipeline rank once the model's depth is known (a run's ``--num-layers`` may
+    come from its checkpoint, read after the groups exist)."""
+    global _VIRTUAL_SIZE
+    if chunks < 1:
+        raise ValueError(f"virtual pipeline size must be at least 1, got {chunks}")
+    _VIRTUAL_SIZE = chunks
+
+
+def get_virtual_pipeline_model_parallel_rank() -> int:
+    """The chunk the schedule is running now."""
+    return _VIRTUAL_RANK
+
+
+def set_virtual_pipeline_model_parallel_rank(chunk: int) -> None:
+    global _VIRTUAL_RANK
+    _VIRTUAL_RANK = chunk
+
+
+def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
+    """Whether this rank (running its current chunk, unless ``ignore_virtual``) holds the first layers."""
+    if not ignore_virtual and _VIRTUAL_RANK != 0:
+        return False
+    return get_pipeline_model_parallel_rank() == 0
+
+
+def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
+    """Whether this rank (running its current chunk, unless ``ignore_virtual``) holds the last layers."""
+    if not ignore_virtual and _VIRTUAL_RANK != get_virtual_pipeline_model_parallel_world_size() - 1:
+        return False
+    return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
+
+
+def pipeline_layer_chunks(num_layers: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` layer ranges this rank holds, one per virtual chunk.
+
+    The layers are cut into ``pipeline size x virtual size`` equal stages; virtual stage
+    ``v * pipeline_size + r`` is chunk ``v`` of pipeline rank ``r`` (the interleaved assignment).
+    Without pipeline parallelism (or before initialisation) that is the whole stack.
+    """
+    pp = get_pipeline_model_parallel_world_size()
+    virtual = get_virtual_pipeline_model_parallel_world_size()
+    stages = pp * virtual
+    if num_layers % stages:
+        raise ValueError(f"{num_layers} layers do not split into {pp} pipeline stages"
+                         + (f" x {virtual} virtual stages" if virtual > 1 else "")
+                         + "; choose sizes whose product divides --num-layers")
+    per_stage = num_layers // stages
+    rank = get_pipeline_model_parallel_rank()
+    return [((v * pp + rank) * per_stage, (v * pp + rank + 1) * per_stage) for v in range(virtual)]
 
 
 def group_world_size(group: dist.ProcessGroup | None) -> int:

@@ -60,6 +60,8 @@ def copy_model_parallel_attributes(destination: torch.Tensor, source: torch.Tens
         getattr(source, "partition_dim", -1),
         getattr(source, "partition_stride", 1),
     )
+    if getattr(source, "pipeline_tied_copy", False):
+        destination.pipeline_tied_copy = True
 
 
 def _initialize_affine_weight(

@@ -15,10 +15,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lowest first. A module may import from its own layer (without a cycle) and from the layers below.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("ground", frozenset({"mpu", "atomic", "errors", "microbatches"})),
+    ("ground", frozenset({"mpu", "atomic", "errors", "microbatches", "parallel_layout"})),
     ("parts", frozenset({"checkpointing", "model", "data_utils", "fp16", "learning_rates", "arguments"})),
     ("formats", frozenset({"conversion"})),
-    ("run services", frozenset({"restore", "resilience", "performance", "metrics", "initialize"})),
+    ("run services", frozenset({"restore", "resilience", "performance", "metrics", "initialize", "schedules"})),
     ("run", frozenset({"training", "evaluation", "generation"})),
 )
 ENTRY = len(LAYERS)  # entry scripts, tools/, scripts/, openwebtext/, bench/: everything else
