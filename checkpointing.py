@@ -6,6 +6,12 @@
     SAVE/iter_0000100/mp_rank_00/model_optim_rng.pt
     SAVE/iter_0000100/mp_rank_01/model_optim_rng.pt
 
+and with pipeline parallelism one folder per tensor rank and stage, ``mp_rank_TT_PPP`` (Megatron's
+names): ``iter_0000100/mp_rank_01_002/model_optim_rng.pt`` is tensor rank 1 of stage 2. A stage's
+model holds the whole model's parameter names for the layers it owns, so the stages of one tensor
+rank join into its whole model by a union (``merge_stage_models``), which is how generation and
+evaluation load a pipelined checkpoint.
+
 Each model-parallel rank's file holds its model slice, optimizer, loss scaler, lr scheduler,
 rng states (python, numpy, torch, cuda, tracker), iteration, data-loader position and the model
 config, all as plain types so ``torch.load(..., weights_only=True)`` reads it. A file is written to
@@ -34,11 +40,39 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
 
 
-def get_checkpoint_name(checkpoints_path: str, iteration: int | str, mp_rank: int | None = None) -> str:
-    """Path of one model-parallel rank's file for ``iteration`` (an int or ``"release"``)."""
+def get_checkpoint_name(checkpoints_path: str, iteration: int | str, mp_rank: int | None = None,
+                        pipeline_rank: int | None = None, pipeline_size: int | None = None) -> str:
+    """Path of one model-parallel rank's (and pipeline stage's) file for ``iteration`` (an int or
+    ``"release"``); this process's ranks and pipeline size by default."""
     directory = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
     rank = mpu.get_model_parallel_rank() if mp_rank is None else mp_rank
-    return os.path.join(checkpoints_path, directory, f"mp_rank_{rank:02d}", CHECKPOINT_FILENAME)
+    stages = mpu.get_pipeline_model_parallel_world_size() if pipeline_size is None else pipeline_size
+    stage = mpu.get_pipeline_model_parallel_rank() if pipeline_rank is None else pipeline_rank
+    folder = f"mp_rank_{rank:02d}" if stages == 1 else f"mp_rank_{rank:02d}_{stage:03d}"
+    return os.path.join(checkpoints_path, directory, folder, CHECKPOINT_FILENAME)
+
+
+def _rank_folders(folder: str) -> tuple[int, int]:
+    """(model-parallel size, pipeline size) of the ``mp_rank_*`` folders in an ``iter_*`` folder; (0, 0)
+    when there are none."""
+    names = sorted(d for d in os.listdir(folder) if d.startswith("mp_rank_")) if os.path.isdir(folder) else []
+    if not names:
+        return 0, 0
+    staged = [n for n in names if n.count("_") == 3]
+    if not staged:
+        return len(names), 1
+    stages = {n.rsplit("_", 1)[1] for n in staged}
+    return len(staged) // len(stages), len(stages)
+
+
+def merge_stage_models(models: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The whole model of one tensor rank from its pipeline stages' models, stage 0 first: the union of
+    their parameters (the last stage's copy of the tied word embeddings equals the first stage's)."""
+    merged: dict[str, torch.Tensor] = {}
+    for model in models:
+        for name, tensor in model.items():
+            merged.setdefault(name, tensor)
+    return merged
 
 
 def get_checkpoint_tracker_filename(checkpoints_path: str) -> str:
@@ -144,6 +178,8 @@ def save_checkpoint(
         state: dict[str, Any] = {
             "iteration": iteration,
             "model_parallel_size": mpu.get_model_parallel_world_size(),
+            "pipeline_model_parallel_size": mpu.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline_model_parallel_size": mpu.get_virtual_pipeline_model_parallel_world_size(),
             "model": model_state,
             **extra,
         }
@@ -209,38 +245,63 @@ def remove_old_checkpoints(save_dir: str, keep: int) -> list[str]:
     return removed
 
 
-def write_checkpoint_files(save_dir: str, iteration: int | str, states: list[dict[str, Any]]) -> None:
-    """Write every model-parallel rank's file of one checkpoint from a single process (the conversion
-    tools), then the tracker, so the directory names the checkpoint only once it is complete."""
+def write_checkpoint_files(save_dir: str, iteration: int | str,
+                           states: list[dict[str, Any]] | list[list[dict[str, Any]]]) -> None:
+    """Write every rank's file of one checkpoint from a single process (the conversion tools), then the
+    tracker, so the directory names the checkpoint only once it is complete. ``states`` are by
+    model-parallel rank, or by model-parallel rank and then pipeline stage."""
     for rank, state in enumerate(states):
-        _atomic_torch_save(state, get_checkpoint_name(save_dir, iteration, rank))
+        stages = state if isinstance(state, list) else [state]
+        for stage, one in enumerate(stages):
+            _atomic_torch_save(one, get_checkpoint_name(save_dir, iteration, rank, stage, len(stages)))
     _atomic_write_text(get_checkpoint_tracker_filename(save_dir), f"{iteration}\n")
 
 
+def _load_file(path: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({str(err).splitlines()[0]})") from None
+
+
 def read_all_ranks(load_dir: str) -> tuple[int | str, list[dict[str, Any]]]:
-    """The tracked iteration of ``load_dir`` and every model-parallel rank's state, in rank order."""
+    """The tracked iteration of ``load_dir`` and every model-parallel rank's state, in rank order, for a
+    checkpoint without pipeline parallelism (``read_rank_grid`` reads any)."""
+    iteration, grid = read_rank_grid(load_dir)
+    if len(grid[0]) > 1:
+        raise CheckpointError(f"{load_dir}: a pipelined checkpoint ({len(grid[0])} stages); join its stages first "
+                              "(conversion.restage_states)")
+    return iteration, [stages[0] for stages in grid]
+
+
+def read_rank_grid(load_dir: str) -> tuple[int | str, list[list[dict[str, Any]]]]:
+    """The tracked iteration of ``load_dir`` and every rank's state: by model-parallel rank, then by
+    pipeline stage (one stage without pipeline parallelism)."""
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"{load_dir}: no such directory")
     iteration = read_tracker(load_dir)
     if iteration is None:
         raise CheckpointError(f"{load_dir}: no checkpoint there (no {TRACKER_FILENAME}); point at a directory "
                               "written by --save")
-    folder = os.path.dirname(os.path.dirname(get_checkpoint_name(load_dir, iteration, 0)))
-    ranks = sorted(d for d in os.listdir(folder) if d.startswith("mp_rank_")) if os.path.isdir(folder) else []
-    if not ranks:
+    folder = os.path.dirname(os.path.dirname(get_checkpoint_name(load_dir, iteration, 0, 0, 1)))
+    mp_size, pp_size = _rank_folders(folder)
+    if not mp_size:
         raise CheckpointError(f"{folder}: missing; the tracker names iteration {iteration} but its files are gone")
-    states = []
-    for rank in range(len(ranks)):
-        path = get_checkpoint_name(load_dir, iteration, rank)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-            raise CheckpointError(f"{path}: unreadable checkpoint ({str(err).splitlines()[0]})") from None
-        if state.get("model_parallel_size", len(ranks)) != len(ranks):
-            raise CheckpointError(f"{path}: says model-parallel size {state['model_parallel_size']} but {folder} "
-                                  f"holds {len(ranks)} rank folders")
-        states.append(state)
-    return iteration, states
+    grid = []
+    for rank in range(mp_size):
+        stages = []
+        for stage in range(pp_size):
+            path = get_checkpoint_name(load_dir, iteration, rank, stage, pp_size)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: missing; {folder} holds {mp_size} x {pp_size} rank folders")
+            state = _load_file(path)
+            for key, size in (("model_parallel_size", mp_size), ("pipeline_model_parallel_size", pp_size)):
+                if state.get(key, size) != size:
+                    raise CheckpointError(f"{path}: says {key.replace('_', ' ')} {state[key]} but {folder} holds "
+                                          f"{mp_size} x {pp_size} rank folders")
+            stages.append(state)
+        grid.append(stages)
+    return iteration, grid
 
 
 def checkpoint_root_of(path: str) -> str | None:
@@ -270,26 +331,53 @@ def read_tracker(load_dir: str) -> int | str | None:
         ) from None
 
 
-def load_checkpoint_state(load_dir: str) -> dict[str, Any] | None:
-    """This model-parallel rank's checkpoint from ``load_dir``, or ``None`` when there is none.
+def _sizes_line(mp: int, pp: int, virtual: int = 1) -> str:
+    line = f"model-parallel size {mp}" + (f", pipeline size {pp}" if pp > 1 else "")
+    return line + (f" ({virtual} virtual stages)" if virtual > 1 else "")
 
-    A directory written with another model-parallel size is a ``CheckpointError`` naming both.
+
+def _flags_line(mp: int, pp: int) -> str:
+    return f"--model-parallel-size {mp}" + (f" --pipeline-model-parallel-size {pp}" if pp > 1 else "")
+
+
+def _reshard_hint(load_dir: str, mp: int, pp: int, saved_pp: int) -> str:
+    stages = f" --target-pipeline-model-parallel-size {pp}" if pp > 1 or saved_pp > 1 else ""
+    return (f"convert it with tools/reshard_checkpoint.py --load {load_dir} --target-model-parallel-size {mp}"
+            f"{stages} --save NEW_DIR")
+
+
+def load_checkpoint_state(load_dir: str, restage: bool = False) -> dict[str, Any] | None:
+    """This rank's checkpoint from ``load_dir``, or ``None`` when there is none.
+
+    A directory written with another model-parallel or pipeline layout is a ``CheckpointError`` naming
+    both, except that ``restage`` (generation and evaluation, which run the whole model on each
+    model-parallel group) joins a pipelined checkpoint's stages into one model (weights only).
     """
     iteration = read_tracker(load_dir)
     if iteration is None:
         return None
     mp_size = mpu.get_model_parallel_world_size()
+    pp_size = mpu.get_pipeline_model_parallel_world_size()
+    virtual = mpu.get_virtual_pipeline_model_parallel_world_size()
+    folder = os.path.dirname(os.path.dirname(get_checkpoint_name(load_dir, iteration)))
+    saved_mp, saved_pp = _rank_folders(folder)
+    if not saved_mp:
+        raise CheckpointError(f"{folder}: missing; the tracker names iteration {iteration} but its files are gone")
+    if restage and saved_pp > 1 and pp_size == 1 and saved_mp == mp_size:
+        states = [_load_file(get_checkpoint_name(load_dir, iteration, None, stage, saved_pp))
+                  for stage in range(saved_pp)]
+        merged = {k: v for k, v in states[0].items() if k not in ("optimizer", "rng", "model")}
+        merged.update(model=merge_stage_models([s["model"] for s in states]), pipeline_model_parallel_size=1,
+                      virtual_pipeline_model_parallel_size=1)
+        return merged
+    if (saved_mp, saved_pp) != (mp_size, pp_size):
+        raise CheckpointError(
+            f"{load_dir}: checkpoint was saved with {_sizes_line(saved_mp, saved_pp)}, this run uses "
+            f"{_flags_line(mp_size, pp_size)}; run with {_flags_line(saved_mp, saved_pp)}, or "
+            f"{_reshard_hint(load_dir, mp_size, pp_size, saved_pp)}"
+        )
     path = get_checkpoint_name(load_dir, iteration)
     if not os.path.isfile(path):
-        saved = sorted(
-            d for d in os.listdir(os.path.dirname(os.path.dirname(path))) if d.startswith("mp_rank_")
-        ) if os.path.isdir(os.path.dirname(os.path.dirname(path))) else []
-        if saved:
-            raise CheckpointError(
-                f"{load_dir}: checkpoint was saved with model-parallel size {len(saved)}, this run uses "
-                f"--model-parallel-size {mp_size}; run with --model-parallel-size {len(saved)}, or convert it with "
-                f"tools/reshard_checkpoint.py --load {load_dir} --target-model-parallel-size {mp_size} --save NEW_DIR"
-            )
         raise CheckpointError(f"{path}: missing; the tracker names iteration {iteration} but its file is gone")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -299,11 +387,12 @@ def load_checkpoint_state(load_dir: str) -> dict[str, Any] | None:
             f"{get_checkpoint_tracker_filename(load_dir)} at an earlier iteration"
         ) from None
     saved_mp = state.get("model_parallel_size", mp_size)
-    if saved_mp != mp_size:
+    saved_virtual = state.get("virtual_pipeline_model_parallel_size", 1)
+    if saved_mp != mp_size or (pp_size > 1 and saved_virtual != virtual):
         raise CheckpointError(
-            f"{path}: checkpoint was saved with model-parallel size {saved_mp}, this run uses "
-            f"--model-parallel-size {mp_size}; run with --model-parallel-size {saved_mp}, or convert it with "
-            f"tools/reshard_checkpoint.py --load {load_dir} --target-model-parallel-size {mp_size} --save NEW_DIR"
+            f"{path}: checkpoint was saved with {_sizes_line(saved_mp, pp_size, saved_virtual)}, this run uses "
+            f"{_sizes_line(mp_size, pp_size, virtual)}; run with the layout it was saved with, or "
+            f"{_reshard_hint(load_dir, mp_size, pp_size, pp_size)}"
         )
     return state
 

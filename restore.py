@@ -89,15 +89,16 @@ def check_run_paths(args) -> None:
             print_rank_0(f"removed {path}, left by a save that was killed")
 
 
-def read_load_state(args) -> dict[str, Any] | None:
+def read_load_state(args, restage: bool = False) -> dict[str, Any] | None:
     """This model-parallel rank's state from ``--load``: a checkpoint directory, or with
     ``--load-openai`` / ``--eval-hf`` a Hugging Face GPT-2 folder converted in memory (weights only,
-    like a ``release`` checkpoint). ``None`` when the directory holds no checkpoint yet."""
+    like a ``release`` checkpoint). ``None`` when the directory holds no checkpoint yet. ``restage``
+    joins a pipelined checkpoint's stages (generation and evaluation run the whole model)."""
     if args.load_openai or args.eval_hf:
         states, _ = import_hf(args.load, mpu.get_model_parallel_world_size(), args.make_vocab_size_divisible_by,
                               args.seed)
         return states[mpu.get_model_parallel_rank()]
-    return load_checkpoint_state(args.load)
+    return load_checkpoint_state(args.load, restage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,11 +217,14 @@ def load_gpt2_for_inference(args, tokenizer, device: torch.device,
     Call it after ``initialize.initialize_distributed``."""
     if not args.load:
         raise CheckpointError("no checkpoint to load: give --load DIR (a directory written by --save)")
+    if mpu.get_pipeline_model_parallel_world_size() > 1:
+        raise ArgumentError("generation and evaluation run the whole model on each model-parallel group (a "
+                            "pipelined checkpoint's stages are joined at load): drop --pipeline-model-parallel-size")
     root = checkpoint_root_of(args.load)
     if root is not None and os.path.abspath(args.load) != root:
         raise CheckpointError(f"--load {args.load} lies inside a checkpoint; pass the directory holding "
                               f"{TRACKER_FILENAME}: --load {root}")
-    ckpt = read_load_state(args)
+    ckpt = read_load_state(args, restage=True)
     if ckpt is None:
         raise CheckpointError(f"{args.load}: no checkpoint there (no {TRACKER_FILENAME}); "
                               "point --load at a directory written by --save")

@@ -43,11 +43,12 @@ from .layout import (
     model_parallel_of_one,
     model_type_of,
     padded_size,
+    stage_owns,
     vocab_parallel_names,
 )
 from .megatron2019 import KNOWN_VOCAB_SIZES, import_megatron2019, pad_2019
 from .outputs import check_new_output, new_output_dir
-from .reshard import full_model_state, release_states, reshard_states
+from .reshard import full_model_state, release_states, reshard_states, restage_states, split_stages
 
 __all__ = [
     "BERT_ARCHITECTURES",
@@ -82,6 +83,9 @@ __all__ = [
     "read_hf_weights",
     "release_states",
     "reshard_states",
+    "restage_states",
+    "split_stages",
+    "stage_owns",
     "safetensors_torch",
     "vocab_parallel_names",
 ]

@@ -81,6 +81,8 @@ class Layout:
     split: dict[str, tuple[int, int]]
     vocab: set[str]
     optimizer_order: list[str]
+    num_decay: int = 0
+    """How many of ``optimizer_order`` form the first (weight-decay) parameter group."""
 
 
 def model_layout(model_type: str, config: TransformerConfig) -> Layout:
@@ -89,7 +91,27 @@ def model_layout(model_type: str, config: TransformerConfig) -> Layout:
     split = {name: (param.partition_dim, param.partition_stride) for name, param in model.named_parameters()
              if getattr(param, "model_parallel", False)}
     decay, no_decay = optimizer_param_groups(model)
-    return Layout(split, vocab_parallel_names(model), [name for name, _ in decay + no_decay])
+    return Layout(split, vocab_parallel_names(model), [name for name, _ in decay + no_decay], len(decay))
+
+
+WORD_EMBEDDINGS = {"gpt2": "word_embeddings.weight", "bert": "embeddings.word_embeddings.weight"}
+FIRST_STAGE_PREFIXES = {"gpt2": ("position_embeddings.",), "bert": ("embeddings.",)}
+
+
+def stage_owns(name: str, model_type: str, num_layers: int, pp: int, rank: int, virtual: int = 1) -> bool:
+    """Whether pipeline stage ``rank`` of ``pp`` (with ``virtual`` chunks) holds parameter ``name``: its
+    layers' parameters, the embeddings on the first stage, the final LayerNorm and heads on the last,
+    and the word embeddings on both (the models' own rule, which a test holds them to)."""
+    chunks = mpu.layer_chunks(num_layers, pp, rank, virtual)
+    first, last = chunks[0][0] == 0, chunks[-1][1] == num_layers
+    if name.startswith("transformer.layers."):
+        number = int(name.split(".")[2])
+        return any(start <= number < end for start, end in chunks)
+    if name == WORD_EMBEDDINGS[model_type]:
+        return first or last
+    if name.startswith(FIRST_STAGE_PREFIXES[model_type]):
+        return first
+    return last
 
 
 def check_divisible(config: TransformerConfig, size: int, where: str) -> None:

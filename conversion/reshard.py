@@ -1,4 +1,4 @@
-"""A checkpoint of this toolkit at another model-parallel size, optimizer state included.
+"""A checkpoint of this toolkit at another model-parallel size and pipeline layout, optimizer state included.
 
 ``reshard_states`` takes every rank's state of a checkpoint, joins each partitioned tensor into its
 full form by the model's layout, re-pads the vocabulary if the new size does not split it, and cuts
@@ -7,6 +7,8 @@ of the ``FP16_Optimizer``, matched to their parameters by the optimizer's parame
 resharded training checkpoint resumes where it stopped. ``full_model_state`` gives a checkpoint's full
 weights (what the exporters start from) and ``release_states`` writes full weights from anywhere as a
 weights-only ``release`` checkpoint, after checking every tensor's name and shape against the model.
+``restage_states`` joins a pipelined checkpoint's stages into whole-model states (by parameter name,
+optimizer included) and ``split_stages`` cuts whole-model states into another pipeline layout.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 import mpu
+from checkpointing import merge_stage_models
 from errors import ConversionError
 from model import TransformerConfig
 
@@ -32,6 +35,7 @@ from .layout import (
     repad,
     resize_rows,
     split_full,
+    stage_owns,
 )
 
 
@@ -138,8 +142,105 @@ def reshard_states(states: list[dict[str, Any]], target: int, keep_optimizer: bo
     return out
 
 
-def full_model_state(states: list[dict[str, Any]]) -> tuple[str, TransformerConfig, dict[str, torch.Tensor]]:
-    """(model type, config, full tensors) of a checkpoint's per-rank states."""
+def _stage_optimizer(template: dict, per_name: dict[str, dict], masters: dict[str, torch.Tensor], order: list[str],
+                     num_decay: int, model: dict[str, torch.Tensor]) -> dict:
+    """An optimizer dict (``FP16_Optimizer.state_dict``'s form) over the parameters ``order`` of a model,
+    the first ``num_decay`` of them in the weight-decay group, from per-name state and masters."""
+    inner = template["optimizer"]
+    groups = [{**inner["param_groups"][0], "params": list(range(num_decay))},
+              {**inner["param_groups"][1], "params": list(range(num_decay, len(order)))}]
+    half = [name for name in order if model[name].dtype != torch.float32]
+    return {
+        **template,
+        "optimizer": {"state": {i: per_name[n] for i, n in enumerate(order) if n in per_name}, "param_groups": groups},
+        "fp32_master_params": [masters[name] for name in half] if masters else [],
+    }
+
+
+def restage_states(grid: list[list[dict[str, Any]]], where: str = "checkpoint") -> list[dict[str, Any]]:
+    """Per model-parallel rank, the state of the whole model from its pipeline stages' states (``grid``
+    by model-parallel rank, then stage): the models' union, and the optimizer's state and fp32 masters
+    matched to the parameters by name (each stage's optimizer order is the whole model's, filtered to
+    its parameters). A checkpoint without pipeline parallelism comes back as it is."""
+    if all(len(stages) == 1 for stages in grid):
+        return [stages[0] for stages in grid]
+    first = grid[0][0]
+    if not first.get("config"):
+        raise ConversionError(f"{where}: stores no model config; it was not written by this toolkit's training")
+    config = TransformerConfig(**first["config"])
+    layout = model_layout(model_type_of(first["model"]), config)
+    out = []
+    for stages in grid:
+        model = merge_stage_models([stage["model"] for stage in stages])
+        state = {k: v for k, v in stages[0].items() if k not in ("model", "optimizer")}
+        state.update(model=model, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=1)
+        if all("optimizer" in stage for stage in stages):
+            per_name: dict[str, dict] = {}
+            masters: dict[str, torch.Tensor] = {}
+            for stage in stages:
+                order = [name for name in layout.optimizer_order if name in stage["model"]]
+                inner = stage["optimizer"]["optimizer"]
+                if sum(len(g["params"]) for g in inner["param_groups"]) != len(order):
+                    raise ConversionError(f"{where}: a stage's optimizer numbers another count of parameters than "
+                                          "its model; was it saved by this toolkit's training?")
+                for index, name in enumerate(order):
+                    if index in inner["state"]:
+                        per_name.setdefault(name, inner["state"][index])
+                half = [name for name in order if stage["model"][name].dtype != torch.float32]
+                for name, master in zip(half, stage["optimizer"].get("fp32_master_params", [])):
+                    masters.setdefault(name, master)
+            state["optimizer"] = _stage_optimizer(stages[0]["optimizer"], per_name, masters, layout.optimizer_order,
+                                                  layout.num_decay, model)
+        out.append(state)
+    return out
+
+
+def split_stages(states: list[dict[str, Any]], pipeline_size: int, virtual: int = 1,
+                 where: str = "checkpoint") -> list[list[dict[str, Any]]]:
+    """Whole-model states (per model-parallel rank) cut into ``pipeline_size`` stages of ``virtual`` chunks
+    each (by model-parallel rank, then stage): each stage's parameters by ``stage_owns``, its optimizer
+    state and masters re-indexed to its own parameter order."""
+    config = TransformerConfig(**states[0]["config"])
+    model_type = model_type_of(states[0]["model"])
+    if config.num_layers % (pipeline_size * virtual):
+        raise ConversionError(f"{where}: its {config.num_layers} layers do not split into {pipeline_size} pipeline "
+                              f"stages" + (f" x {virtual} virtual stages" if virtual > 1 else ""))
+    if pipeline_size == 1:
+        return [[state] for state in states]
+    layout = model_layout(model_type, config)
+    grid = []
+    for state in states:
+        stages = []
+        for rank in range(pipeline_size):
+            owned = [name for name in state["model"]
+                     if stage_owns(name, model_type, config.num_layers, pipeline_size, rank, virtual)]
+            model = {name: state["model"][name] for name in owned}
+            stage = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            stage.update(model=model, pipeline_model_parallel_size=pipeline_size,
+                         virtual_pipeline_model_parallel_size=virtual)
+            if "args" in stage:
+                stage["args"] = {**stage["args"], "pipeline_model_parallel_size": pipeline_size}
+            if "optimizer" in state:
+                full = state["optimizer"]
+                inner = full["optimizer"]
+                names = layout.optimizer_order
+                per_name = {names[i]: value for i, value in inner["state"].items()}
+                half = [name for name in names if state["model"][name].dtype != torch.float32]
+                masters = dict(zip(half, full.get("fp32_master_params", [])))
+                order = [name for name in names if name in model]
+                decay_names = set(names[:layout.num_decay])
+                decay = sum(1 for name in order if name in decay_names)
+                stage["optimizer"] = _stage_optimizer(full, per_name, masters, order, decay, model)
+            stages.append(stage)
+        grid.append(stages)
+    return grid
+
+
+def full_model_state(states: list[dict[str, Any]] | list[list[dict[str, Any]]]
+                     ) -> tuple[str, TransformerConfig, dict[str, torch.Tensor]]:
+    """(model type, config, full tensors) of a checkpoint's per-rank states (or by rank and stage)."""
+    if states and isinstance(states[0], list):
+        states = [{**stages[0], "model": merge_stage_models([s["model"] for s in stages])} for stages in states]
     config = TransformerConfig(**states[0]["config"])
     model_type = model_type_of(states[0]["model"])
     return model_type, config, merge_parts([s["model"] for s in states], model_layout(model_type, config))

@@ -290,15 +290,18 @@ def pipeline_layer_chunks(num_layers: int) -> list[tuple[int, int]]:
     ``v * pipeline_size + r`` is chunk ``v`` of pipeline rank ``r`` (the interleaved assignment).
     Without pipeline parallelism (or before initialisation) that is the whole stack.
     """
-    pp = get_pipeline_model_parallel_world_size()
-    virtual = get_virtual_pipeline_model_parallel_world_size()
+    return layer_chunks(num_layers, get_pipeline_model_parallel_world_size(), get_pipeline_model_parallel_rank(),
+                        get_virtual_pipeline_model_parallel_world_size())
+
+
+def layer_chunks(num_layers: int, pp: int, rank: int, virtual: int = 1) -> list[tuple[int, int]]:
+    """``pipeline_layer_chunks`` of pipeline rank ``rank`` of ``pp`` with ``virtual`` chunks each."""
     stages = pp * virtual
     if num_layers % stages:
         raise ValueError(f"{num_layers} layers do not split into {pp} pipeline stages"
                          + (f" x {virtual} virtual stages" if virtual > 1 else "")
                          + "; choose sizes whose product divides --num-layers")
     per_stage = num_layers // stages
-    rank = get_pipeline_model_parallel_rank()
     return [((v * pp + rank) * per_stage, (v * pp + rank + 1) * per_stage) for v in range(virtual)]
 
 

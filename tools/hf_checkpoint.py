@@ -29,7 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpointing import read_all_ranks, write_checkpoint_files  # noqa: E402
+from checkpointing import read_rank_grid, write_checkpoint_files  # noqa: E402
 from conversion import (  # noqa: E402
     TOKENIZER_FILES,
     ConversionError,
@@ -90,7 +90,7 @@ def _tokenizer_sources(saved_args: dict, model_type: str) -> dict[str, str]:
 def _export(args: argparse.Namespace) -> None:
     save_file = safetensors_torch().save_file
     check_new_output(args.hf_dir, "--hf-dir")
-    iteration, states = read_all_ranks(args.load)
+    iteration, states = read_rank_grid(args.load)
     model_type, config, full = full_model_state(states)
     tensors = full_to_hf(model_type, full, config)
     copied = []
@@ -98,7 +98,7 @@ def _export(args: argparse.Namespace) -> None:
         save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(hf_config_from(model_type, config), f, indent=2)
-        for name, path in _tokenizer_sources(states[0].get("args", {}), model_type).items():
+        for name, path in _tokenizer_sources(states[0][0].get("args", {}), model_type).items():
             shutil.copy2(path, os.path.join(staging, name))
             copied.append(name)
     kind = "GPT2LMHeadModel" if model_type == "gpt2" else "BertForPreTraining"
