@@ -45,9 +45,10 @@ def parse_split(split: str, valid_given: bool = False, test_given: bool = False)
 
     ``"949,50,1"``, ``"95,5"``, ``"1"`` (``/`` also separates) are weights, normalised by their sum. Fractions
     summing below 1 leave the remainder to the next split (``"0.8"`` is 0.8 train, 0.2 valid; ``"0.8,0.1"`` gives
-    test 0.1); three of them are weights like any others (``"0.5,0.2,0.1"`` is 5/8, 2/8, 1/8). A split given as its own data (``valid_given``,
-    ``test_given``: ``--valid-data``/``--test-data``) takes nothing from ``--train-data``: its share goes back to
-    the others, so ``"949,50,1"`` with ``--valid-data`` trains on 949/950 of the documents.
+    test 0.1); three of them are weights like any others (``"0.5,0.2,0.1"`` is 5/8, 2/8, 1/8). A split given as
+    its own data (``valid_given``, ``test_given``: ``--valid-data``/``--test-data``) takes nothing from
+    ``--train-data``: its share goes back to the others, so ``"949,50,1"`` with ``--valid-data`` trains on
+    949/950 of the documents.
     """
     fields = [f.strip() for f in split.replace("/", ",").split(",")]
     try:
