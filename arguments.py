@@ -93,6 +93,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="LayerNorm epsilon (default: the checkpoint's with --load, else 1e-5; BERT's 1e-12 "
                             "in pretrain_bert.py)")
     group.add_argument("--init-method-std", type=float, default=0.02, help="std of normal initialisation")
+    group.add_argument("--pretrained-bert", action="store_true",
+                       help="BERT: start from the Hugging Face BERT folder --tokenizer-model-type names")
     group.add_argument("--deep-init", action="store_true",
                        help="BERT: scale residual output init by 1/sqrt(2*num_layers) as GPT2 does")
     group.add_argument("--checkpoint-activations", action="store_true",
@@ -153,11 +155,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="torch.compile each transformer layer (in place: checkpoint names stay the same); "
                             "the first iterations pay for compilation")
     group.add_argument("--compile-backend", default="inductor",
-                       help="torch.compile backend for --compile (inductor; aot_eager checks the graphs without "
-                            "generating code)")
+                       help="torch.compile backend for --compile (aot_eager checks graphs without generating code)")
     group.add_argument("--peak-tflops", type=float, default=None,
-                       help="the device's dense peak TFLOP/s for MFU (default: a table of common GPUs, or a "
-                            "matrix multiply measured on CPU with --log-timers)")
+                       help="dense peak TFLOP/s for MFU (default: a GPU table, or measured on CPU with --log-timers)")
     group.add_argument("--exit-interval", type=int, default=None,
                        help="save (with --save) and exit when the iteration is a multiple of this")
     group.add_argument("--eval-interval", type=int, default=1000, help="iterations between evaluations")
@@ -240,8 +240,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-text-key", default=None,
                        help="the same for --valid-data/--test-data and evaluation data (default --text-key)")
     group.add_argument("--loose-json", action="store_true",
-                       help="accepted for the 2019 command lines: loose json (one object a line) is the default, "
-                            "and a file starting with '[' is read as one json array")
+                       help="accepted (2019): loose json is the default; a file starting with '[' is a json array")
     group.add_argument("--delim", default=None,
                        help="delimiter of .csv/.tsv corpora (default ',' for .csv, tab for .tsv; '\\t' means tab)")
     group.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
@@ -273,7 +272,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="tokenizer")
     group.add_argument("--tokenizer-model-type", default=None,
                        help="BertWordPieceTokenizer: bert-large-uncased, bert-base-cased, ... (casing follows the "
-                            "name); SentencePieceTokenizer: bpe, unigram, char or word for a model it trains")
+                            "name) or a Hugging Face BERT folder; SentencePieceTokenizer: bpe, unigram, char, word")
     group.add_argument("--tokenizer-path", default="tokenizer.model",
                        help="SentencePieceTokenizer: the model file; trained from --train-data when it is absent")
     group.add_argument("--vocab-file", default=None, help="vocabulary file (GPT2 vocab.json or BERT vocab.txt)")

@@ -8,6 +8,7 @@ from arguments import get_args
 from data_utils import build_gpt2_datasets, make_tokenizer
 from data_utils.blending import build_indexed_datasets, gpt2_member
 from data_utils.npy_dataset import build_npy_datasets
+from errors import ArgumentError
 from initialize import run_main
 from metrics import print_run_summary
 from model import GPT2Model, TransformerConfig, gpt2_forward_step
@@ -49,6 +50,9 @@ def forward_step_provider(args, tokenizer, device: torch.device):
 
 def run(args) -> dict:
     """Pretrain GPT2 on ``args`` (from ``get_args``); the run's results."""
+    if args.pretrained_bert:
+        raise ArgumentError("--pretrained-bert starts BERT (pretrain_bert.py); to start GPT2 from a Hugging Face "
+                            "GPT-2 folder pass --load DIR --load-openai")
     return pretrain(args, model_provider, data_provider, forward_step_provider)
 
 

@@ -3,7 +3,8 @@
 * ``check_run_paths``: before any work, every directory flag usable and no ``--save`` that would
   write over another run's checkpoints.
 * ``read_load_state``: this rank's state from ``--load`` (a checkpoint directory, or a Hugging Face
-  GPT-2 folder converted in memory with ``--load-openai`` / ``--eval-hf``).
+  GPT-2 folder converted in memory with ``--load-openai`` / ``--eval-hf``); ``read_start_state``
+  adds ``--pretrained-bert``'s Hugging Face BERT folder when ``--load`` holds no checkpoint.
 * ``decide_model_config``: the one place the model's config is decided, from the flags, the
   tokenizer and the checkpoint's stored config: a shape flag left out takes the checkpoint's value
   (or ``arguments.MODEL_SHAPE_DEFAULTS`` without one), a given one that contradicts it is refused,
@@ -35,13 +36,13 @@ from checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from conversion import import_hf
+from conversion import hf_model_type, import_hf, read_hf_config, stage_owns
 from errors import ArgumentError, CheckpointError
 from initialize import print_rank_0
 from learning_rates import AnnealingLR
 from model import SHAPE_FIELDS, GPT2Model, TransformerConfig, pad_vocab_size
 from model.distributed import unwrap_model
-from parallel_layout import check_pipeline_layers
+from parallel_layout import check_pipeline_layers, virtual_pipeline_size
 
 # ---------------------------------------------------------------------------------------------
 # Before any work
@@ -99,6 +100,45 @@ def read_load_state(args, restage: bool = False) -> dict[str, Any] | None:
                               args.seed)
         return states[mpu.get_model_parallel_rank()]
     return load_checkpoint_state(args.load, restage)
+
+
+def read_pretrained_bert(args) -> dict[str, Any]:
+    """``--pretrained-bert``: this model-parallel rank's weights from the Hugging Face BERT folder that
+    ``--tokenizer-model-type`` names (2019 named a model to download there), converted in memory at the
+    run's model-parallel size like a ``release`` checkpoint; heads the folder lacks are newly
+    initialised from ``--seed``, the same full tensors at every size."""
+    folder = args.tokenizer_model_type
+    if not folder or not os.path.isdir(folder):
+        given = f"--tokenizer-model-type {folder}" if folder else "no --tokenizer-model-type"
+        raise ArgumentError(f"--pretrained-bert starts from the local Hugging Face BERT folder --tokenizer-model-type "
+                            f"names, and {given} is not one: model hubs are not reached; download the model "
+                            "folder (config.json, model.safetensors, vocab.txt) and pass --tokenizer-model-type DIR")
+    where = os.path.join(folder, "config.json")
+    if hf_model_type(read_hf_config(folder), where) != "bert":
+        raise ArgumentError(f"--pretrained-bert: {where} is not a BERT model; give a Hugging Face BERT folder")
+    states, fresh = import_hf(folder, mpu.get_model_parallel_world_size(), args.make_vocab_size_divisible_by,
+                              args.seed)
+    if fresh:
+        print_rank_0(f"note: {folder} has no {', '.join(fresh)}; newly initialised")
+    state = states[mpu.get_model_parallel_rank()]
+    pp = mpu.get_pipeline_model_parallel_world_size()
+    if pp > 1:  # this stage's share of the whole model
+        layers = state["config"]["num_layers"]
+        virtual = virtual_pipeline_size(layers, pp, args.num_layers_per_virtual_pipeline_stage)
+        state["model"] = {name: tensor for name, tensor in state["model"].items()
+                          if stage_owns(name, "bert", layers, pp, mpu.get_pipeline_model_parallel_rank(), virtual)}
+    return state
+
+
+def read_start_state(args) -> tuple[dict[str, Any] | None, str]:
+    """The state a training run starts from, and the path it came from: ``--load``'s checkpoint, else
+    with ``--pretrained-bert`` the pretrained BERT (2019 loaded ``--load`` over it too); ``None`` for neither."""
+    ckpt = read_load_state(args) if args.load else None
+    if ckpt is not None or not args.pretrained_bert:
+        if ckpt is not None and args.pretrained_bert:
+            print_rank_0(f"note: --load {args.load} holds a checkpoint; it continues, --pretrained-bert is not used")
+        return ckpt, args.load or ""
+    return read_pretrained_bert(args), args.tokenizer_model_type
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,21 +359,24 @@ def _load_schedule(args, saved: dict[str, Any] | None, scheduler: AnnealingLR, i
     scheduler.load_state_dict(saved)
 
 
-def load(args, ckpt: dict[str, Any] | None, model: nn.Module, optimizer, scheduler: AnnealingLR) -> TrainState:
-    """Restore the state read from ``--load``; a fresh ``TrainState`` when it holds no checkpoint yet."""
+def load(args, ckpt: dict[str, Any] | None, model: nn.Module, optimizer, scheduler: AnnealingLR,
+         where: str | None = None) -> TrainState:
+    """Restore the state read from ``where`` (default ``--load``; ``read_start_state`` says which); a
+    fresh ``TrainState`` when it holds no checkpoint yet."""
+    where = where or args.load
     if ckpt is None:
-        print_rank_0(f"no checkpoint found in {args.load}; starting from scratch")
+        print_rank_0(f"no checkpoint found in {where}; starting from scratch")
         return TrainState()
-    check_config(args.load, ckpt.get("config", {}), _model_config(model), SHAPE_FIELDS)
+    check_config(where, ckpt.get("config", {}), _model_config(model), SHAPE_FIELDS)
     unwrap_model(model).load_state_dict(ckpt["model"])
     optimizer.reload_model_params()  # fp32 masters follow the loaded weights unless the optimizer state replaces them
     saved_seed = ckpt.get("args", {}).get("seed")
     if saved_seed is not None and saved_seed != args.seed:
-        print_rank_0(f"warning: {args.load} was trained with --seed {saved_seed}, this run uses --seed {args.seed}; "
+        print_rank_0(f"warning: {where} was trained with --seed {saved_seed}, this run uses --seed {args.seed}; "
                      "the train/valid/test split of --train-data changes with the seed")
     release = ckpt["iteration"] == "release"
     if args.finetune or release:
-        print_rank_0(f"loaded model weights from {args.load} (iteration reset to 0)")
+        print_rank_0(f"loaded model weights from {where} (iteration reset to 0)")
         return TrainState()
     if not args.no_load_optim and "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])

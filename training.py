@@ -40,7 +40,7 @@ from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_p
 from parallel_layout import virtual_pipeline_size
 from performance import Performance, Timers, peak_memory_mb, precision_name, training_state_bytes
 from resilience import SkipWatch, StopRequest
-from restore import TrainState, check_run_paths, decide_model_config, decide_shape, load, read_load_state, save
+from restore import TrainState, check_run_paths, decide_model_config, decide_shape, load, read_start_state, save
 from schedules import forward_only_order, run_schedule, share_from_last_stage, training_order
 
 ForwardStep = Callable[[Any, nn.Module], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -372,26 +372,27 @@ def _check_data_paths(args) -> None:
             resolve_corpora(names, args.cache_dir)
 
 
-def _check_setup(args) -> dict[str, Any] | None:
+def _check_setup(args) -> tuple[dict[str, Any] | None, str]:
     """Everything that can be checked before expensive work: directories, data paths, and the --load
-    checkpoint against the flags (its model-parallel size and shape). Returns the checkpoint read."""
+    checkpoint (or --pretrained-bert's weights) against the flags (its model-parallel size and shape).
+    Returns the state read and where it came from."""
     check_run_paths(args)
     _check_data_paths(args)
-    ckpt = read_load_state(args) if args.load else None
-    decide_shape(args, (ckpt or {}).get("config"), args.load)
-    return ckpt
+    ckpt, where = read_start_state(args)
+    decide_shape(args, (ckpt or {}).get("config"), where)
+    return ckpt, where
 
 
 def pretrain(args, model_provider, data_provider, forward_step_provider,
              model_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a whole training job; returns the final evaluation results and output paths."""
     device = initialize_distributed(**distributed_settings(args))
-    ckpt = all_ranks_agree(lambda: _check_setup(args))
+    ckpt, where = all_ranks_agree(lambda: _check_setup(args))
     set_random_seed(args.seed)
     tokenizer, *datasets = data_provider(args)
     if args.train_iters > 0 and datasets[0] is None:
         raise ArgumentError("no training data: give --train-data or --data-path (and a --split with a train share)")
-    config = decide_model_config(args, tokenizer.vocab_size, (ckpt or {}).get("config"), args.load, model_defaults)
+    config = decide_model_config(args, tokenizer.vocab_size, (ckpt or {}).get("config"), where, model_defaults)
     print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with {config.vocab_size - tokenizer.vocab_size} "
                  f"dummy tokens (new size: {config.vocab_size})")
     mpu.set_virtual_pipeline_model_parallel_world_size(virtual_pipeline_size(
@@ -399,7 +400,7 @@ def pretrain(args, model_provider, data_provider, forward_step_provider,
     model, optimizer, scheduler = setup_model_and_optimizer(args, model_provider, config, device)
     batches = batch_schedule(args).describe()
     print_rank_0(f" > {batches}")
-    state = load(args, ckpt, model, optimizer, scheduler) if args.load else TrainState()
+    state = load(args, ckpt, model, optimizer, scheduler, where) if args.load or ckpt else TrainState()
     del ckpt  # the model and optimizer hold their copies now
     forward_step = forward_step_provider(args, tokenizer, device)
     train_iter, valid_factory, test_factory = build_data_iterators(args, datasets, state)

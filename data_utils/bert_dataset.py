@@ -26,12 +26,15 @@ streams 0, 1 and 2. With ``budget = seq_length - 3`` (the room left by ``[CLS]``
    Binomial(dropped, 1/2), A's then B's: the same distribution. Both segments stay non-empty.
 5. Layout: ``[CLS] A [SEP] B [SEP]`` then ``[PAD]`` up to ``seq_length``. ``types`` is 0 for CLS,
    A and the first SEP, 1 for B and the second SEP, 0 on padding; ``pad_mask`` is 1 on padding.
-6. Masking: with ``n = len(A) + len(B)``, ``num = max(1, round(0.15 * n))`` (Python's ``round``,
-   halves to even), at most ``max_preds_per_seq`` when that is not None, positions drawn uniformly
-   without replacement among A's and B's tokens (never CLS, SEP or PAD). Then ``num`` uniform
-   ``u`` and ``num`` ids uniform in ``[0, vocab_size)``: a position with ``u < 0.8`` becomes
-   ``[MASK]``, ``0.8 <= u < 0.9`` its random id, else it is unchanged. ``mask`` is 1 at those
-   positions, ``mask_labels`` holds their original ids there and -1 elsewhere.
+6. Masking (Google's ``create_masked_lm_predictions``, as Megatron-LM 2019): with ``n = len(A) +
+   len(B) + 3``, the whole sequence with ``[CLS]`` and both ``[SEP]`` but without padding, ``num =
+   max(1, round(0.15 * n))`` (Python's ``round``, halves to even), at most ``max_preds_per_seq``
+   when that is not None, positions drawn uniformly without replacement among A's and B's tokens
+   (never CLS, SEP or PAD). Then ``num`` uniform ``u`` and ``num`` random ids, each uniform over
+   the text ids: ``[0, vocab_size)`` less ``[PAD]``, ``[CLS]``, ``[SEP]`` and ``[MASK]``, the ids no
+   text encodes to. A position with ``u < 0.8`` becomes ``[MASK]``, ``0.8 <= u < 0.9`` its random
+   id, else it is unchanged. ``mask`` is 1 at those positions, ``mask_labels`` holds their
+   original ids there and -1 elsewhere.
 
 ``len(dataset)`` is ``max(1, num_tokens // (seq_length - 3))``: a sample takes about a budget of
 tokens from A's document, so an epoch reads the split's tokens about once.
@@ -125,6 +128,7 @@ class BertSentencePairDataset(torch.utils.data.Dataset):
         ids = special_ids(tokenizer)
         self.cls, self.sep, self.mask_id, self.pad = ids["cls"], ids["sep"], ids["mask"], ids["pad"]
         self.vocab_size = int(tokenizer.vocab_size)
+        self.text_ids = np.setdiff1d(np.arange(self.vocab_size, dtype=np.int64), list(ids.values()))
         self.docs, self.seq_length, self.max_preds_per_seq = docs, seq_length, max_preds_per_seq
         self.seed, self.stream, self.name = seed & _MASK64, stream, name
         self.num_sentences = np.asarray(docs.num_sentences, dtype=np.int64)
@@ -194,12 +198,12 @@ class BertSentencePairDataset(torch.utils.data.Dataset):
         pad_mask = np.zeros(seq, dtype=np.int64)
         pad_mask[3 + la + lb:] = 1
 
-        num = max(1, round(MASKED_LM_PROB * (la + lb)))
+        num = max(1, round(MASKED_LM_PROB * (la + lb + 3)))  # over [CLS] A [SEP] B [SEP], as Google counts
         if self.max_preds_per_seq is not None:
             num = min(num, self.max_preds_per_seq)
         candidates = np.concatenate([np.arange(1, 1 + la), np.arange(2 + la, 2 + la + lb)])
         positions = rng.choice(candidates, size=num, replace=False)
-        u, random_ids = rng.random(num), rng.integers(0, self.vocab_size, size=num)
+        u, random_ids = rng.random(num), self.text_ids[rng.integers(0, len(self.text_ids), size=num)]
         mask, mask_labels = np.zeros(seq, dtype=np.int64), np.full(seq, -1, dtype=np.int64)
         mask[positions], mask_labels[positions] = 1, text[positions]
         text[positions[u < 0.8]] = self.mask_id

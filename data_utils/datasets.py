@@ -45,9 +45,10 @@ def parse_split(split: str, valid_given: bool = False, test_given: bool = False)
 
     ``"949,50,1"``, ``"95,5"``, ``"1"`` (``/`` also separates) are weights, normalised by their sum. Fractions
     summing below 1 leave the remainder to the next split (``"0.8"`` is 0.8 train, 0.2 valid; ``"0.8,0.1"`` gives
-    test 0.1), or to test when all three are given. A split given as its own data (``valid_given``,
-    ``test_given``: ``--valid-data``/``--test-data``) takes nothing from ``--train-data``: its share goes back to
-    the others, so ``"949,50,1"`` with ``--valid-data`` trains on 949/950 of the documents.
+    test 0.1); three of them are weights like any others (``"0.5,0.2,0.1"`` is 5/8, 2/8, 1/8). A split given as
+    its own data (``valid_given``, ``test_given``: ``--valid-data``/``--test-data``) takes nothing from
+    ``--train-data``: its share goes back to the others, so ``"949,50,1"`` with ``--valid-data`` trains on
+    949/950 of the documents.
     """
     fields = [f.strip() for f in split.replace("/", ",").split(",")]
     try:
@@ -59,11 +60,8 @@ def parse_split(split: str, valid_given: bool = False, test_given: bool = False)
             f"--split {split!r}: expected 1 to 3 non-negative numbers with a positive sum, e.g. 949,50,1"
         )
     total = sum(weights)
-    if total < 1:  # fractions: the remainder is the next split's (the last one's when all three are given)
-        if len(weights) < 3:
-            weights.append(1.0 - total)
-        else:
-            weights[2] += 1.0 - total
+    if total < 1 and len(weights) < 3:  # fractions: the remainder is the next split's (2019 dropped a fourth)
+        weights.append(1.0 - total)
     weights += [0.0] * (3 - len(weights))
     if valid_given:
         weights[1] = 0.0

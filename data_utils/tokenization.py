@@ -13,8 +13,10 @@ tokenized corpora are keyed by it). The BERT-style tokenizers also expose the in
   or ``bert-base-cased`` picks lower-casing + accent stripping (``*uncased*``, also the default when
   there is none) or neither (``*cased*``). The ``vocab.txt`` is ``--vocab-file``, else the first of
   ``<model-type>-vocab.txt`` and, for the English base/large models, which share one vocabulary,
-  ``bert-uncased-vocab.txt`` / ``bert-cased-vocab.txt`` in ``cache_dir``. Ids equal ``transformers``'
-  ``BertTokenizerFast`` on the same file.
+  ``bert-uncased-vocab.txt`` / ``bert-cased-vocab.txt`` in ``cache_dir``. A ``model_type`` that is a
+  folder (a Hugging Face BERT's, as ``--pretrained-bert`` reads) gives its ``vocab.txt`` instead, and
+  the casing of its ``tokenizer_config.json`` (``do_lower_case``, default true). Ids equal
+  ``transformers``' ``BertTokenizerFast`` on the same file.
 - ``SentencePieceTokenizer``: the model ``<stem>.model`` (``<stem>.vocab`` beside it), where ``<stem>``
   is ``tokenizer_path`` less a trailing ``.model``. An existing model is always reused. A missing one is
   trained once (by global rank 0 under torch.distributed, the others wait) on ``train_files``: one
@@ -256,6 +258,18 @@ def bert_lower_case(model_type: str | None) -> bool:
     )
 
 
+def hf_folder_lower_case(folder: str) -> bool:
+    """``do_lower_case`` of a Hugging Face folder's ``tokenizer_config.json`` (true, its default, without one)."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return True
+    try:
+        with open(path) as f:
+            return bool(json.load(f).get("do_lower_case", True))
+    except (OSError, ValueError, AttributeError) as err:
+        raise DataError(f"{path}: unreadable ({err}); fix or remove it") from None
+
+
 def bert_vocab_names(model_type: str | None) -> list[str]:
     """File names looked up in the cache folder for ``model_type``, in order."""
     if model_type is None:
@@ -484,6 +498,9 @@ def make_tokenizer(tokenizer_type: str, vocab_file: str | None = None, merge_fil
         vocab = _find_file(vocab_file, cache_dir, [GPT2_VOCAB_NAME], "vocabulary", tokenizer_type, "--vocab-file")
         merges = _find_file(merge_file, cache_dir, [GPT2_MERGES_NAME], "merges", tokenizer_type, "--merge-file")
         return GPT2BPETokenizer(vocab, merges)
+    if tokenizer_type == "BertWordPieceTokenizer" and model_type and os.path.isdir(model_type):
+        vocab = _find_file(vocab_file, model_type, ["vocab.txt"], "vocabulary", tokenizer_type, "--vocab-file")
+        return BertWordPieceTokenizer(vocab, lower_case=hf_folder_lower_case(model_type))
     if tokenizer_type == "BertWordPieceTokenizer":
         lower_case = bert_lower_case(model_type)
         vocab = _find_file(vocab_file, cache_dir, bert_vocab_names(model_type), "vocabulary", tokenizer_type,

@@ -1,4 +1,5 @@
 # The BERT 345M recipe of the 2019 README, shared by the pretrain_bert*.sh launchers (sourced, not run).
+# --fp32-layernorm is not in the README's command line, but every 2019 BERT script carried it.
 # The optimisation settings assume 64-way data parallelism.
 BERT_345M_ARGS=(
        --num-layers 24
@@ -18,6 +19,7 @@ BERT_345M_ARGS=(
        --clip-grad 1.0
        --warmup .01
        --fp16
+       --fp32-layernorm
        --fp32-embedding
 )
 # Loose-json data (set the corpus with TRAIN_DATA: an alias configured through MEGATRON_CORPORA /

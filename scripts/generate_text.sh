@@ -5,6 +5,9 @@
 #   CHECKPOINT_PATH=checkpoints/gpt2_345m_mp2 MP_SIZE=2 bash scripts/generate_text.sh --fp16
 # The model's shape comes from the checkpoint. Extra flags are appended, e.g.
 # `--sample-input-file prompts.txt --sample-output-file samples.jsonl` or `--num-samples 10`.
+# The 2019 script differed in three defaults: --out-seq-length 1024 (2019 generated prompt length + that
+# many tokens; here it counts new tokens), --top_p 0 (the whole distribution at temperature 0.9) and --fp16
+# (a GPU); these suit the CPU sample checkpoint. For 2019's: OUT_SEQ_LENGTH=1024 TOP_P=0 ... --fp16
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

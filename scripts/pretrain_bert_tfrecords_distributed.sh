@@ -24,7 +24,6 @@ torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE
        --use-tfrecords \
        --train-data "${TRAIN[@]}" \
        "${EVAL_ARGS[@]}" \
-       --fp32-layernorm \
        --hysteresis 2 \
        --num-workers 2 \
        --save checkpoints/bert_345m_tfrecords \

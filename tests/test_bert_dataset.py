@@ -246,15 +246,41 @@ def test_number_and_places_of_predictions(max_preds):
     lengths_seen = set()
     for sample in many(varied_truth(), 1500, max_preds=max_preds):
         original = unmasked(sample)
-        n = int((sample["pad_mask"] == 0).sum()) - 3
-        lengths_seen.add(n)
+        n = int((sample["pad_mask"] == 0).sum())  # [CLS] A [SEP] B [SEP]: Google and 2019 count the specials
+        lengths_seen.add(n - 3)
         expected = max(1, round(0.15 * n)) if max_preds is None else min(max_preds, max(1, round(0.15 * n)))
         assert int(sample["mask"].sum()) == expected, (n, max_preds)
         predicted = np.flatnonzero(sample["mask"])
         assert not np.isin(original[predicted], [CLS, SEP, PAD]).any() and 0 not in predicted
         assert (sample["mask_labels"][sample["mask"] == 0] == -1).all()
         np.testing.assert_array_equal(sample["text"][sample["mask"] == 0], original[sample["mask"] == 0])
-    assert len(lengths_seen) > 10 and {3, 10, 29} <= lengths_seen  # round(0.45) = 0 -> 1; round(1.5) = 2
+    assert len(lengths_seen) > 10 and {2, 10, 29} <= lengths_seen  # round(0.75) = 1; round(1.95) = 2; round(4.8) = 5
+
+
+@pytest.mark.parametrize("seq_length, expected", [(32, 5), (128, 19), (512, 77)])
+def test_a_full_sequence_masks_the_2019_number_of_positions(seq_length, expected):
+    # Every sentence overfills the budget, so all but the 1% short targets hold seq_length tokens with the
+    # specials: round(0.15 x seq_length) predictions (Google's 19 of 128; from A and B alone it would be
+    # 4, 19 and 76).
+    truth = Truth([[seq_length + 8] * 3 for _ in range(6)])
+    full = [s for s in many(truth, 40, seq_length=seq_length) if s["pad_mask"].sum() == 0]
+    assert len(full) >= 35
+    for sample in full:
+        assert int(sample["mask"].sum()) == expected
+
+
+def test_random_replacements_are_text_tokens_never_special_ones():
+    vocab = 12  # the specials are 0, 2, 3 and 4 (UNK, 1, is a token text can hold): a third of the vocabulary
+    truth = Truth([[3] * 6 for _ in range(10)])
+    swapped = []
+    for sample in many(truth, 3000, vocab_size=vocab):
+        hit = sample["mask"] == 1
+        inputs, labels = sample["text"][hit], sample["mask_labels"][hit]
+        swapped.append(inputs[(inputs != MASK) & (inputs != labels)])
+    swapped = np.concatenate(swapped)
+    assert len(swapped) > 200
+    assert not np.isin(swapped, [PAD, CLS, SEP, MASK]).any()
+    assert set(np.unique(swapped)) == {UNK, *range(5, vocab)}  # uniform over the text ids: all of them drawn
 
 
 def test_mask_random_keep_proportions():

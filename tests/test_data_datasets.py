@@ -15,8 +15,9 @@ from tests.helpers import ByteTokenizer, write_jsonl
 @pytest.mark.parametrize("split, expected", [
     ("949,50,1", (0.949, 0.05, 0.001)), ("95,5", (0.95, 0.05, 0.0)), ("1", (1.0, 0.0, 0.0)),
     ("0.8/0.1/0.1", (0.8, 0.1, 0.1)), ("2, 1, 1", (0.5, 0.25, 0.25)),
-    # Megatron-LM 2019: fractions summing below 1 leave the remainder to the next split, or to test.
-    ("0.8", (0.8, 0.2, 0.0)), ("0.8,0.1", (0.8, 0.1, 0.1)), ("0.5,0.2,0.1", (0.5, 0.2, 0.3)),
+    # Megatron-LM 2019: fractions summing below 1 leave the remainder to the next split; three are normalised
+    # (2019 appended the remainder as a fourth split, then kept the first three).
+    ("0.8", (0.8, 0.2, 0.0)), ("0.8,0.1", (0.8, 0.1, 0.1)), ("0.5,0.2,0.1", (0.625, 0.25, 0.125)),
     ("0.95, 0.05", (0.95, 0.05, 0.0)),
 ])
 def test_parse_split(split, expected):

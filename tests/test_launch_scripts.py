@@ -41,6 +41,8 @@ def test_launcher_flags_parse_and_extra_flags_are_appended(tmp_path, monkeypatch
     if "bert" in script:
         config = decide_model_config(args, 30522, model_defaults=module.model_defaults(args))
         assert args.max_preds_per_seq is not None and config.layernorm_epsilon == 1e-12
+    if "bert" in script and "cpu" not in script:  # the 2019 BERT scripts' precision flags
+        assert args.fp16 and args.fp32_layernorm and args.fp32_embedding
 
 
 def test_every_bert_and_gpt2_launcher_is_covered():

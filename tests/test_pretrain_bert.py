@@ -263,3 +263,87 @@ def test_real_vocabulary_and_sample_corpus_train(tmp_path):
     records = read_metrics(log_dir)
     assert [r["iteration"] for r in records] == list(range(1, 21))
     assert all(r["lm_loss"] > 0 and r["nsp_loss"] > 0 for r in records)
+
+
+# --- --pretrained-bert ---------------------------------------------------------------------------------------------
+
+def _started_hidden_states(argv: list[str], imported: str | None, ids, types, keep) -> list[np.ndarray]:
+    """The hidden states and NSP logits of the model a ``--pretrained-bert`` run starts with (it takes no
+    step), then with ``imported`` the hidden states of that checkpoint, read at the same model-parallel size."""
+    import torch
+
+    import pretrain_bert
+    import training
+    from arguments import get_args
+    from checkpointing import load_checkpoint_state
+    from model import BertModel, TransformerConfig
+
+    built = []
+    args = get_args(argv, defaults=pretrain_bert.FLAG_DEFAULTS)
+    training.pretrain(args, lambda config: built.append(pretrain_bert.model_provider(config)) or built[-1],
+                      pretrain_bert.data_provider, pretrain_bert.forward_step_provider,
+                      pretrain_bert.model_defaults(args))
+    models = [built[0].eval()]
+    if imported:
+        state = load_checkpoint_state(imported)
+        models.append(BertModel(TransformerConfig(**{**state["config"], "hidden_dropout": 0.0,
+                                                     "attention_dropout": 0.0})).eval())
+        models[1].load_state_dict(state["model"])
+    with torch.no_grad():
+        hidden = [m.transformer(m.embeddings(ids, types), keep.bool()[:, None, None, :]).numpy() for m in models]
+        return [models[0](ids, types, keep)[1].numpy(), *hidden]
+
+
+@pytest.mark.slow
+def test_pretrained_bert_starts_from_the_imported_weights_at_model_parallel_sizes_1_and_2(tmp_path):
+    import torch
+
+    from tests.helpers import load_tool, minilm_dir
+
+    source, imported = minilm_dir(), str(tmp_path / "imported")
+    load_tool("hf_checkpoint").main(["import", "--hf-dir", source, "--save", imported, "--seed", "5"])
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(999, 30522, (2, 12), generator=gen)
+    types = (torch.arange(12) >= 6).long().expand(2, 12).contiguous()
+    keep = torch.ones_like(ids)
+    keep[1, 9:] = 0
+    real = keep.bool().numpy()
+    argv = bert_args(tmp_path, **{"--pretrained-bert": True, "--tokenizer-model-type": source, "--vocab-file": None,
+                                  "--num-layers": None, "--hidden-size": None, "--num-attention-heads": None,
+                                  "--max-position-embeddings": None, "--train-iters": 0, "--eval-iters": 0})
+    nsp, started, reference = run_distributed(_started_hidden_states, 1, argv, imported, ids, types, keep)[0]
+    assert np.abs(reference[real]).mean() > 0.1  # real hidden states, not zeros
+    np.testing.assert_allclose(started[real], reference[real], rtol=1e-5, atol=1e-5)
+    for nsp_2, started_2 in run_distributed(_started_hidden_states, 2, argv + ["--model-parallel-size", "2"], None,
+                                            ids, types, keep):
+        np.testing.assert_allclose(started_2[real], reference[real], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(nsp_2, nsp, rtol=1e-5, atol=1e-5)  # the fresh heads are the same at every size
+
+
+def _bert_main(argv: list[str], capsys) -> tuple[int, str]:
+    """``pretrain_bert.py argv`` in this process, as its command line runs: (exit status, stderr)."""
+    import pretrain_bert
+    from initialize import run_main
+
+    try:
+        run_main(lambda: pretrain_bert.main(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_pretrained_bert_from_a_hub_name_is_one_line(tmp_path, capsys):
+    argv = bert_args(tmp_path, **{"--pretrained-bert": True, "--tokenizer-model-type": "bert-large-uncased"})
+    assert_one_line_error(*_bert_main(argv, capsys), "--tokenizer-model-type bert-large-uncased is not one",
+                          "hubs are not reached", "--tokenizer-model-type DIR")
+
+
+def test_pretrained_bert_is_refused_for_gpt2(tmp_path):
+    import pretrain_gpt2
+    from arguments import get_args
+    from errors import ArgumentError
+    from tests.helpers import gpt2_args
+
+    with pytest.raises(ArgumentError, match="--pretrained-bert starts BERT"):
+        pretrain_gpt2.run(get_args(gpt2_args(tmp_path, **{"--pretrained-bert": True})))
