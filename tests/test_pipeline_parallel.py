@@ -147,6 +147,7 @@ def test_each_stage_holds_the_whole_models_parameters_it_owns_with_the_same_name
 
 LAYOUTS = {
     "serial": (1, {}),
+    "one_micro_batch": (1, {"--micro-batch-size": 16}),  # the global batch in one piece: a sum would differ
     "pp2": (2, {"--pipeline-model-parallel-size": 2}),
     "pp4": (4, {"--pipeline-model-parallel-size": 4}),
     "pp2_tp2": (4, {"--pipeline-model-parallel-size": 2, "--model-parallel-size": 2}),
@@ -192,7 +193,8 @@ def test_bert_pipelines_give_the_serial_losses(tmp_path):
 
 
 def test_pipelines_with_activation_checkpointing_and_fp16_skip_alike(tmp_path):
-    records = _runs(tmp_path, "gpt2", ["serial", "pp2"], {"--checkpoint-activations": True}, iters=6)
+    records = _runs(tmp_path, "gpt2", ["serial", "pp2", "one_micro_batch"], {"--checkpoint-activations": True},
+                    iters=6)
     _assert_same_run(records, ["lm_loss", "grad_norm"])
     # fp16 from a loss scale that overflows: the same iterations are skipped on every stage.
     fp16 = {"--fp16": True, "--initial-loss-scale": float(2 ** 40)}
