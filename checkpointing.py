@@ -295,10 +295,11 @@ def read_rank_grid(load_dir: str) -> tuple[int | str, list[list[dict[str, Any]]]
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: missing; {folder} holds {mp_size} x {pp_size} rank folders")
             state = _load_file(path)
-            for key, size in (("model_parallel_size", mp_size), ("pipeline_model_parallel_size", pp_size)):
+            for key, what, size in (("model_parallel_size", "model-parallel size", mp_size),
+                                    ("pipeline_model_parallel_size", "pipeline size", pp_size)):
                 if state.get(key, size) != size:
-                    raise CheckpointError(f"{path}: says {key.replace('_', ' ')} {state[key]} but {folder} holds "
-                                          f"{mp_size} x {pp_size} rank folders")
+                    folders = f"{mp_size}" if pp_size == 1 else f"{mp_size} x {pp_size}"
+                    raise CheckpointError(f"{path}: says {what} {state[key]} but {folder} holds {folders} rank folders")
             stages.append(state)
         grid.append(stages)
     return iteration, grid
@@ -358,7 +359,6 @@ def load_checkpoint_state(load_dir: str, restage: bool = False) -> dict[str, Any
         return None
     mp_size = mpu.get_model_parallel_world_size()
     pp_size = mpu.get_pipeline_model_parallel_world_size()
-    virtual = mpu.get_virtual_pipeline_model_parallel_world_size()
     folder = os.path.dirname(os.path.dirname(get_checkpoint_name(load_dir, iteration)))
     saved_mp, saved_pp = _rank_folders(folder)
     if not saved_mp:
@@ -387,14 +387,26 @@ def load_checkpoint_state(load_dir: str, restage: bool = False) -> dict[str, Any
             f"{get_checkpoint_tracker_filename(load_dir)} at an earlier iteration"
         ) from None
     saved_mp = state.get("model_parallel_size", mp_size)
-    saved_virtual = state.get("virtual_pipeline_model_parallel_size", 1)
-    if saved_mp != mp_size or (pp_size > 1 and saved_virtual != virtual):
+    if saved_mp != mp_size:
         raise CheckpointError(
-            f"{path}: checkpoint was saved with {_sizes_line(saved_mp, pp_size, saved_virtual)}, this run uses "
-            f"{_sizes_line(mp_size, pp_size, virtual)}; run with the layout it was saved with, or "
+            f"{path}: checkpoint was saved with {_sizes_line(saved_mp, pp_size)}, this run uses "
+            f"{_sizes_line(mp_size, pp_size)}; run with the layout it was saved with, or "
             f"{_reshard_hint(load_dir, mp_size, pp_size, pp_size)}"
         )
     return state
+
+
+def check_virtual_stages(load_dir: str, state: dict[str, Any]) -> None:
+    """The checkpoint's chunks per pipeline stage are this run's (known once the model's depth is)."""
+    saved = state.get("virtual_pipeline_model_parallel_size", 1)
+    current = mpu.get_virtual_pipeline_model_parallel_world_size()
+    pp_size = mpu.get_pipeline_model_parallel_world_size()
+    if state.get("pipeline_model_parallel_size", 1) > 1 and pp_size > 1 and saved != current:
+        raise CheckpointError(
+            f"{load_dir}: checkpoint was saved with {saved} virtual stage(s) per pipeline stage, this run uses "
+            f"{current} (--num-layers-per-virtual-pipeline-stage); run with the layout it was saved with, or "
+            f"{_reshard_hint(load_dir, mpu.get_model_parallel_world_size(), pp_size, pp_size)}"
+        )
 
 
 def check_config(path: str, saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> None:

@@ -28,6 +28,7 @@ from arguments import MODEL_SHAPE_DEFAULTS, SHAPE_FLAGS, check_model_shape, flag
 from checkpointing import (
     TRACKER_FILENAME,
     check_config,
+    check_virtual_stages,
     checkpoint_root_of,
     get_checkpoint_tracker_filename,
     load_checkpoint_state,
@@ -368,6 +369,7 @@ def load(args, ckpt: dict[str, Any] | None, model: nn.Module, optimizer, schedul
         print_rank_0(f"no checkpoint found in {where}; starting from scratch")
         return TrainState()
     check_config(where, ckpt.get("config", {}), _model_config(model), SHAPE_FIELDS)
+    check_virtual_stages(where, ckpt)
     unwrap_model(model).load_state_dict(ckpt["model"])
     optimizer.reload_model_params()  # fp32 masters follow the loaded weights unless the optimizer state replaces them
     saved_seed = ckpt.get("args", {}).get("seed")

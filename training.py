@@ -7,7 +7,9 @@ An entry script gives ``pretrain`` three things:
 * ``data_provider(args) -> (tokenizer, train, valid, test)`` -- datasets (``None`` when empty);
 * ``forward_step(batch, model) -> (loss, metrics)`` -- ``batch`` is the loader's dict on the first
   rank of each model-parallel group and ``None`` elsewhere (share it with ``mpu.broadcast_data``);
-  ``metrics`` maps names such as ``lm_loss`` to detached scalar tensors.
+  ``metrics`` maps names such as ``lm_loss`` to detached scalar tensors. On a pipeline stage before the
+  last (``not mpu.is_pipeline_last_stage()``) it returns the model's output (the stage's hidden states)
+  and no metrics, which ``schedules.run_schedule`` sends on to the next stage.
 
 ``forward_step`` comes from ``forward_step_provider(args, tokenizer, device)``; a model family's config
 defaults (``model.BERT_DEFAULTS``) come as ``pretrain(..., model_defaults=...)``. Checkpoints, metrics,
@@ -260,7 +262,9 @@ def setup_model_and_optimizer(args, model_provider, config: TransformerConfig, d
         compile_layers(model, args.compile_backend)
     if mpu.get_data_parallel_rank() == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}: {n_params}",
+        stage = (f", pipeline stage {mpu.get_pipeline_model_parallel_rank()}"
+                 if mpu.get_pipeline_model_parallel_world_size() > 1 else "")
+        print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}{stage}: {n_params}",
               flush=True)
     if args.use_distributed_optimizer:
         optimizer = DistributedOptimizer(get_optimizer(model, args), get_loss_scaler(args))

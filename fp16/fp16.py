@@ -42,7 +42,8 @@ def any_rank_overflowed(grad_norm: float, nonfinite_loss: bool = False) -> bool:
 
 
 class FP16_Module(nn.Module):
-    """Holds ``module`` in ``dtype`` (fp16 or bf16): floating inputs in, float outputs out.
+    """Holds ``module`` in ``dtype`` (fp16 or bf16): floating inputs in, float outputs out (a pipeline
+    stage before the last passes its hidden states on in ``dtype``).
 
     ``keep_fp32(name, submodule)`` names submodules to keep in fp32 (the seed's ``--fp32-embedding``,
     ``--fp32-layernorm``, ``--fp32-tokentypes``); the model casts at their borders.
@@ -64,6 +65,8 @@ class FP16_Module(nn.Module):
 
     def forward(self, *inputs, **kwargs):
         outputs = self.module(*_convert(inputs, self.dtype), **_convert(kwargs, self.dtype))
+        if not mpu.is_pipeline_last_stage():
+            return outputs  # hidden states for the next pipeline stage travel in half precision
         return _convert(outputs, torch.float32)
 
     def state_dict(self, *args, **kwargs):

@@ -11,6 +11,8 @@ with the unbroken run's losses.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ import torch.distributed as dist
 import mpu
 from schedules import Op, all_forward_all_backward_order, interleaved_order, one_f_one_b_order
 from tests.distributed import run_distributed
-from tests.helpers import bert_args, gpt2_args, read_metrics, run_gpt2_cli, train_bert, train_gpt2
+from tests.helpers import REPO, bert_args, gpt2_args, read_metrics, run_gpt2_cli, train_bert, train_gpt2
 
 # --- the schedules ----------------------------------------------------------------------------------------------------
 
@@ -153,6 +155,10 @@ LAYOUTS = {
     "pp2_tp2": (4, {"--pipeline-model-parallel-size": 2, "--model-parallel-size": 2}),
     "pp2_dp2": (4, {"--pipeline-model-parallel-size": 2}),
     "pp2_interleaved": (2, {"--pipeline-model-parallel-size": 2, "--num-layers-per-virtual-pipeline-stage": 1}),
+    "pp2_dp2_distributed_optimizer": (4, {"--pipeline-model-parallel-size": 2, "--use-distributed-optimizer": True}),
+    "pp2_dp2_overlap": (4, {"--pipeline-model-parallel-size": 2, "--overlap-grad-reduce": True}),
+    "pp2_tp2_sequence_parallel": (4, {"--pipeline-model-parallel-size": 2, "--model-parallel-size": 2,
+                                      "--sequence-parallel": True}),
 }
 
 
@@ -192,6 +198,19 @@ def test_bert_pipelines_give_the_serial_losses(tmp_path):
     _assert_same_run(records, ["lm_loss", "nsp_loss", "grad_norm"])
 
 
+@pytest.mark.slow
+def test_pipelines_combine_with_the_other_scale_features_and_evaluate_alike(tmp_path):
+    evaluation = {"--eval-iters": 2, "--eval-interval": 3}
+    records = _runs(tmp_path, "gpt2", ["serial", "pp2_dp2_distributed_optimizer", "pp2_dp2_overlap",
+                                       "pp2_tp2_sequence_parallel"], evaluation, iters=6)
+    _assert_same_run(records, ["lm_loss", "grad_norm"])
+    # Validation (one data-parallel rank, so the same batches) runs through the stages forward only.
+    valid = {name: [r["lm_loss"] for r in read_metrics(str(tmp_path / f"gpt2_{name}"), "valid")]
+             for name in ("serial", "pp2_tp2_sequence_parallel")}
+    assert len(valid["serial"]) == 3, valid  # before training, at 3 and at 6
+    assert valid["pp2_tp2_sequence_parallel"] == pytest.approx(valid["serial"], rel=1e-5)
+
+
 def test_pipelines_with_activation_checkpointing_and_fp16_skip_alike(tmp_path):
     records = _runs(tmp_path, "gpt2", ["serial", "pp2", "one_micro_batch"], {"--checkpoint-activations": True},
                     iters=6)
@@ -205,10 +224,10 @@ def test_pipelines_with_activation_checkpointing_and_fp16_skip_alike(tmp_path):
     _assert_same_run(records, ["lm_loss", "loss_scale"], rel=2e-3, falls=False)
 
 
-def test_a_pipelined_run_stopped_and_resumed_equals_the_unbroken_one(tmp_path):
+def test_an_interleaved_pipelined_run_stopped_and_resumed_equals_the_unbroken_one(tmp_path):
     flags = {"--batch-size": None, "--micro-batch-size": 4, "--global-batch-size": 8, "--num-layers": 4,
              "--eval-iters": 0, "--train-iters": 6, "--save-interval": 3, "--pipeline-model-parallel-size": 2,
-             "--resume-dataloader": True}
+             "--num-layers-per-virtual-pipeline-stage": 1, "--resume-dataloader": True}
     whole = str(tmp_path / "whole")
     run_distributed(train_gpt2, 2, gpt2_args(tmp_path, **flags, **{"--log-dir": whole}))
     save, log = str(tmp_path / "ckpt"), str(tmp_path / "parts")
@@ -218,9 +237,12 @@ def test_a_pipelined_run_stopped_and_resumed_equals_the_unbroken_one(tmp_path):
     run_distributed(train_gpt2, 2, gpt2_args(tmp_path, **flags, **{"--log-dir": log, "--save": save, "--load": save}))
     keys = ("lm_loss", "grad_norm", "lr", "loss_scale")
     assert [[r[k] for k in keys] for r in read_metrics(log)] == [[r[k] for k in keys] for r in read_metrics(whole)]
-    # Another layout is refused in one line naming the tool that converts it.
+    # Other layouts are refused in one line naming the tool that converts them.
+    with pytest.raises(AssertionError, match="saved with 2 virtual stage"):
+        run_distributed(train_gpt2, 2, gpt2_args(tmp_path, **{**flags, "--num-layers-per-virtual-pipeline-stage": None,
+                                                               "--load": save, "--save": None}))
     proc = run_gpt2_cli(gpt2_args(tmp_path, **{**flags, "--pipeline-model-parallel-size": 1, "--load": save,
-                                               "--save": None}))
+                                               "--save": None, "--num-layers-per-virtual-pipeline-stage": None}))
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "pipeline size 2" in last and "--target-pipeline-model-parallel-size 1" in last, last
@@ -244,8 +266,6 @@ def _greedy(argv: list[str]) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_a_pp2_tp2_checkpoint_resharded_to_one_process_generates_and_resumes_alike(tmp_path):
-    from tests.helpers import REPO
-
     flags = {"--batch-size": None, "--micro-batch-size": 4, "--global-batch-size": 8, "--num-layers": 4,
              "--eval-iters": 0, "--train-iters": 6, "--resume-dataloader": True}
     whole = str(tmp_path / "whole")
@@ -254,8 +274,8 @@ def test_a_pp2_tp2_checkpoint_resharded_to_one_process_generates_and_resumes_ali
     run_distributed(train_gpt2, 4, gpt2_args(tmp_path, **flags, **{
         "--pipeline-model-parallel-size": 2, "--model-parallel-size": 2, "--save": save, "--exit-interval": 3}))
     single = str(tmp_path / "single")
-    proc = __import__("subprocess").run(
-        [__import__("sys").executable, "tools/reshard_checkpoint.py", "--load", save, "--save", single,
+    proc = subprocess.run(
+        [sys.executable, "tools/reshard_checkpoint.py", "--load", save, "--save", single,
          "--target-model-parallel-size", "1", "--target-pipeline-model-parallel-size", "1"],
         cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -265,6 +285,18 @@ def test_a_pp2_tp2_checkpoint_resharded_to_one_process_generates_and_resumes_ali
     joined = run_distributed(_greedy, 2, gpt2_args(tmp_path, **shape, **{"--load": save, "--model-parallel-size": 2}))
     resharded = run_distributed(_greedy, 1, gpt2_args(tmp_path, **shape, **{"--load": single}))
     assert joined[0] == resharded[0] and any(joined[0])
+    # Exported to Hugging Face from the pipelined checkpoint directly: the resharded one's tensors.
+    from safetensors.torch import load_file
+
+    for load, out in ((save, "hf_pipelined"), (single, "hf_single")):
+        proc = subprocess.run(
+            [sys.executable, "tools/hf_checkpoint.py", "export", "--load", load, "--hf-dir",
+             str(tmp_path / out)], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    pipelined = load_file(str(tmp_path / "hf_pipelined" / "model.safetensors"))
+    resharded_hf = load_file(str(tmp_path / "hf_single" / "model.safetensors"))
+    assert pipelined.keys() == resharded_hf.keys()
+    assert all(torch.equal(pipelined[k], resharded_hf[k]) for k in pipelined)
     # Resumed on one process, the run continues with the unbroken run's losses.
     log = str(tmp_path / "resumed")
     run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **flags, **{"--load": single, "--log-dir": log}))
