@@ -217,7 +217,10 @@ def test_the_best_layout_is_printed_as_a_command_whose_flags_the_toolkit_parses(
     assert command[:3] == ["torchrun", "--nnodes", "2"] and "pretrain_gpt2.py" in command  # two 8-GPU nodes
     flags = command[command.index("pretrain_gpt2.py") + 1:]
     assert "--pipeline-model-parallel-size" not in flags  # the flags of this branch: one stage
-    parsed = build_parser().parse_args(flags)
+    parser = build_parser()
+    known = {option for action in parser._actions for option in action.option_strings}
+    assert {flag for flag in flags if flag.startswith("--")} <= known  # whole names, not argparse's abbreviations
+    parsed = parser.parse_args(flags)
     assert (parsed.num_layers, parsed.hidden_size, parsed.global_batch_size) == (24, 1024, 512)
     assert 16 % parsed.model_parallel_size == 0 and parsed.micro_batch_size in plan.MICRO_BATCHES
 
