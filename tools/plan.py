@@ -658,9 +658,13 @@ def format_estimates(estimates: list[Estimate], spec: ModelSpec, global_batch: i
         sec = [est.seconds[k] for k in ("compute", "tensor", "pipeline", "data")]
         lines.append(f"{rank:>4}  {describe(est.layout, spec):<31} | " + " ".join(f"{v:6.1f}" for v in mem)
                      + "        | " + " ".join(f"{v:7.2f}" for v in sec) + f" {est.step:7.2f} | "
-                     + f"{tflops_per_gpu(spec, est.layout, global_batch, est.step):6.1f}"
+                     + _rate(tflops_per_gpu(spec, est.layout, global_batch, est.step))
                      + ("" if est.fits else "  (does not fit)"))
     return lines
+
+
+def _rate(tflops: float) -> str:
+    return f"{tflops:6.1f}" if tflops >= 1 else f"{tflops:6.3f}"  # a CPU's rate is a fraction of a TFLOP/s
 
 
 def launch_command(spec: ModelSpec, cluster: Cluster, layout: Layout, global_batch: int) -> str:
