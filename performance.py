@@ -10,18 +10,24 @@ layers and the output projection onto the vocabulary; not the embedding lookups,
 plus ``12 * L * s * h`` for the attention scores and their weighted sum. MFU is the achieved model
 TFLOP/s per device divided by the device's dense peak for the run's precision: ``--peak-tflops``, else
 a table of common GPUs by name, else (CPU) a short matrix multiply measured once.
+``measure_allreduce_gbps`` measures the all-reduce bandwidth between fresh processes (tools/plan.py's
+``--calibrate``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import queue
 import resource
+import socket
 import sys
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 import mpu
 
@@ -116,6 +122,49 @@ def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, 
         (a @ b).sum().item()
         best = max(best, 2.0 * size**3 / (time.perf_counter() - start) / 1e12)
     return best
+
+
+def _allreduce_rank(rank: int, world: int, port: int, backend: str, results) -> None:
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+        synchronize = (lambda: torch.cuda.synchronize(device)) if backend == "nccl" else (lambda: None)
+        tensor = torch.ones(2**24, device=device)  # 64 MB
+        dist.all_reduce(tensor)  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            synchronize()
+            start = time.perf_counter()
+            dist.all_reduce(tensor)
+            synchronize()
+            best = min(best, time.perf_counter() - start)
+        if rank == 0:
+            results.put(2 * (world - 1) / world * tensor.numel() * 4 / best / 1e9)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_allreduce_gbps(world: int = 2, timeout: float = 120.0) -> float:
+    """Bus bandwidth (GB/s, ring all-reduce) of a 64-MB all-reduce between ``world`` fresh processes on this
+    machine: NCCL when it has that many GPUs, gloo on CPU otherwise."""
+    backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
+    ctx = multiprocessing.get_context("spawn")  # fresh processes: forking a process with threads may hang
+    results = ctx.Queue()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_allreduce_rank, args=(r, world, port, backend, results)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        return results.get(timeout=timeout)
+    except queue.Empty:
+        raise RuntimeError(f"the {backend} all-reduce between {world} processes gave no result") from None
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
 
 
 def peak_tflops(device: torch.device, precision: str, explicit: float | None = None) -> tuple[float | None, str]:

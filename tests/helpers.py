@@ -415,8 +415,12 @@ def recorded_launcher_calls(tmp_path, script: str) -> list[list[str]]:
 
 @functools.cache
 def load_tool(name: str):
-    """``tools/<name>.py`` loaded by path as module ``name``, once per process (tools/ is no package)."""
+    """``tools/<name>.py`` loaded by path as module ``name``, once per process (tools/ is no package).
+
+    Registered in ``sys.modules`` before it runs, as an import would be: dataclasses (and pickling) look
+    their module up there."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
