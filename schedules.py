@@ -141,7 +141,8 @@ def run_schedule(order: list[Op], forward_step: Callable, batches: list[Any], mo
                  backward: Callable[[torch.Tensor], None] | None, timers=None) -> ScheduleResult:
     """Execute ``order`` on this rank. ``backward(loss)`` starts backward from a last stage's scaled loss
     (the optimizer's, which applies the loss scale); ``None`` runs forward only. Each loss counts
-    ``1 / len(batches)``."""
+    ``1 / len(batches)``. ``timers`` (``performance.Timers``) time ``forward``, ``backward`` and
+    ``pipeline``: the time spent waiting for the other stages' messages (this stage's share of the bubble)."""
     bare = unwrap_model(model)
     device = next(bare.parameters()).device
     num_micro_batches = len(batches)
@@ -157,7 +158,8 @@ def run_schedule(order: list[Op], forward_step: Callable, batches: list[Any], mo
             first, last = mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage()
             defer = last_backward is not None and (op.chunk, op.micro_batch) != last_backward[1:]
             if op.kind == "F":
-                inputs = None if first else p2p.recv_forward(device)
+                with _timed(timers, "pipeline") if not first else contextlib.nullcontext():
+                    inputs = None if first else p2p.recv_forward(device)
                 if backward is None and inputs is not None:
                     inputs.requires_grad_(False)
                 _set_input(bare, inputs)
@@ -175,7 +177,8 @@ def run_schedule(order: list[Op], forward_step: Callable, batches: list[Any], mo
                     saved[op.chunk, op.micro_batch] = (inputs, output)
             else:
                 inputs, output = saved.pop((op.chunk, op.micro_batch))
-                output_grad = None if last else p2p.recv_backward(device)
+                with _timed(timers, "pipeline") if not last else contextlib.nullcontext():
+                    output_grad = None if last else p2p.recv_backward(device)
                 with _timed(timers, "backward"), _deferred(model, defer):
                     if output_grad is None:
                         backward(output)
@@ -183,7 +186,8 @@ def run_schedule(order: list[Op], forward_step: Callable, batches: list[Any], mo
                         torch.autograd.backward(output, grad_tensors=output_grad)
                 if not first:
                     pending += p2p.send_backward(inputs.grad)
-        p2p.wait_all(pending)
+        with _timed(timers, "pipeline") if pending else contextlib.nullcontext():
+            p2p.wait_all(pending)
     finally:
         mpu.set_virtual_pipeline_model_parallel_rank(0)
         _set_input(bare, None)

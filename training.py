@@ -88,8 +88,9 @@ def train_step(
 
     ``timers`` (``--log-timers``) time the phases: ``data`` (the loader), ``forward`` (the batch's
     broadcast to the model-parallel group and the forward pass), ``backward``, ``allreduce`` (the local
-    DDP's gradient all-reduce; torch DDP overlaps it with the last ``backward``) and ``optimizer``
-    (unscale, clip, step), summed over the micro-batches. Returns the metrics (means over the
+    DDP's gradient all-reduce; torch DDP overlaps it with the last ``backward``), ``optimizer``
+    (unscale, clip, step) and with pipeline parallelism ``pipeline`` (waiting for the other stages),
+    summed over the micro-batches. Returns the metrics (means over the
     micro-batches), the gradient norm and whether the step was skipped.
     """
     timers = timers or Timers(False)

@@ -213,9 +213,12 @@ def test_pipelines_combine_with_the_other_scale_features_and_evaluate_alike(tmp_
 
 
 def test_pipelines_with_activation_checkpointing_and_fp16_skip_alike(tmp_path):
-    records = _runs(tmp_path, "gpt2", ["serial", "pp2", "one_micro_batch"], {"--checkpoint-activations": True},
-                    iters=6)
+    records = _runs(tmp_path, "gpt2", ["serial", "pp2", "one_micro_batch"],
+                    {"--checkpoint-activations": True, "--log-timers": True}, iters=6)
     _assert_same_run(records, ["lm_loss", "grad_norm"])
+    # --log-timers shows the time a stage waited for the others' messages (none without a pipeline).
+    assert "time_pipeline_ms" not in records["serial"][-1]
+    assert all(r["time_pipeline_ms"] > 0 for r in records["pp2"])
     # fp16 from a loss scale that overflows: the same iterations are skipped on every stage.
     fp16 = {"--fp16": True, "--initial-loss-scale": float(2 ** 40)}
     (tmp_path / "fp16").mkdir()
