@@ -40,7 +40,10 @@ Time per step (one global batch), per GPU:
   dropout, residual) and the Adam step at 80% of the memory bandwidth.
 * tensor-parallel communication: the ring all-reduces (all-gathers and reduce-scatters with sequence
   parallelism) of ``s b h`` activations, four per layer and micro-batch, six with recomputation.
-* pipeline: the bubble ``(P - 1) / v`` micro-batch times, plus the point-to-point sends.
+* pipeline: the bubble ``(P - 1) / v`` micro-batch times, plus the point-to-point sends: as this toolkit
+  sends them (``mpu/p2p.py``), every tensor-parallel rank sends the stage's whole ``b s h`` hidden state
+  (``b s h / T``, its slice, with sequence parallelism; not Megatron's scatter / gather of ``1 / T`` each),
+  behind a 48-byte shape header.
 * data-parallel reduction: a ring all-reduce of the gradients after backward (not overlapped), through the
   node's network cards shared by the rings crossing each node; fp32 reduce-scatter and all-gather with the
   distributed optimizer.
@@ -80,6 +83,7 @@ BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 FIRST, LAST = -1, -2  # where a parameter lives that is not in a transformer layer
 USABLE_MEMORY = 0.92  # the rest: CUDA context, NCCL buffers, fragmentation
 MICRO_BATCHES = (1, 2, 4, 8, 16)
+P2P_HEADER_BYTES = 6 * 8  # mpu/p2p.py's header before each pipeline message: six int64s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,10 +379,11 @@ def step_seconds(spec: ModelSpec, cluster: Cluster, layout: Layout, global_batch
     gpn, tp_pp = cluster.gpus_per_node, layout.tp * layout.pp
     e = BYTES[cluster.precision]
     p2p_gbps = cluster.intra_gbps if tp_pp <= gpn else cluster.node_gbps / gpn
-    # Megatron's scatter / gather: each tensor-parallel rank sends 1/T of the activation, all-gathered after
-    activation = spec.seq_length * layout.micro_batch * spec.hidden_size * e
-    message = (activation / layout.tp / (p2p_gbps * 1e9 * c.link_efficiency) + c.latency_s
-               + (0.0 if layout.sequence_parallel else _ring_s(activation, layout.tp, cluster.intra_gbps, c, 1)))
+    # schedules.py / mpu/p2p.py: every tensor-parallel rank sends the stage's whole (b, s, h) hidden state, its
+    # (b, s/T, h) slice with sequence parallelism, each behind a shape header (two sends, no gather after)
+    sp = layout.tp if layout.sequence_parallel else 1
+    payload = spec.seq_length * layout.micro_batch * spec.hidden_size * e / sp
+    message = (P2P_HEADER_BYTES + payload) / (p2p_gbps * 1e9 * c.link_efficiency) + 2 * c.latency_s
     p2p = 0.0 if layout.pp == 1 else (m * layout.virtual + layout.pp - 1) * 2 * message
     bubble = (layout.pp - 1) / layout.virtual * (compute + tp) + p2p
     n = max(sum(stage_parameters(spec, layout.tp, layout.pp, s)) for s in {0, layout.pp - 1})
