@@ -1,4 +1,5 @@
-"""tools/plan.py, the capacity planner, against what this toolkit measures and what was published.
+"""The capacity planner (``capacity_planner.py``; ``tools/plan.py`` its command line) against what this
+toolkit measures and what was published.
 
 Memory: the planner's parameter, gradient and optimizer bytes equal ``performance.training_state_bytes``
 after a real training step of GPT2 and BERT at tensor-parallel 1 and 2, data-parallel 1 and 2, fp32 and
@@ -16,6 +17,7 @@ import shlex
 import pytest
 import torch
 
+import capacity_planner as planner
 import mpu
 from arguments import build_parser, get_args
 from initialize import run_main
@@ -42,12 +44,12 @@ ACTIVATION_CASES = ((1, False, False, 0.0), (1, True, False, 0.0), (2, False, Fa
 ACTIVATION_TOLERANCE = {0.0: 0.05, 0.1: 0.20}
 
 
-def tiny_spec(kind: str) -> plan.ModelSpec:
-    return plan.ModelSpec(kind, 3, 64, 4, SEQ, VOCAB, SEQ, divisible_by=8, dropout=0.0,
-                          max_preds_per_seq=5 if kind == "bert" else 0)
+def tiny_spec(kind: str) -> planner.ModelSpec:
+    return planner.ModelSpec(kind, 3, 64, 4, SEQ, VOCAB, SEQ, divisible_by=8, dropout=0.0,
+                             max_preds_per_seq=5 if kind == "bert" else 0)
 
 
-def _flags(spec: plan.ModelSpec, tp: int, precision: str | None, sharded: bool) -> list[str]:
+def _flags(spec: planner.ModelSpec, tp: int, precision: str | None, sharded: bool) -> list[str]:
     flags = ["--num-layers", str(spec.num_layers), "--hidden-size", str(spec.hidden_size), "--num-attention-heads",
              str(spec.num_attention_heads), "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),
              "--make-vocab-size-divisible-by", "8", "--micro-batch-size", str(BATCH), "--model-parallel-size",
@@ -116,19 +118,19 @@ def measured() -> list[dict]:
 def test_parameter_gradient_and_optimizer_bytes_equal_the_measured_ones(measured, index):
     kind, tp, precision, sharded = STATE_CASES[index]
     name = {"--bf16": "bf16", None: "fp32"}[precision]
-    rows = plan.stage_parameters(tiny_spec(kind), tp, 1, 0)
+    rows = planner.stage_parameters(tiny_spec(kind), tp, 1, 0)
     for rank in measured:
         dp_rank = rank["rank"] // tp  # model-parallel groups are consecutive ranks
-        predicted = plan.state_bytes(rows, name, 2 // tp, sharded, dp_rank)
+        predicted = planner.state_bytes(rows, name, 2 // tp, sharded, dp_rank)
         assert predicted == rank["state"][index], (STATE_CASES[index], dp_rank)
 
 
 @pytest.mark.parametrize("index", range(len(ACTIVATION_CASES)))
 def test_activation_estimate_is_within_tolerance_of_the_measured_peak(measured, index):
     tp, checkpoint, sequence_parallel, dropout = ACTIVATION_CASES[index]
-    layout = plan.Layout(tp, 1, 2 // tp, BATCH, checkpoint=checkpoint, sequence_parallel=sequence_parallel)
+    layout = planner.Layout(tp, 1, 2 // tp, BATCH, checkpoint=checkpoint, sequence_parallel=sequence_parallel)
     spec = dataclasses.replace(tiny_spec("gpt2"), dropout=dropout)
-    predicted = plan.activation_bytes(spec, layout, 0, 1, 4, fused_attention=dropout == 0)
+    predicted = planner.activation_bytes(spec, layout, 0, 1, 4, fused_attention=dropout == 0)
     peak = measured[0]["activations"][index]
     print(f"activations {ACTIVATION_CASES[index]}: predicted {predicted:.0f} B, measured {peak} B, "
           f"{100 * (predicted / peak - 1):+.1f}%")
@@ -139,18 +141,18 @@ def test_activation_estimate_is_within_tolerance_of_the_measured_peak(measured, 
 def test_the_one_layer_build_lists_the_parameters_of_the_full_model(kind):
     spec = tiny_spec(kind)
     for tp in (1, 2):
-        assert plan.parameter_table(spec, tp) == plan.parameter_table(spec, tp, build_layers=0)
+        assert planner.parameter_table(spec, tp) == planner.parameter_table(spec, tp, build_layers=0)
 
 
 def test_pipeline_stages_split_the_layers_and_copy_the_tied_embeddings():
     spec = dataclasses.replace(tiny_spec("gpt2"), num_layers=4)
-    table, word = plan.parameter_table(spec, 2)
-    whole = sum(plan.stage_parameters(spec, 2, 1, 0))
+    table, word = planner.parameter_table(spec, 2)
+    whole = sum(planner.stage_parameters(spec, 2, 1, 0))
     layer = sum(n for where, n in table if where == 0)
-    stages = [sum(plan.stage_parameters(spec, 2, 4, s)) for s in range(4)]
+    stages = [sum(planner.stage_parameters(spec, 2, 4, s)) for s in range(4)]
     assert stages[1] == stages[2] == layer
     assert sum(stages) == whole + word  # the last stage's copy of the word embeddings
-    assert stages[0] - layer == sum(n for where, n in table if where == plan.FIRST)
+    assert stages[0] - layer == sum(n for where, n in table if where == planner.FIRST)
 
 
 # --- the time model against the published rows ------------------------------------------------------------------------
@@ -158,18 +160,18 @@ def test_pipeline_stages_split_the_layers_and_copy_the_tied_embeddings():
 
 @pytest.fixture(scope="module")
 def rows() -> list:
-    return plan.check_rows()
+    return planner.check_rows()
 
 
 def test_the_shipped_constant_is_the_fit_on_the_calibration_row():
-    assert plan.fit_gemm_efficiency() == pytest.approx(plan.TimeConstants().gemm_efficiency, abs=2e-4)
+    assert planner.fit_gemm_efficiency() == pytest.approx(planner.TimeConstants().gemm_efficiency, abs=2e-4)
 
 
 def test_calibrated_on_one_row_the_other_rows_are_predicted_within_15_percent(rows):
     for index, check in enumerate(rows):
         print(f"{check.name}: published {check.published}, predicted {check.predicted:.1f} TFLOP/s per GPU "
               f"({100 * check.error:+.1f}%)")
-        assert abs(check.error) <= (1e-3 if index == plan.CALIBRATION_ROW else plan.ROW_TOLERANCE), check.name
+        assert abs(check.error) <= (1e-3 if index == planner.CALIBRATION_ROW else planner.ROW_TOLERANCE), check.name
 
 
 def test_the_planners_pick_on_each_rows_gpus_fits_and_is_at_least_as_fast(rows):
@@ -178,20 +180,20 @@ def test_the_planners_pick_on_each_rows_gpus_fits_and_is_at_least_as_fast(rows):
 
 
 def test_the_seeds_weak_scaling_at_512_gpus_is_within_5_points():
-    one, many = plan.seed_scaling()
+    one, many = planner.seed_scaling()
     print(f"seed: {one:.1f} TFLOP/s on 1 V100, {many:.1f} per GPU on 512: {100 * many / one:.1f}% (published 76%)")
-    assert abs(many / one - plan.SEED_EFFICIENCY) <= plan.EFFICIENCY_TOLERANCE
+    assert abs(many / one - planner.SEED_EFFICIENCY) <= planner.EFFICIENCY_TOLERANCE
 
 
 def test_gpt2_8p3b_on_512_v100s_rejects_what_does_not_fit_and_picks_what_does():
-    spec, batch = plan.MODELS["gpt2-8.3b"]
-    cluster = plan.CLUSTERS["v100-dgx2"]
-    estimates = plan.plan(spec, cluster, 512, batch)
+    spec, batch = planner.MODELS["gpt2-8.3b"]
+    cluster = planner.CLUSTERS["v100-dgx2"]
+    estimates = planner.plan(spec, cluster, 512, batch)
     unsplit = [est for est in estimates if est.layout.tp == est.layout.pp == 1]
     assert unsplit and not any(est.fits for est in unsplit)
-    assert min(est.memory["total"] for est in unsplit) > 32 * plan.GIB  # 8.3B x 2 bytes of fp16 weights alone
+    assert min(est.memory["total"] for est in unsplit) > 32 * planner.GIB  # 8.3B x 2 bytes of fp16 weights alone
     best = estimates[0]
-    assert best.fits and best.memory["total"] <= plan.USABLE_MEMORY * 32 * plan.GIB
+    assert best.fits and best.memory["total"] <= planner.USABLE_MEMORY * 32 * planner.GIB
     assert all(best.step <= est.step for est in estimates if est.fits)
 
 
@@ -222,7 +224,7 @@ def test_the_best_layout_is_printed_as_a_command_whose_flags_the_toolkit_parses(
     assert {flag for flag in flags if flag.startswith("--")} <= known  # whole names, not argparse's abbreviations
     parsed = parser.parse_args(flags)
     assert (parsed.num_layers, parsed.hidden_size, parsed.global_batch_size) == (24, 1024, 512)
-    assert 16 % parsed.model_parallel_size == 0 and parsed.micro_batch_size in plan.MICRO_BATCHES
+    assert 16 % parsed.model_parallel_size == 0 and parsed.micro_batch_size in planner.MICRO_BATCHES
 
 
 @pytest.mark.parametrize("argv, message", [
