@@ -58,9 +58,11 @@ def _resolve(module: str, path: str, node: ast.ImportFrom) -> str:
 def imports_of(module: str, path: str, known: set[str]) -> Iterator[tuple[str, int, bool]]:
     """(imported project module, line, at module level) for each import in ``path``."""
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    # Parents by node id, built for this tree while it is alive (ids of collected trees are reused).
+    parents = {id(child): parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
     top_level = {id(node) for node in ast.walk(tree)
                  if not any(isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                            for p in _parents(tree, node))}
+                            for p in _parents(parents, node))}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -75,14 +77,7 @@ def imports_of(module: str, path: str, known: set[str]) -> Iterator[tuple[str, i
                 yield name, node.lineno, id(node) in top_level
 
 
-_PARENTS: dict[int, dict[int, ast.AST]] = {}
-
-
-def _parents(tree: ast.AST, node: ast.AST) -> Iterator[ast.AST]:
-    table = _PARENTS.get(id(tree))
-    if table is None:
-        table = {id(child): parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
-        _PARENTS[id(tree)] = table
+def _parents(table: dict[int, ast.AST], node: ast.AST) -> Iterator[ast.AST]:
     while id(node) in table:
         node = table[id(node)]
         yield node
