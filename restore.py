@@ -2,6 +2,7 @@
 
 * ``check_run_paths``: before any work, every directory flag usable and no ``--save`` that would
   write over another run's checkpoints.
+* ``lock_save``: one run at a time writes a ``--save`` directory (rank 0 holds ``atomic.FolderLock``).
 * ``read_load_state``: this rank's state from ``--load`` (a checkpoint directory, or a Hugging Face
   GPT-2 folder converted in memory with ``--load-openai`` / ``--eval-hf``).
 * ``decide_model_config``: the one place the model's config is decided, from the flags, the
@@ -24,7 +25,9 @@ from torch import nn
 
 import mpu
 from arguments import MODEL_SHAPE_DEFAULTS, SHAPE_FLAGS, check_model_shape, flag_name, writable_directory
+from atomic import FolderLock
 from checkpointing import (
+    START_OVER,
     TRACKER_FILENAME,
     check_config,
     checkpoint_root_of,
@@ -34,6 +37,7 @@ from checkpointing import (
     remove_orphaned_temporaries,
     save_checkpoint,
     set_rng_state,
+    untracked_checkpoints,
 )
 from conversion import import_hf
 from errors import ArgumentError, CheckpointError
@@ -83,9 +87,26 @@ def check_run_paths(args) -> None:
         raise ArgumentError(f"--save {args.save} already holds another run's checkpoints; pass --load {args.save} "
                             "to continue that run, or choose a new --save directory (--overwrite-checkpoints starts "
                             "over in it)")
+    untracked = untracked_checkpoints(args.save, START_OVER) if args.save else None
+    if untracked is not None and (not args.overwrite_checkpoints or "not a file" in untracked):
+        raise ArgumentError(f"--save {untracked}")
     if args.save:
         for path in remove_orphaned_temporaries(args.save):
             print_rank_0(f"removed {path}, left by a save that was killed")
+
+
+def lock_save(args) -> FolderLock | None:
+    """On global rank 0, hold the lock of ``--save`` for the run (``None`` elsewhere and without ``--save``):
+    a second run into the same directory is refused with a line naming the holder; a lock whose holder is
+    gone is taken over with a warning. Call it through ``all_ranks_agree`` so a refusal stops every rank."""
+    if not args.save or not mpu.is_rank_0():
+        return None
+    writable_directory(args.save, "--save")
+    lock = FolderLock(args.save)
+    warning = lock.acquire(f"--save {args.save}")
+    if warning:
+        print(warning, flush=True)
+    return lock
 
 
 def read_load_state(args) -> dict[str, Any] | None:
@@ -96,7 +117,9 @@ def read_load_state(args) -> dict[str, Any] | None:
         states, _ = import_hf(args.load, mpu.get_model_parallel_world_size(), args.make_vocab_size_divisible_by,
                               args.seed)
         return states[mpu.get_model_parallel_rank()]
-    return load_checkpoint_state(args.load)
+    same = bool(args.save) and os.path.realpath(args.load) == os.path.realpath(args.save)
+    remedy = None if args.overwrite_checkpoints and same else START_OVER if same else ""
+    return load_checkpoint_state(args.load, remedy)
 
 
 # ---------------------------------------------------------------------------------------------
