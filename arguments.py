@@ -322,6 +322,7 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample-input-file", default=None, help="one prompt per line; generate for each")
     group.add_argument("--sample-output-file", default=None,
                        help="write one JSON object per sample (prompt, text, token_ids) here")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     group.add_argument("--num-samples", type=int, default=0,
                        help="unconditional samples to generate (without --sample-input-file)")
 

@@ -22,7 +22,7 @@ import torch
 
 import mpu
 from arguments import distributed_settings, get_args
-from atomic import atomic_file
+from atomic import atomic_file, check_new_file
 from data_utils import make_tokenizer
 from errors import ArgumentError, DataError
 from generation import SamplingParams, TextStream, broadcast_prompts, generate
@@ -48,6 +48,8 @@ def check_mode_args(args) -> None:
     if args.sample_input_file and not os.path.isfile(args.sample_input_file):
         raise DataError(f"--sample-input-file {args.sample_input_file}: no such file; give a text file with one "
                         "prompt per line")
+    if args.sample_output_file:  # before the model loads, not at the final rename
+        check_new_file(args.sample_output_file, "--sample-output-file", args.overwrite)
 
 
 def context_length(args, model) -> int:
@@ -105,11 +107,8 @@ class AtomicJsonLines:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._context = atomic_file(path)
-        try:
-            self.file = self._context.__enter__()
-        except OSError as err:
-            raise DataError(f"--sample-output-file {path}: cannot write there ({err.strerror})") from None
+        self._context = atomic_file(path)  # a failed write is one WriteError naming the path
+        self.file = self._context.__enter__()
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -279,7 +279,7 @@ def test_a_failed_run_leaves_an_existing_output_untouched(single_process_group, 
     out.write_text("an earlier run's output\n")
     with pytest.raises(DataError, match=r"in\.txt line 2: the prompt is \d+ tokens but the context holds 32"):
         generate_samples.main(_argv(folder, ckpt, "--sample-input-file", tmp_path / "in.txt",
-                                    "--sample-output-file", out))
+                                    "--sample-output-file", out, "--overwrite"))
     assert out.read_text() == "an earlier run's output\n"
     assert sorted(os.listdir(tmp_path)) == ["in.txt", "out.jsonl"]
 
@@ -303,7 +303,7 @@ def test_a_run_failing_mid_way_leaves_no_partial_output(single_process_group, tr
     monkeypatch.setattr(generate_samples, "generate", fail_second_batch)
     with pytest.raises(RuntimeError, match="interrupted"):
         generate_samples.main(_argv(folder, ckpt, "--sample-input-file", tmp_path / "in.txt", "--batch-size", 1,
-                                    "--sample-output-file", out, "--out-seq-length", 4))
+                                    "--sample-output-file", out, "--out-seq-length", 4, "--overwrite"))
     assert len(calls) == 2 and out.read_text() == "an earlier run's output\n"
     assert sorted(os.listdir(tmp_path)) == ["in.txt", "out.jsonl"]
 

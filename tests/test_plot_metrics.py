@@ -157,8 +157,8 @@ def test_failed_write_leaves_the_old_image_and_no_partial_file(tmp_path, monkeyp
 
     monkeypatch.setattr(Figure, "savefig", disk_full)
     with pytest.raises(SystemExit) as exc:
-        plot_metrics.main([run, "-o", str(out)])
-    assert str(exc.value.code).startswith(f"error: cannot write -o {out}: No space left on device")
+        plot_metrics.main([run, "-o", str(out), "--overwrite"])
+    assert str(exc.value.code).startswith(f"error: cannot write {out}: no space left on the device (ENOSPC)")
     assert os.listdir(out.parent) == ["curve.png"] and out.read_bytes() == b"the previous plot"
 
 
