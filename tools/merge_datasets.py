@@ -10,7 +10,7 @@ are named (a folder gives its ``*.idx`` prefixes in sorted name order), and trai
 dataset written in one go. Token data is copied in large blocks, never loaded whole. All inputs must
 hold the same token type (the same tokenizer); each is opened, and so checked, before anything is
 written. The output is written under temporary names and renamed into place when complete; an
-existing output is replaced only with ``--force``.
+existing output is replaced only with ``--overwrite`` (``--force``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from atomic import check_new_file  # noqa: E402
 from data_utils.errors import DataError  # noqa: E402
 from data_utils.indexed_dataset import (  # noqa: E402
     IndexedDataset,
@@ -54,8 +55,7 @@ def merge(prefixes: list[str], output_prefix: str, force: bool = False) -> Index
     if not os.path.isdir(folder):
         raise DataError(f"--output-prefix {output_prefix}: folder {folder} does not exist; create it first")
     for path in (out_bin, out_idx):
-        if os.path.exists(path) and not force:
-            raise DataError(f"{path} already exists; pass --force to replace it")
+        check_new_file(path, "--output-prefix", force)
     out_real = {os.path.realpath(out_bin), os.path.realpath(out_idx)}
     datasets = [IndexedDataset(prefix) for prefix in prefixes]  # every input checked before writing
     for prefix in prefixes:
@@ -66,14 +66,10 @@ def merge(prefixes: list[str], output_prefix: str, force: bool = False) -> Index
         kinds = ", ".join(f"{ds.prefix} ({ds.dtype.name})" for ds in datasets)
         raise DataError(f"the inputs hold different token types ({kinds}); merge only datasets written with the "
                         "same tokenizer")
-    builder = IndexedDatasetBuilder(out_bin, datasets[0].dtype)
-    try:
+    with IndexedDatasetBuilder(out_bin, datasets[0].dtype) as builder:  # a failed write: one line
         for prefix in prefixes:
             builder.add_index(prefix)
         builder.finalize(out_idx)
-    except BaseException:
-        builder.discard()
-        raise
     return IndexedDataset(output_prefix)
 
 
@@ -82,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", nargs="+", required=True,
                         help="dataset prefixes (PREFIX.bin/.idx), or folders of them, in the order to merge")
     parser.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
-    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     prefixes = input_prefixes(args.input)
     merged = merge(prefixes, args.output_prefix, args.force)
