@@ -1,0 +1,159 @@
+"""Outputs of the tools are not replaced unasked, and a failed write is one line (issue 28).
+
+An existing output is refused before the work unless ``--overwrite``; a read-only or full file system,
+met while writing, is one ``error:`` line naming the path, with no temporary left behind; Ctrl-C in
+generation is one line and exit status 130 with no partial output. The real entry points run in a
+subprocess; the full and read-only file systems are small tmpfs mounts (skipped where mounting is not
+allowed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.cli import assert_one_line_error
+from tests.helpers import REPO, file_checksums, gpt2_args, write_jsonl
+
+TEXT = "the cat sat on the mat. the dog ate the bone. " * 20
+
+
+def _run(script: str, *argv, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _model_flags(folder: str, ckpt: str) -> list[str]:
+    return ["--load", ckpt, "--vocab-file", os.path.join(folder, "vocab.json"), "--merge-file",
+            os.path.join(folder, "merges.txt"), "--device", "cpu"]
+
+
+def _metrics(folder) -> str:
+    path = os.path.join(folder, "metrics.jsonl")
+    with open(path, "w") as f:
+        for i in (1, 2, 3):
+            f.write(json.dumps({"iteration": i, "split": "train", "lm_loss": 5.0 - i, "lr": 1e-3,
+                                "tokens_per_s": 100.0}) + "\n")
+    return path
+
+
+def test_existing_outputs_are_refused_before_the_work(tiny_gpt2_run, tmp_path):
+    folder, ckpt = tiny_gpt2_run
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = {name: out / name for name in ("samples.jsonl", "results.json", "curve.png", "split.json")}
+    for path in existing.values():
+        path.write_text("an earlier output\n")
+    before = file_checksums(str(out))
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text(TEXT)
+    corpus = write_jsonl(str(tmp_path / "corpus.json"), [TEXT] * 3)
+    runs = {
+        "generate_samples.py": (["generate_samples.py", *_model_flags(folder, ckpt), "--num-samples", 1,
+                                 "--out-seq-length", 2, "--sample-output-file", existing["samples.jsonl"]],
+                                "--sample-output-file"),
+        "evaluate_gpt2.py": (["evaluate_gpt2.py", *_model_flags(folder, ckpt), "--valid-data", wiki,
+                              "--results-file", existing["results.json"]], "--results-file"),
+        "tools/plot_metrics.py": (["tools/plot_metrics.py", _metrics(tmp_path), "-o", existing["curve.png"]], "-o"),
+        "scripts/presplit_sentences_json.py": (["scripts/presplit_sentences_json.py", corpus, existing["split.json"]],
+                                               "OUTPUT"),
+    }
+    for script, (argv, flag) in runs.items():
+        proc = _run(*argv)
+        assert_one_line_error(proc.returncode, proc.stderr, flag, "already exists", "--overwrite")
+        assert "loaded" not in proc.stderr, f"{script}: refused before the model loads"
+    assert file_checksums(str(out)) == before and sorted(os.listdir(out)) == sorted(existing)
+    # --overwrite (and the json tools' --force) replace on purpose; a directory is never an output file.
+    proc = _run("scripts/presplit_sentences_json.py", corpus, existing["split.json"], "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(existing["split.json"].read_text().splitlines()[0])["text"].startswith("the cat sat")
+    proc = _run("tools/plot_metrics.py", _metrics(tmp_path), "-o", out)
+    assert_one_line_error(proc.returncode, proc.stderr, "is a directory")
+
+
+@pytest.fixture
+def small_mounts(tmp_path):
+    """``(full, read_only)``: a tmpfs filled to the last block and a read-only one, each holding ``keep.txt``."""
+    mounts = []
+    try:
+        for name, options in (("full", "size=512k"), ("read_only", "size=64k")):
+            point = tmp_path / name
+            point.mkdir()
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                              capture_output=True).returncode != 0:
+                pytest.skip("cannot mount a small tmpfs here (needs root)")
+            mounts.append(point)
+            (point / "keep.txt").write_text("kept\n")
+        try:
+            with open(mounts[0] / "filler", "wb", buffering=0) as f:
+                while True:
+                    f.write(b"\0" * 4096)
+        except OSError:  # full to the last block
+            pass
+        subprocess.run(["mount", "-o", "remount,ro", str(mounts[1])], check=True)
+        yield mounts[0], mounts[1]
+    finally:
+        for point in mounts:
+            subprocess.run(["umount", str(point)], capture_output=True)
+
+
+def _only_kept(folder) -> None:
+    """Nothing but the files that were there: no temporary, no partial output (empty folders may stay)."""
+    assert set(file_checksums(str(folder))) <= {"keep.txt", "filler"}, file_checksums(str(folder))
+    assert (folder / "keep.txt").read_text() == "kept\n"
+
+
+def test_a_full_or_read_only_file_system_is_one_line_in_every_tool(tiny_gpt2_run, tmp_path, small_mounts):
+    folder, ckpt = tiny_gpt2_run
+    full, read_only = small_mounts
+    corpus = write_jsonl(str(tmp_path / "corpus.json"), [TEXT] * 40)
+    vocab = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", os.path.join(folder, "vocab.json"),
+             "--merge-file", os.path.join(folder, "merges.txt")]
+    cases = [
+        (["tools/preprocess_data.py", "--input", corpus, "--output-prefix", full / "corpus", *vocab],
+         ["corpus_text_document.bin", "no space left on the device (ENOSPC)"]),
+        (["tools/preprocess_data.py", "--input", corpus, "--output-prefix", read_only / "corpus", *vocab],
+         ["--output-prefix", "read-only (EROFS)"]),
+        (["tools/reshard_checkpoint.py", "--load", ckpt, "--save", full / "mp2", "--target-model-parallel-size", 2],
+         ["--save cannot write", "mp2: no space left on the device (ENOSPC)"]),
+        (["tools/hf_checkpoint.py", "export", "--load", ckpt, "--hf-dir", full / "hf"],
+         ["--hf-dir cannot write", "hf: no space left on the device (ENOSPC)"]),
+        (["generate_samples.py", *_model_flags(folder, ckpt), "--num-samples", 64, "--out-seq-length", 12,
+          "--batch-size", 64, "--sample-output-file", full / "samples.jsonl"],
+         ["cannot write", "samples.jsonl: no space left on the device (ENOSPC)"]),
+        (["pretrain_gpt2.py", *gpt2_args(folder, **{"--train-data": corpus, "--lazy-loader": True,
+                                                    "--cache-dir": full / "cache", "--train-iters": 1})],
+         ["cannot write", "no space left on the device (ENOSPC)"]),
+    ]
+    for argv, fragments in cases:
+        proc = _run(*argv)
+        assert_one_line_error(proc.returncode, proc.stderr, *fragments)
+        _only_kept(full)
+        _only_kept(read_only)
+
+
+def test_ctrl_c_in_generation_is_one_line_130_and_no_partial_output(tiny_gpt2_run, tmp_path):
+    folder, ckpt = tiny_gpt2_run
+    out = tmp_path / "samples.jsonl"
+    proc = subprocess.Popen([sys.executable, "generate_samples.py", *_model_flags(folder, ckpt), "--num-samples",
+                             100000, "--out-seq-length", 8, "--sample-output-file", str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        assert first.startswith("loaded "), first + proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        err = first + proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("interrupted: ")] == [err.splitlines()[-1]], err
+    assert "error" not in err.lower()
+    assert os.listdir(tmp_path) == [], "no partial output, no temporary"
+
