@@ -69,7 +69,7 @@ _WRITE_REASONS = {
 # How the writers that bypass Python's OSError (torch.save, safetensors) word the same failures.
 _WORDED = (("No space left", errno.ENOSPC), ("os error 28", errno.ENOSPC), ("Disk quota", errno.EDQUOT),
            ("Read-only file system", errno.EROFS), ("Permission denied", errno.EACCES))
-_SHORT_WRITE = ("unexpected pos", "file write failed", "I/O error", "Error while serializing")
+_SHORT_WRITE = ("unexpected pos", "file write failed", "I/O error", "Error while serializing", "requested and")
 
 
 def _folder_is_full(path: str) -> bool:
@@ -90,7 +90,8 @@ def write_error(err: BaseException, path: str | None = None) -> WriteError | Non
     code = err.errno if isinstance(err, OSError) and err.errno in _WRITE_REASONS else None
     if code is None:
         code = next((c for mark, c in _WORDED if mark in text), None)
-    if code is None and (isinstance(err, OSError) or not any(mark in text for mark in _SHORT_WRITE)):
+    worded_short = any(mark in text for mark in _SHORT_WRITE)  # numpy's tofile raises OSError without errno
+    if code is None and (isinstance(err, OSError) and err.errno is not None or not worded_short):
         return None  # not a failed write of the kinds above: a bug, left to its traceback
     if code is None and path and _folder_is_full(path):
         code = errno.ENOSPC  # torch's "unexpected pos": the write stopped short on a full disk
