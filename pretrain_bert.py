@@ -134,7 +134,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args(argv, description="BERT pretraining", defaults=FLAG_DEFAULTS)
+    args = get_args(argv, description="BERT pretraining", defaults=FLAG_DEFAULTS, model="bert")
     results = run(args)
     print_run_summary(results, lambda v: f"validation lm loss {v['lm_loss']:.4f}, nsp loss {v['nsp_loss']:.4f}")
 
