@@ -115,7 +115,7 @@ def test_one_run_per_save_directory_and_ctrl_c_saves_and_exits_130(trained, tmp_
                              stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(os.path.join(save, TRACKER), first)  # holding the lock, and saved at least once
-        second = run_gpt2_cli(argv)  # the same command again: refused, nothing of the first touched
+        second = run_gpt2_cli(argv + ["--exit-interval", "1"])  # the same run again: refused, nothing touched
         assert_one_line_error(second.returncode, second.stderr, f"--save {save} is in use by another run",
                               f"pid {first.pid} on host {_host()}")
         first.send_signal(signal.SIGINT)  # the first Ctrl-C: save, one line, 130
