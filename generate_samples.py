@@ -89,13 +89,24 @@ def interactive_prompts(tokenizer, context: int) -> Iterator[Batch]:
         yield [(text, ids)]
 
 
+def read_prompts(path: str) -> list[str]:
+    """The lines of a UTF-8 prompt file; one that is not UTF-8 is a ``DataError`` naming its line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save the prompts as UTF-8 "
+                        "(e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def file_prompts(args, tokenizer, context: int) -> Iterator[Batch]:
     """The input file's prompts (all checked before the first batch), or ``--num-samples`` empty ones."""
     if args.num_samples:
         texts = [""] * args.num_samples
     else:
-        with open(args.sample_input_file, encoding="utf-8") as f:
-            texts = f.read().splitlines()
+        texts = read_prompts(args.sample_input_file)
     path = args.sample_input_file
     prompts = [(t, encode_prompt(tokenizer, t, context, f"{path} line {i + 1}")) for i, t in enumerate(texts)]
     for start in range(0, len(prompts), args.micro_batch_size):
@@ -197,7 +208,7 @@ def write_samples(args, tokenizer, context: int, decode: Decode) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args(argv, description="GPT2 text generation", defaults={"seq_length": None})
+    args = get_args(argv, description="GPT2 text generation", defaults={"seq_length": None}, model="gpt2")
     params = SamplingParams(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     check_mode_args(args)
     device = initialize_distributed(**distributed_settings(args))
