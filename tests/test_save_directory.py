@@ -19,9 +19,11 @@ import time
 import pytest
 
 from atomic import LOCK_NAME, _host
+from initialize import run_cli
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
 from tests.helpers import REPO, file_checksums, gpt2_args, run_gpt2_cli, run_gpt2_main
+from tools import reshard_checkpoint
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -62,11 +64,11 @@ def test_checkpoints_without_a_usable_tracker_are_never_overwritten(trained, tmp
                           "iter_0000002, iter_0000004", f"echo 4 > {os.path.join(untracked, TRACKER)}",
                           "--overwrite-checkpoints")
     # ... and the conversion tools say the same, without the training remedy.
-    proc = subprocess.run([sys.executable, "tools/reshard_checkpoint.py", "--load", untracked, "--save",
-                           str(tmp_path / "resharded"), "--target-model-parallel-size", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert_one_line_error(proc.returncode, proc.stderr, f"{untracked} holds checkpoints", "echo 4 >")
-    assert "--overwrite-checkpoints" not in proc.stderr and not os.path.exists(tmp_path / "resharded")
+    code = run_cli(lambda: reshard_checkpoint.main(["--load", untracked, "--save", str(tmp_path / "resharded"),
+                                                    "--target-model-parallel-size", "1"]))
+    err = capsys.readouterr().err
+    assert_one_line_error(code, err, f"{untracked} holds checkpoints", "echo 4 >")
+    assert "--overwrite-checkpoints" not in err and not os.path.exists(tmp_path / "resharded")
     # --save alone, and a tracker turned into a directory (which used to be overwritten, then the run said
     # "no earlier checkpoint was touched").
     code, _, err = run_gpt2_main(gpt2_args(folder, **{"--save": untracked, "--train-iters": 1}), capsys)
@@ -167,7 +169,6 @@ def test_a_stale_lock_is_taken_over_with_a_warning(trained, tmp_path, capsys):
 
 def _run_cli_main(argv: list[str]) -> int:
     import pretrain_gpt2
-    from initialize import run_cli
 
     return run_cli(lambda: pretrain_gpt2.main(argv))
 

@@ -1,14 +1,17 @@
-"""Outputs of the tools are not replaced unasked, and a failed write is one line (issue 28).
+"""Mistakes and accidents in the tools (issue 28): outputs are not replaced unasked, a failed write is one
+line, unreadable inputs are one line.
 
 An existing output is refused before the work unless ``--overwrite``; a read-only or full file system,
 met while writing, is one ``error:`` line naming the path, with no temporary left behind; Ctrl-C in
 generation is one line and exit status 130 with no partial output. The real entry points run in a
 subprocess; the full and read-only file systems are small tmpfs mounts (skipped where mounting is not
-allowed).
+allowed). A truncated ``model.safetensors``, a 2019 import given something else and a prompt file
+that is not UTF-8 are one line naming the file.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -16,9 +19,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import evaluate_gpt2
+from initialize import run_cli
 from tests.cli import assert_one_line_error
 from tests.helpers import REPO, file_checksums, gpt2_args, write_jsonl
+from tools import import_megatron2019
 
 TEXT = "the cat sat on the mat. the dog ate the bone. " * 20
 
@@ -26,6 +33,17 @@ TEXT = "the cat sat on the mat. the dog ate the bone. " * 20
 def _run(script: str, *argv, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, script, *map(str, argv)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _run_all(*argvs) -> list[subprocess.CompletedProcess]:
+    """``_run`` of every argv at once (each start imports torch: seconds; together they overlap)."""
+    procs = [subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for argv in argvs]
+    done = []
+    for argv, proc in zip(argvs, procs):
+        out, err = proc.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+    return done
 
 
 def _model_flags(folder: str, ckpt: str) -> list[str]:
@@ -42,7 +60,7 @@ def _metrics(folder) -> str:
     return path
 
 
-def test_existing_outputs_are_refused_before_the_work(tiny_gpt2_run, tmp_path):
+def test_existing_outputs_are_refused_before_the_work(tiny_gpt2_run, tmp_path, capsys):
     folder, ckpt = tiny_gpt2_run
     out = tmp_path / "out"
     out.mkdir()
@@ -57,16 +75,16 @@ def test_existing_outputs_are_refused_before_the_work(tiny_gpt2_run, tmp_path):
         "generate_samples.py": (["generate_samples.py", *_model_flags(folder, ckpt), "--num-samples", 1,
                                  "--out-seq-length", 2, "--sample-output-file", existing["samples.jsonl"]],
                                 "--sample-output-file"),
-        "evaluate_gpt2.py": (["evaluate_gpt2.py", *_model_flags(folder, ckpt), "--valid-data", wiki,
-                              "--results-file", existing["results.json"]], "--results-file"),
         "tools/plot_metrics.py": (["tools/plot_metrics.py", _metrics(tmp_path), "-o", existing["curve.png"]], "-o"),
         "scripts/presplit_sentences_json.py": (["scripts/presplit_sentences_json.py", corpus, existing["split.json"]],
                                                "OUTPUT"),
     }
-    for script, (argv, flag) in runs.items():
-        proc = _run(*argv)
+    for (script, (_, flag)), proc in zip(runs.items(), _run_all(*(argv for argv, _ in runs.values()))):
         assert_one_line_error(proc.returncode, proc.stderr, flag, "already exists", "--overwrite")
         assert "loaded" not in proc.stderr, f"{script}: refused before the model loads"
+    code = run_cli(lambda: evaluate_gpt2.main([*_model_flags(folder, ckpt), "--valid-data", str(wiki),
+                                               "--results-file", str(existing["results.json"])]))
+    assert_one_line_error(code, capsys.readouterr().err, "--results-file", "already exists", "--overwrite")
     assert file_checksums(str(out)) == before and sorted(os.listdir(out)) == sorted(existing)
     # --overwrite (and the json tools' --force) replace on purpose; a directory is never an output file.
     proc = _run("scripts/presplit_sentences_json.py", corpus, existing["split.json"], "--force")
@@ -117,8 +135,8 @@ def test_a_full_or_read_only_file_system_is_one_line_in_every_tool(tiny_gpt2_run
     cases = [
         (["tools/preprocess_data.py", "--input", corpus, "--output-prefix", full / "corpus", *vocab],
          ["corpus_text_document.bin", "no space left on the device (ENOSPC)"]),
-        (["tools/preprocess_data.py", "--input", corpus, "--output-prefix", read_only / "corpus", *vocab],
-         ["--output-prefix", "read-only (EROFS)"]),
+        (["tools/plot_metrics.py", _metrics(tmp_path), "-o", read_only / "curve.png"],
+         ["-o", "curve.png: the file system is read-only (EROFS)"]),
         (["tools/reshard_checkpoint.py", "--load", ckpt, "--save", full / "mp2", "--target-model-parallel-size", 2],
          ["--save cannot write", "mp2: no space left on the device (ENOSPC)"]),
         (["tools/hf_checkpoint.py", "export", "--load", ckpt, "--hf-dir", full / "hf"],
@@ -130,18 +148,17 @@ def test_a_full_or_read_only_file_system_is_one_line_in_every_tool(tiny_gpt2_run
                                                     "--cache-dir": full / "cache", "--train-iters": 1})],
          ["cannot write", "no space left on the device (ENOSPC)"]),
     ]
-    for argv, fragments in cases:
-        proc = _run(*argv)
+    for (_, fragments), proc in zip(cases, _run_all(*(argv for argv, _ in cases))):
         assert_one_line_error(proc.returncode, proc.stderr, *fragments)
-        _only_kept(full)
-        _only_kept(read_only)
+    _only_kept(full)
+    _only_kept(read_only)
 
 
 def test_ctrl_c_in_generation_is_one_line_130_and_no_partial_output(tiny_gpt2_run, tmp_path):
     folder, ckpt = tiny_gpt2_run
     out = tmp_path / "samples.jsonl"
     proc = subprocess.Popen([sys.executable, "generate_samples.py", *_model_flags(folder, ckpt), "--num-samples",
-                             100000, "--out-seq-length", 8, "--sample-output-file", str(out)],
+                             "100000", "--out-seq-length", "8", "--sample-output-file", str(out)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stderr.readline()
@@ -157,3 +174,39 @@ def test_ctrl_c_in_generation_is_one_line_130_and_no_partial_output(tiny_gpt2_ru
     assert "error" not in err.lower()
     assert os.listdir(tmp_path) == [], "no partial output, no temporary"
 
+
+
+def test_unreadable_inputs_to_the_tools_are_one_line(tiny_gpt2_run, tmp_path, capsys):
+    folder, ckpt = tiny_gpt2_run
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                                                "n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 16,
+                                                "vocab_size": 300}))
+    (hf / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"wte.weight\": {")  # cut short
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("caf\u00e9 au lait\n".encode() + "na\u00efve\n".encode("latin-1"))
+    cases = [
+        (["tools/hf_checkpoint.py", "import", "--hf-dir", hf, "--save", tmp_path / "imported"],
+         [f"{hf}: unreadable safetensors weights", "truncated"]),
+        (["generate_samples.py", *_model_flags(folder, ckpt), "--sample-input-file", prompts],
+         [f"{prompts}:2: not UTF-8 text (byte 0xef)"]),
+    ]
+    for (_, fragments), proc in zip(cases, _run_all(*(argv for argv, _ in cases))):
+        assert_one_line_error(proc.returncode, proc.stderr, *fragments)
+    # This toolkit's own checkpoint, and a pickled 2019 one without transformer layers (today: "max() arg is
+    # an empty sequence"), through the same run_cli in this process.
+    code = run_cli(lambda: import_megatron2019.main(["--load", ckpt, "--save", str(tmp_path / "imported"),
+                                                     "--trust-pickle"]))
+    assert_one_line_error(code, capsys.readouterr().err, "this is a checkpoint of this toolkit, not of Megatron "
+                          "2019: load it directly", f"--load {ckpt}")
+    old = tmp_path / "old2019"
+    (old / "release" / "mp_rank_00").mkdir(parents=True)
+    (old / "latest_checkpointed_iteration.txt").write_text("release")
+    torch.save({"model": {"word_embeddings.weight": torch.zeros(8, 4), "position_embeddings.weight": torch.zeros(4, 4)},
+                "args": argparse.Namespace(num_attention_heads=2)},
+               old / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    code = run_cli(lambda: import_megatron2019.main(["--load", str(old), "--save", str(tmp_path / "imported"),
+                                                     "--trust-pickle"]))
+    assert_one_line_error(code, capsys.readouterr().err, "holds no transformer layers", "not a 2019 GPT2")
+    assert not os.path.exists(tmp_path / "imported")
