@@ -131,6 +131,26 @@ def test_sampling_follows_the_filtered_distribution():
     assert float(torch.bincount(hot, minlength=5).min()) > 3500  # a huge temperature flattens it
 
 
+def test_temperature_is_applied_before_top_p():
+    """The nucleus is taken of softmax(logits / T): at T = 0.5 the probabilities are 0.744, 0.186, 0.047, ...,
+    so top_p 0.8 keeps tokens 1 and 3 only (at T = 1 it would keep token 2 as well)."""
+    from generation import SamplingParams, filter_logits, sample_next_token
+
+    logits, temperature, top_p = torch.tensor(PROBS).log(), 0.5, 0.8
+    sharp = (logits / temperature).softmax(dim=-1)
+    order = sharp.argsort(descending=True)
+    reach = int((sharp[order].cumsum(dim=-1) >= top_p).nonzero()[0]) + 1
+    nucleus = set(order[:reach].tolist())
+    assert nucleus == {1, 3} and _kept(filter_logits(logits.unsqueeze(0), 0, top_p))[0] == {1, 2, 3}
+    tokens = sample_next_token(logits.expand(20000, -1), SamplingParams(temperature=temperature, top_p=top_p),
+                               generator=torch.Generator().manual_seed(4))
+    assert set(tokens.tolist()) == nucleus
+    counts = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    expected = torch.zeros(5)
+    expected[list(nucleus)] = sharp[list(nucleus)] / sharp[list(nucleus)].sum()
+    torch.testing.assert_close(counts, expected, atol=0.015, rtol=0)
+
+
 def test_streamed_text_equals_the_decoded_text_even_when_tokens_split_characters(trained):
     from data_utils import make_tokenizer
     from generation import TextStream
