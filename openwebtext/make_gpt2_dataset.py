@@ -173,6 +173,9 @@ def make_dataset(inputs: list[str], output_dir: str, sizes_file: str, tokenizer_
                 bar.set_postfix_str(os.path.basename(src))
                 chunks = encoded_chunks(src, text_key, tokenizer, dtype, pool, workers, bar.update)
                 counts[os.path.basename(shard)] = write_shard(temps[shard], chunks, dtype)
+                if counts[os.path.basename(shard)][1] == 0:
+                    raise DataError(f"corpus {src} is empty: there is nothing to tokenize; check the file (and "
+                                    "--text-key)")
         with open(temps[sizes_path], "w", encoding="utf-8") as f:
             json.dump({name: tokens for name, (_, tokens) in counts.items()}, f, indent=1)
             f.write("\n")

@@ -24,7 +24,7 @@ import torch
 import evaluate_gpt2
 from initialize import run_cli
 from tests.cli import assert_one_line_error
-from tests.helpers import REPO, file_checksums, gpt2_args, write_jsonl
+from tests.helpers import REPO, file_checksums, gpt2_args, write_indexed, write_jsonl
 from tools import import_megatron2019
 
 TEXT = "the cat sat on the mat. the dog ate the bone. " * 20
@@ -210,3 +210,20 @@ def test_unreadable_inputs_to_the_tools_are_one_line(tiny_gpt2_run, tmp_path, ca
                                                      "--trust-pickle"]))
     assert_one_line_error(code, capsys.readouterr().err, "holds no transformer layers", "not a 2019 GPT2")
     assert not os.path.exists(tmp_path / "imported")
+
+
+def test_tools_refuse_inputs_they_cannot_handle_right(tiny_gpt2_run, tmp_path):
+    folder, _ = tiny_gpt2_run
+    documents = write_indexed(str(tmp_path / "a_text_document"), [[[5, 6, 7]], [[8, 9]]])
+    sentences = write_indexed(str(tmp_path / "b_text_sentence"), [[[5, 6], [7]], [[8], [9]]])
+    (tmp_path / "empty.json").write_text("\n\n")
+    merged, shards = tmp_path / "merged", tmp_path / "shards"
+    merge, make = _run_all(
+        ["tools/merge_datasets.py", "--input", documents, sentences, "--output-prefix", merged],
+        ["openwebtext/make_gpt2_dataset.py", "--input", tmp_path / "empty.json", "--output-dir", shards,
+         "--vocab-file", os.path.join(folder, "vocab.json"), "--merge-file", os.path.join(folder, "merges.txt")])
+    assert_one_line_error(merge.returncode, merge.stderr, "mix document-level and sentence-level",
+                          f"{documents} (document-level)", f"{sentences} (sentence-level)")
+    assert_one_line_error(make.returncode, make.stderr, f"corpus {tmp_path / 'empty.json'} is empty")
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(("merged", ".merged"))]
+    assert not os.path.exists(shards) or os.listdir(shards) == []

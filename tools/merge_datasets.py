@@ -8,9 +8,9 @@ For a corpus tokenized in pieces (several machines each running ``tools/preproce
 share of the json files): the result holds every document of every input, in the order the inputs
 are named (a folder gives its ``*.idx`` prefixes in sorted name order), and trains exactly like a
 dataset written in one go. Token data is copied in large blocks, never loaded whole. All inputs must
-hold the same token type (the same tokenizer); each is opened, and so checked, before anything is
-written. The output is written under temporary names and renamed into place when complete; an
-existing output is replaced only with ``--overwrite`` (``--force``).
+hold the same token type (the same tokenizer) and level (documents or sentences); each is opened, and
+so checked, before anything is written. The output is written under temporary names and renamed into
+place when complete; an existing output is replaced only with ``--overwrite`` (``--force``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,15 @@ def input_prefixes(inputs: list[str]) -> list[str]:
     return prefixes
 
 
+def _level(prefix: str, dataset: IndexedDataset) -> str | None:
+    """``document`` or ``sentence``: by preprocess_data's name (``..._document``, ``..._sentence``), else
+    ``sentence`` when a document holds several sequences; ``None`` when it cannot tell."""
+    for level in ("document", "sentence"):
+        if prefix.endswith(f"_{level}"):
+            return level
+    return "sentence" if len(dataset) > len(dataset.document_indices) - 1 else None
+
+
 def merge(prefixes: list[str], output_prefix: str, force: bool = False) -> IndexedDataset:
     """Write every document of ``prefixes``, in order, to ``output_prefix``; returns the merged dataset."""
     if not prefixes:
@@ -61,6 +70,11 @@ def merge(prefixes: list[str], output_prefix: str, force: bool = False) -> Index
     for prefix in prefixes:
         if {os.path.realpath(data_file_path(prefix)), os.path.realpath(index_file_path(prefix))} & out_real:
             raise DataError(f"--output-prefix {output_prefix} is also an input; write the merge elsewhere")
+    levels = {prefix: _level(prefix, ds) for prefix, ds in zip(prefixes, datasets)}
+    if len(set(levels.values()) - {None}) > 1:
+        kinds = ", ".join(f"{prefix} ({level}-level)" for prefix, level in levels.items() if level)
+        raise DataError(f"the inputs mix document-level and sentence-level datasets ({kinds}); merge only datasets "
+                        "of one level (tools/preprocess_data.py with or without --split-sentences)")
     dtypes = {ds.dtype for ds in datasets}
     if len(dtypes) > 1:
         kinds = ", ".join(f"{ds.prefix} ({ds.dtype.name})" for ds in datasets)
