@@ -159,6 +159,14 @@ def check_new_file(path: str, flag: str, overwrite: bool = False, option: str = 
         raise ArgumentError(f"{flag} {reason}") from None
 
 
+def default_file_mode(path: str) -> None:
+    """Give ``path`` the mode a plain ``open`` would (0666 less the umask): writers that go through their
+    own temporary file (safetensors) leave 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 LOCK_NAME = ".lock"
 LOCK_HEARTBEAT_S = 30.0  # the holder touches the lock this often
 LOCK_STALE_S = 300.0  # a lock from another host untouched this long is abandoned

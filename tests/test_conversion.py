@@ -629,3 +629,16 @@ def test_resharding_repads_from_the_tokenizers_vocabulary_not_the_padded_rows(si
     rows = pad_vocab_size(real, divisible_by, 5)
     assert all(s["config"]["vocab_size"] == rows == 1005 for s in at_5)
     assert sum(s["model"]["word_embeddings.weight"].shape[0] for s in at_5) == rows
+
+
+def test_exported_files_share_the_umasks_mode(tiny_gpt2_run, tmp_path, capsys):
+    """safetensors writes through a 0600 temporary; the export gives model.safetensors config.json's mode."""
+    _, ckpt = tiny_gpt2_run
+    out = tmp_path / "hf"
+    previous = os.umask(0o022)
+    try:
+        assert _run_tool("hf_checkpoint", ["export", "--load", ckpt, "--hf-dir", str(out)], capsys)[0] == 0
+    finally:
+        os.umask(previous)
+    modes = {name: os.stat(out / name).st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}

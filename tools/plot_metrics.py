@@ -9,7 +9,8 @@ axis, every run overlaid in its own colour with a legend (a run is labelled by t
 A key's training values are drawn as a line and its validation (test) values as round (cross) markers
 in the same panel, so the default first panel shows the training and the validation loss together,
 followed by the learning rate and the throughput. A value written as ``null`` (not finite: a diverged
-loss) is a gap in the curve, never a zero. A resumed run appends to the same file: when an iteration
+loss) is a gap in the curve, never a zero; a training value without a neighbour (a run with one log line) is a
+marker, since a line needs two points. A resumed run appends to the same file: when an iteration
 of a split appears twice, the later line wins. Keys that no run has are skipped with a note.
 
 The image (its format from the extension of ``-o``: png, pdf, svg, ...) is written under a temporary
@@ -149,6 +150,13 @@ def _splits(metrics: Metrics) -> list[str]:
     return sorted(metrics, key=lambda s: (order.get(s, 3), s))
 
 
+def _isolated(ys: Sequence[float]) -> bool:
+    """Whether a finite value has no finite neighbour (one point, or one between gaps)."""
+    finite = [not math.isnan(y) for y in ys]
+    return any(ok and not (i > 0 and finite[i - 1]) and not (i + 1 < len(ys) and finite[i + 1])
+               for i, ok in enumerate(finite))
+
+
 def plot_runs(runs: Sequence[tuple[str, Metrics]], keys: Sequence[str], log_y: bool = False) -> Figure:
     """One panel per key, each run in its own colour: training as a line, other splits as markers."""
     import matplotlib
@@ -168,8 +176,9 @@ def plot_runs(runs: Sequence[tuple[str, Metrics]], keys: Sequence[str], log_y: b
                 # None -> NaN: matplotlib leaves a gap there (a diverged value is not a zero).
                 ys = [math.nan if v is None or (log_y and v <= 0) else v for _, v in series]
                 name = label if len(runs) > 1 else ""
-                if split == "train":
-                    ax.plot(xs, ys, color=color, linewidth=1.2, label=f"{name} train".strip())
+                if split == "train":  # a point without a neighbour draws no line: it gets a marker
+                    ax.plot(xs, ys, color=color, linewidth=1.2, marker="o" if _isolated(ys) else "None",
+                            markersize=3, label=f"{name} train".strip())
                 else:
                     ax.plot(xs, ys, color=color, linestyle="none", marker=EVAL_MARKERS.get(split, "s"),
                             markersize=4, label=f"{name} {split}".strip())
