@@ -41,7 +41,7 @@ if REPO not in sys.path:  # run as `python tools/fetch_sample_data.py`: the repo
     sys.path.insert(0, REPO)
 
 from arguments import writable_directory  # noqa: E402
-from atomic import remove_orphans, temporary_path  # noqa: E402
+from atomic import atomic_file, remove_orphans, temporary_path  # noqa: E402
 from data_utils import tokenization  # noqa: E402
 from data_utils.corpora import read_loose_json  # noqa: E402
 from errors import ArgumentError, DataError  # noqa: E402
@@ -311,6 +311,28 @@ def count_tokens(corpus: str, vocab_path: str, merges_path: str) -> tuple[int, i
     return len(texts), sum(len(ids) for ids in tok.encode_batch(texts))
 
 
+def recorded_count(corpus: str, vocab_path: str, merges_path: str) -> tuple[int, int]:
+    """``count_tokens``, recorded beside the corpus (``.NAME.counts.json``, keyed by the three files' sizes and
+    modification times): a rerun with everything present reads the record instead of tokenizing again (minutes)."""
+    record = os.path.join(os.path.dirname(corpus), f".{os.path.basename(corpus)}.counts.json")
+    key = {name: [os.stat(path).st_size, os.stat(path).st_mtime_ns]
+           for name, path in (("corpus", corpus), ("vocab", vocab_path), ("merges", merges_path))}
+    try:
+        with open(record, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            return int(saved["documents"]), int(saved["tokens"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # none yet, or unreadable: count again
+    docs, tokens = count_tokens(corpus, vocab_path, merges_path)
+    try:
+        with atomic_file(record) as f:
+            json.dump({"key": key, "documents": docs, "tokens": tokens}, f)
+    except OSError:  # a read-only folder: count again next time
+        pass
+    return docs, tokens
+
+
 def ensure_bert_vocab(cache_dir: str, force: bool) -> str:
     """``CACHE/bert-uncased-vocab.txt``, fetched when absent (or with ``force``), checked either way."""
     path = os.path.join(cache_dir, BERT_VOCAB_NAME)
@@ -364,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         _, works, _ = fetch_corpus(out_dir)
         print(f"{works} works written")
     try:
-        docs, tokens = count_tokens(corpus, vocab_path, merges_path)
+        docs, tokens = recorded_count(corpus, vocab_path, merges_path)
     except ValueError as exc:  # data_utils' DataError: not loose json with a "text" key
         left = "; it was already there and was left as it is: --overwrite replaces it" if found else ""
         raise SystemExit(f"error: {exc}{left}") from None
