@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -250,7 +251,7 @@ def test_top_k_1_equals_greedy_and_a_seed_repeats_samples(single_process_group, 
 
 
 def test_file_mode_writes_one_json_object_per_prompt_and_batches_do_not_change_them(single_process_group, trained,
-                                                                                    tmp_path):
+                                                                                    tmp_path, capsys):
     import generate_samples
     from data_utils import make_tokenizer
 
@@ -263,6 +264,9 @@ def test_file_mode_writes_one_json_object_per_prompt_and_batches_do_not_change_t
         generate_samples.main(_argv(folder, ckpt, "--greedy", "--sample-input-file", tmp_path / "in.txt",
                                     "--sample-output-file", out, "--batch-size", batch, "--out-seq-length", 20))
         records[batch] = _read_jsonl(out)
+        generated = sum(len(r["token_ids"]) for r in records[batch])
+        assert re.search(rf"wrote 5 samples to {re.escape(str(out))}: {generated} tokens, first after \d+ ms, "
+                         r"[\d.]+ tokens/s", capsys.readouterr().err)
     assert records[3] == records[1]
     tokenizer = make_tokenizer("GPT2BPETokenizer", str(folder / "vocab.json"), str(folder / "merges.txt"))
     assert [r["prompt"] for r in records[3]] == prompts
@@ -397,6 +401,7 @@ def test_interactive_session_streams_continuations_and_stops_cleanly(single_proc
     assert f"Megatron-LM: {expected[0]}\n" in stdout and f"Megatron-LM: {expected[1]}\n" in stdout
     assert stdout.count("Megatron-LM: ") == 2
     assert "the prompt is" in stderr and "Traceback" not in stderr
+    assert len(re.findall(r"\(\d+ tokens, first after \d+ ms, [\d.]+ tokens/s\)", stderr)) == 2  # after each sample
     code, stdout, stderr = cli_runs["end_of_input"]
     assert code == 0 and f"Megatron-LM: {expected[0]}\n" in stdout, stderr
 
