@@ -111,16 +111,18 @@ def _assert_interrupted(proc: subprocess.Popen, timeout: float = 240) -> tuple[s
 def test_one_run_per_save_directory_and_ctrl_c_saves_and_exits_130(trained, tmp_path):
     folder, _ = trained
     save = str(tmp_path / "shared")
+    # With a data-loader worker, as by default: a terminal's Ctrl-C reaches the whole process group (the
+    # workers inherit the stop request's handler, so they keep serving the iteration that finishes).
     argv = gpt2_args(folder, **{"--save": save, "--load": save, "--train-iters": 100000, "--save-interval": 3,
-                                "--eval-iters": 0})
+                                "--eval-iters": 0, "--num-workers": 1})
     first = subprocess.Popen([sys.executable, "pretrain_gpt2.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(os.path.join(save, TRACKER), first)  # holding the lock, and saved at least once
         second = run_gpt2_cli(argv + ["--exit-interval", "1"])  # the same run again: refused, nothing touched
         assert_one_line_error(second.returncode, second.stderr, f"--save {save} is in use by another run",
                               f"pid {first.pid} on host {_host()}")
-        first.send_signal(signal.SIGINT)  # the first Ctrl-C: save, one line, 130
+        os.killpg(first.pid, signal.SIGINT)  # the first Ctrl-C: save, one line, 130
         _, err = _assert_interrupted(first)
     finally:
         if first.poll() is None:
