@@ -12,6 +12,7 @@ that is not UTF-8 are one line naming the file.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -33,6 +34,14 @@ TEXT = "the cat sat on the mat. the dog ate the bone. " * 20
 def _run(script: str, *argv, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, script, *map(str, argv)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _load_script(path: str):
+    """A script of the repository loaded as a module (scripts/ is no package), to run its ``main`` here."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run_all(*argvs) -> list[subprocess.CompletedProcess]:
@@ -87,8 +96,8 @@ def test_existing_outputs_are_refused_before_the_work(tiny_gpt2_run, tmp_path, c
     assert_one_line_error(code, capsys.readouterr().err, "--results-file", "already exists", "--overwrite")
     assert file_checksums(str(out)) == before and sorted(os.listdir(out)) == sorted(existing)
     # --overwrite (and the json tools' --force) replace on purpose; a directory is never an output file.
-    proc = _run("scripts/presplit_sentences_json.py", corpus, existing["split.json"], "--force")
-    assert proc.returncode == 0, proc.stderr
+    presplit = _load_script("scripts/presplit_sentences_json.py")
+    assert presplit.main([corpus, str(existing["split.json"]), "--force"]) == 0
     assert json.loads(existing["split.json"].read_text().splitlines()[0])["text"].startswith("the cat sat")
     proc = _run("tools/plot_metrics.py", _metrics(tmp_path), "-o", out)
     assert_one_line_error(proc.returncode, proc.stderr, "is a directory")
