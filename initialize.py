@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -105,6 +106,12 @@ def lost_contact(err: BaseException) -> bool:
 
 
 INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
+
+
+def leave_ctrl_c_to_the_parent() -> None:
+    """In a worker process of a tool's pool: ignore SIGINT. A terminal's Ctrl-C reaches every process of its
+    group; the parent stops the pool and reports one line, instead of each worker printing a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_cli(main: Callable[[], Any], describe_os_error: Callable[[OSError], str] | None = None) -> int:

@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_utils.errors import DataError  # noqa: E402
+from initialize import leave_ctrl_c_to_the_parent  # noqa: E402
 from openwebtext.common import (  # noqa: E402
     JSON_SUFFIXES,
     SHINGLE_SIZE,
@@ -138,7 +139,7 @@ def candidate_pairs(paths: Sequence[str], config: DedupConfig, text_key: str = "
     if workers > 1:
         import multiprocessing
 
-        pool = multiprocessing.Pool(workers)
+        pool = multiprocessing.Pool(workers, initializer=leave_ctrl_c_to_the_parent)
     try:
         with byte_progress(paths, "minhash") as bar:
             for batch in _batches(paths, text_key, url_key, bar.update):

@@ -39,7 +39,7 @@ from data_utils.corpora import batched_texts, read_loose_json  # noqa: E402
 from data_utils.errors import DataError  # noqa: E402
 from data_utils.lazy_loader import encode_texts  # noqa: E402
 from data_utils.tokenization import TOKENIZER_TYPES, Tokenizer, make_tokenizer  # noqa: E402
-from initialize import run_cli  # noqa: E402
+from initialize import leave_ctrl_c_to_the_parent, run_cli  # noqa: E402
 
 CHUNK_DOCS, CHUNK_CHARS = 1024, 8 << 20  # documents per tokenizer call, at most
 _worker_tokenizer: Tokenizer | None = None  # each --workers process builds its own
@@ -65,6 +65,7 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) ->
 
 def _init_worker(tokenizer_kwargs: dict[str, Any]) -> None:
     global _worker_tokenizer
+    leave_ctrl_c_to_the_parent()
     _worker_tokenizer = make_tokenizer(**tokenizer_kwargs)
 
 

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -236,3 +237,30 @@ def test_tools_refuse_inputs_they_cannot_handle_right(tiny_gpt2_run, tmp_path):
     assert_one_line_error(make.returncode, make.stderr, f"corpus {tmp_path / 'empty.json'} is empty")
     assert not [name for name in os.listdir(tmp_path) if name.startswith(("merged", ".merged"))]
     assert not os.path.exists(shards) or os.listdir(shards) == []
+
+
+def test_ctrl_c_in_a_tool_with_worker_processes_is_one_line_130(tiny_gpt2_run, tmp_path):
+    """A terminal's Ctrl-C reaches the tool and its pool's workers: one line from the tool, no worker traceback."""
+    folder, _ = tiny_gpt2_run
+    corpus = write_jsonl(str(tmp_path / "corpus.json"), [TEXT] * 20000)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "tools/preprocess_data.py", "--input", corpus, "--output-prefix",
+                             str(out / "corpus"), "--vocab-file", os.path.join(folder, "vocab.json"), "--merge-file",
+                             os.path.join(folder, "merges.txt"), "--workers", "2"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        while not os.listdir(out):  # the builders' temporaries: tokenizing has begun
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if "interrupted" in line or "error" in line.lower()] == \
+        ["interrupted: stopped by Ctrl-C; no output was left half written"], err
+    assert os.listdir(out) == []

@@ -52,6 +52,7 @@ from data_utils.indexed_dataset import (  # noqa: E402
     index_file_path,
 )
 from data_utils.tokenization import TOKENIZER_TYPES, Tokenizer, make_tokenizer  # noqa: E402
+from initialize import leave_ctrl_c_to_the_parent  # noqa: E402
 
 CHUNK_BYTES = 1 << 20  # input handed to a worker at a time (whole lines; a longer line makes a longer chunk)
 DEFAULT_LOG_INTERVAL = 100_000
@@ -161,6 +162,7 @@ _WORKER_ENCODER: Encoder | None = None
 
 def _start_worker(config: EncodeConfig) -> None:
     global _WORKER_ENCODER
+    leave_ctrl_c_to_the_parent()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker: --workers sets the cores
     _WORKER_ENCODER = Encoder(config)
 
