@@ -188,3 +188,20 @@ def test_rank_0_holds_the_lock_for_a_job_of_two_ranks(trained, tmp_path, capfd):
     assert out.count("took over the lock") == 1
     assert not os.path.exists(os.path.join(save, LOCK_NAME))
     assert open(os.path.join(save, TRACKER)).read().strip() == "2"
+
+
+def test_the_holder_keeps_its_lock_fresh_with_a_heartbeat(tmp_path):
+    from atomic import FolderLock
+
+    lock = FolderLock(str(tmp_path), heartbeat_s=0.05)
+    assert lock.acquire("--save X") is None
+    try:
+        old = time.time() - 3600
+        os.utime(lock.path, (old, old))
+        deadline = time.monotonic() + 30
+        while os.stat(lock.path).st_mtime < old + 60:
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.05)
+    finally:
+        lock.release()
+    assert not os.path.exists(lock.path)
