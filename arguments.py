@@ -17,6 +17,7 @@ import torch
 from atomic import temporary_path
 from data_utils.corpora import set_delimiter
 from errors import ArgumentError
+from flag_rules import FLOAT_RANGES, misplaced_flag
 from microbatches import BatchSchedule
 from parallel_layout import check_parallel_sizes
 
@@ -325,6 +326,7 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sample-input-file", default=None, help="one prompt per line; generate for each")
     group.add_argument("--sample-output-file", default=None,
                        help="write one JSON object per sample (prompt, text, token_ids) here")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     group.add_argument("--num-samples", type=int, default=0,
                        help="unconditional samples to generate (without --sample-input-file)")
 
@@ -379,24 +381,6 @@ def check_model_shape(shape: dict[str, int | None], model_parallel_size: int, se
            f"--seq-length {seq_length} exceeds --max-position-embeddings {positions}{suffix}")
     _check(eval_seq_length is None or positions is None or eval_seq_length <= positions,
            f"--eval-seq-length {eval_seq_length} exceeds --max-position-embeddings {positions}{suffix}")
-
-
-# Float flags that must be finite and lie in a range: (flag, low, high, low inclusive, high inclusive, why).
-FLOAT_RANGES = (
-    ("lr", 0.0, math.inf, True, False, "the peak learning rate"),
-    ("min_lr", 0.0, math.inf, True, False, "the learning-rate floor"),
-    ("weight_decay", 0.0, math.inf, True, False, "AdamW's decoupled weight decay"),
-    ("adam_beta1", 0.0, 1.0, True, False, "Adam's first-moment decay"),
-    ("adam_beta2", 0.0, 1.0, True, False, "Adam's second-moment decay"),
-    ("adam_eps", 0.0, math.inf, False, False, "Adam's denominator term"),
-    ("clip_grad", 0.0, math.inf, True, False, "the gradient-norm clip (0 disables it)"),
-    ("hidden_dropout", 0.0, 1.0, True, False, "a dropout probability"),
-    ("attention_dropout", 0.0, 1.0, True, False, "a dropout probability"),
-    ("init_method_std", 0.0, math.inf, False, False, "the initialisation's standard deviation"),
-    ("layernorm_epsilon", 0.0, math.inf, False, False, "LayerNorm's epsilon"),
-    ("loss_scale", 0.0, math.inf, False, False, "a static loss scale"),
-    ("initial_loss_scale", 0.0, math.inf, False, False, "the dynamic loss scale's start"),
-)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -565,10 +549,12 @@ def get_args(
     extra_args_provider=None,
     description: str = "Megatron-LM training",
     defaults: dict | None = None,
+    model: str | None = None,
 ) -> argparse.Namespace:
     """Parse, derive and validate; on a mistake print one line and exit with status 2.
 
-    ``defaults`` overrides flag defaults for one entry script (BERT's tokenizer, say).
+    ``defaults`` overrides flag defaults for one entry script (BERT's tokenizer, say); ``model`` (``gpt2``,
+    ``bert``) refuses the other model's flags (``flag_rules.MODEL_FLAGS``).
     """
     parser = build_parser(description)
     if extra_args_provider is not None:
@@ -579,6 +565,8 @@ def get_args(
     try:
         derive_args(args)
         validate_args(args)
+        misplaced = misplaced_flag(lambda dest: getattr(args, dest) != parser.get_default(dest), model)
+        _check(misplaced is None, str(misplaced))
     except ArgumentError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -38,6 +38,8 @@ from errors import CheckpointError
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
+# The remedy of untracked_checkpoints in training, where they would be taken for none and overwritten.
+START_OVER = ", or pass --overwrite-checkpoints to start over there (overwriting them)"
 
 
 def get_checkpoint_name(checkpoints_path: str, iteration: int | str, mp_rank: int | None = None,
@@ -280,6 +282,9 @@ def read_rank_grid(load_dir: str) -> tuple[int | str, list[list[dict[str, Any]]]
     if not os.path.isdir(load_dir):
         raise CheckpointError(f"{load_dir}: no such directory")
     iteration = read_tracker(load_dir)
+    untracked = untracked_checkpoints(load_dir, "")
+    if untracked is not None:
+        raise CheckpointError(untracked)
     if iteration is None:
         raise CheckpointError(f"{load_dir}: no checkpoint there (no {TRACKER_FILENAME}); point at a directory "
                               "written by --save")
@@ -316,6 +321,25 @@ def checkpoint_root_of(path: str) -> str | None:
     return None
 
 
+def untracked_checkpoints(folder: str, remedy: str) -> str | None:
+    """Why ``folder`` must not be written or read as if empty: it holds ``iter_*``/``release`` checkpoints but
+    its tracker is missing or not a file (a run would start over and overwrite them). ``None`` when fine;
+    ``remedy`` ends the message (e.g. how to start over on purpose)."""
+    tracker = get_checkpoint_tracker_filename(folder)
+    if os.path.isfile(tracker) or not os.path.isdir(folder):
+        return None
+    if os.path.lexists(tracker):
+        return f"{tracker} is not a file (a directory?); remove it and write the iteration to continue from into it"
+    found = sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))
+                   and (name == "release" or name.startswith("iter_") and name[5:].isdigit()))
+    if not found:
+        return None
+    newest = max((int(name[5:]) for name in found if name != "release"), default="release")
+    shown = ", ".join(found[-3:]) if len(found) <= 3 else f"{len(found)} checkpoints, {found[0]} to {found[-1]}"
+    return (f"{folder} holds checkpoints ({shown}) but no {TRACKER_FILENAME} naming the one to use; to use the "
+            f"newest, write it (echo {newest} > {tracker}){remedy}")
+
+
 def read_tracker(load_dir: str) -> int | str | None:
     """The iteration (or ``"release"``) named by the tracker file, ``None`` if there is none."""
     tracker = get_checkpoint_tracker_filename(load_dir)
@@ -347,14 +371,20 @@ def _reshard_hint(load_dir: str, mp: int, pp: int, saved_pp: int) -> str:
             f"{stages} --save NEW_DIR")
 
 
-def load_checkpoint_state(load_dir: str, restage: bool = False) -> dict[str, Any] | None:
+def load_checkpoint_state(load_dir: str, restage: bool = False,
+                          untracked_remedy: str | None = "") -> dict[str, Any] | None:
     """This rank's checkpoint from ``load_dir``, or ``None`` when there is none.
 
     A directory written with another model-parallel or pipeline layout is a ``CheckpointError`` naming
     both, except that ``restage`` (generation and evaluation, which run the whole model on each
-    model-parallel group) joins a pipelined checkpoint's stages into one model (weights only).
+    model-parallel group) joins a pipelined checkpoint's stages into one model (weights only). So is one
+    holding checkpoints without a tracker (``untracked_checkpoints``, ending with ``untracked_remedy``;
+    ``None`` accepts them as no checkpoint).
     """
     iteration = read_tracker(load_dir)
+    untracked = None if untracked_remedy is None else untracked_checkpoints(load_dir, untracked_remedy)
+    if untracked is not None:
+        raise CheckpointError(untracked)
     if iteration is None:
         return None
     mp_size = mpu.get_model_parallel_world_size()

@@ -16,7 +16,7 @@ from initialize import print_rank_0, run_main
 
 def parse_args(argv: list[str] | None = None):
     """The shared flags; the window (--seq-length) defaults to the checkpoint's position count."""
-    return get_args(argv, description="GPT2 zero-shot evaluation", defaults={"seq_length": None})
+    return get_args(argv, description="GPT2 zero-shot evaluation", defaults={"seq_length": None}, model="gpt2")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import mpu
 from arguments import distributed_settings
-from atomic import atomic_file
+from atomic import atomic_file, check_new_file
 from data_utils import build_gpt2_datasets, make_tokenizer, read_loose_json
 from data_utils.detokenizers import wikitext_detokenize
 from errors import ArgumentError, DataError
@@ -295,10 +295,9 @@ def _window(args, positions: int) -> int:
     return window
 
 
-def _check_results_file(path: str | None) -> None:
-    folder = os.path.dirname(os.path.abspath(path)) if path else None
-    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-        raise ArgumentError(f"--results-file {path}: folder {folder} does not exist or is not writable")
+def _check_results_file(path: str | None, overwrite: bool) -> None:
+    if path:  # before the model loads, not at the final rename
+        check_new_file(path, "--results-file", overwrite)
 
 
 def write_results(path: str, results: dict[str, Any]) -> None:
@@ -311,7 +310,7 @@ def write_results(path: str, results: dict[str, Any]) -> None:
 def evaluate(args) -> dict[str, Any]:
     """Run the mode ``args`` asks for on every rank; returns the results (the same on every rank)."""
     mode = _mode(args)
-    _check_results_file(args.results_file)
+    _check_results_file(args.results_file, args.overwrite)
     text = read_wikitext(args.valid_data[0]) if mode == "wikitext" else None
     if mode == "lambada" and not os.path.isfile(args.valid_data[0]):  # before the minutes a large model takes to load
         raise DataError(f"--valid-data {args.valid_data[0]}: no such file; give a LAMBADA json file")

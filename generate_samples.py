@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import torch
 
 import mpu
 from arguments import distributed_settings, get_args
-from atomic import atomic_file
+from atomic import atomic_file, check_new_file
 from data_utils import make_tokenizer
 from errors import ArgumentError, DataError
 from generation import SamplingParams, TextStream, broadcast_prompts, generate
@@ -48,6 +49,8 @@ def check_mode_args(args) -> None:
     if args.sample_input_file and not os.path.isfile(args.sample_input_file):
         raise DataError(f"--sample-input-file {args.sample_input_file}: no such file; give a text file with one "
                         "prompt per line")
+    if args.sample_output_file:  # before the model loads, not at the final rename
+        check_new_file(args.sample_output_file, "--sample-output-file", args.overwrite)
 
 
 def context_length(args, model) -> int:
@@ -87,13 +90,24 @@ def interactive_prompts(tokenizer, context: int) -> Iterator[Batch]:
         yield [(text, ids)]
 
 
+def read_prompts(path: str) -> list[str]:
+    """The lines of a UTF-8 prompt file; one that is not UTF-8 is a ``DataError`` naming its line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save the prompts as UTF-8 "
+                        "(e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def file_prompts(args, tokenizer, context: int) -> Iterator[Batch]:
     """The input file's prompts (all checked before the first batch), or ``--num-samples`` empty ones."""
     if args.num_samples:
         texts = [""] * args.num_samples
     else:
-        with open(args.sample_input_file, encoding="utf-8") as f:
-            texts = f.read().splitlines()
+        texts = read_prompts(args.sample_input_file)
     path = args.sample_input_file
     prompts = [(t, encode_prompt(tokenizer, t, context, f"{path} line {i + 1}")) for i, t in enumerate(texts)]
     for start in range(0, len(prompts), args.micro_batch_size):
@@ -105,11 +119,8 @@ class AtomicJsonLines:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._context = atomic_file(path)
-        try:
-            self.file = self._context.__enter__()
-        except OSError as err:
-            raise DataError(f"--sample-output-file {path}: cannot write there ({err.strerror})") from None
+        self._context = atomic_file(path)  # a failed write is one WriteError naming the path
+        self.file = self._context.__enter__()
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -146,12 +157,32 @@ def decode_batches(source: Iterator[Batch] | None, decode: Decode,
                 raise
 
 
+class Pace:
+    """Time to the first generated token and tokens per second, from ``start()`` (rank 0, on stderr)."""
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self.began, self.first, self.tokens = time.perf_counter(), None, 0
+
+    def token(self, *_: object) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def summary(self, tokens: int) -> str:
+        elapsed = time.perf_counter() - self.began
+        first = "" if self.first is None else f", first after {1e3 * (self.first - self.began):.0f} ms"
+        return f"{tokens} tokens{first}, {tokens / max(elapsed, 1e-9):.1f} tokens/s"
+
+
 class Terminal:
     """Interactive mode on rank 0: streams each continuation to stdout as its tokens arrive."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.stream = TextStream(tokenizer, self.write)
+        self.pace = Pace()
 
     @staticmethod
     def write(text: str) -> None:
@@ -162,18 +193,22 @@ class Terminal:
         for batch in interactive_prompts(self.tokenizer, context):
             self.stream = TextStream(self.tokenizer, self.write)
             self.write("\nMegatron-LM: ")
+            self.pace.start()
             yield batch
 
     def on_token(self, row: int, token: int) -> None:
+        self.pace.token()
         self.stream.put(token)
 
     def finish(self, batch: Batch, outputs: list[list[int]]) -> None:
         self.stream.end()
         self.write("\n\n")
+        print(f"({self.pace.summary(sum(map(len, outputs)))})", file=sys.stderr, flush=True)
 
 
-def write_samples(args, tokenizer, context: int, decode: Decode) -> None:
-    """File and ``--num-samples`` modes on rank 0: every prompt checked up front, then JSON lines out."""
+def write_samples(args, tokenizer, context: int, decode: Decode, pace: Pace) -> None:
+    """File and ``--num-samples`` modes on rank 0: every prompt checked up front, then JSON lines out; the
+    pace of the whole run at the end."""
     try:
         batches = list(file_prompts(args, tokenizer, context))
         writer = AtomicJsonLines(args.sample_output_file) if args.sample_output_file else None
@@ -181,7 +216,12 @@ def write_samples(args, tokenizer, context: int, decode: Decode) -> None:
         broadcast_prompts(failed=True)
         raise
 
+    generated = 0
+    pace.start()
+
     def consume(batch: Batch, outputs: list[list[int]]) -> None:
+        nonlocal generated
+        generated += sum(map(len, outputs))
         for (text, _), ids in zip(batch, outputs):
             record = {"prompt": text, "text": tokenizer.decode(ids), "token_ids": ids}
             if writer is None:
@@ -191,14 +231,16 @@ def write_samples(args, tokenizer, context: int, decode: Decode) -> None:
 
     if writer is None:
         decode_batches(iter(batches), decode, consume)
+        print(f"generated {sum(map(len, batches))} samples: {pace.summary(generated)}", file=sys.stderr)
         return
     with writer:
         decode_batches(iter(batches), decode, consume)
-    print(f"wrote {sum(map(len, batches))} samples to {args.sample_output_file}", file=sys.stderr)
+    print(f"wrote {sum(map(len, batches))} samples to {args.sample_output_file}: {pace.summary(generated)}",
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args(argv, description="GPT2 text generation", defaults={"seq_length": None})
+    args = get_args(argv, description="GPT2 text generation", defaults={"seq_length": None}, model="gpt2")
     params = SamplingParams(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     check_mode_args(args)
     device = initialize_distributed(**distributed_settings(args))
@@ -208,11 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     is_rank_0 = mpu.is_rank_0()
     terminal = Terminal(tokenizer) if is_rank_0 and not (args.sample_input_file or args.num_samples) else None
+    pace = terminal.pace if terminal is not None else Pace()
 
     def decode(prompts: list[list[int]]) -> list[list[int]]:
         return generate(model, prompts, max_new_tokens=args.out_seq_length, context_length=context, params=params,
                         eod=tokenizer.eod, vocab_size=tokenizer.vocab_size, generator=generator,
-                        on_token=terminal.on_token if terminal else None)
+                        on_token=terminal.on_token if terminal else pace.token)
 
     if not is_rank_0:
         decode_batches(None, decode)
@@ -221,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if terminal is not None:
         decode_batches(terminal.prompts(context), decode, terminal.finish)
     else:
-        write_samples(args, tokenizer, context, decode)
+        write_samples(args, tokenizer, context, decode, pace)
 
 
 if __name__ == "__main__":

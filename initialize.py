@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 import mpu
 from data_utils.coordination import set_preparation_group
-from errors import ArgumentError, UserError
+from errors import ArgumentError, Interrupted, UserError, write_error
 
 DATA_PREP_TIMEOUT_MIN = 120.0  # how long ranks wait for the one that builds a token cache, at least
 
@@ -104,20 +105,39 @@ def lost_contact(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(mark in str(err) for mark in _LOST_CONTACT)
 
 
+INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
+
+
+def leave_ctrl_c_to_the_parent() -> None:
+    """In a worker process of a tool's pool: ignore SIGINT. A terminal's Ctrl-C reaches every process of its
+    group; the parent stops the pool and reports one line, instead of each worker printing a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_cli(main: Callable[[], Any], describe_os_error: Callable[[OSError], str] | None = None) -> int:
-    """Run ``main()`` and return the exit status: 0, or 1 after one ``error:`` line on stderr for a user
-    mistake, a lost peer rank, or (when ``describe_os_error`` words it) a failed write."""
+    """Run ``main()`` and return the exit status: 0; or 1 after one ``error:`` line on stderr for a user
+    mistake, a lost peer rank, or a failed write (read-only, full disk, no permission: ``errors.write_error``,
+    unless ``describe_os_error`` words it); or 130 after one ``interrupted:`` line for Ctrl-C."""
     try:
         main()
+    except Interrupted as err:
+        if mpu.is_rank_0():
+            print(f"interrupted: {err}", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        if mpu.is_rank_0():
+            print("interrupted: stopped by Ctrl-C; no output was left half written", file=sys.stderr, flush=True)
+        return INTERRUPTED
     except UserError as err:
         # An error every rank raised together is printed once, by rank 0.
         if not (err.every_rank and not mpu.is_rank_0()):
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     except OSError as err:
-        if describe_os_error is None:
+        failure = write_error(err)
+        if describe_os_error is None and failure is None:
             raise
-        print(f"error: {describe_os_error(err)}", file=sys.stderr, flush=True)
+        print(f"error: {describe_os_error(err) if describe_os_error else failure}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as err:
         if not lost_contact(err):
@@ -132,7 +152,7 @@ def run_cli(main: Callable[[], Any], describe_os_error: Callable[[OSError], str]
 
 def run_main(main: Callable[[], Any], describe_os_error: Callable[[OSError], str] | None = None) -> None:
     """Run an entry point as a process: ``run_cli``, then the process groups torn down whatever happened,
-    and exit status 1 after a reported error."""
+    and its exit status (1 after a reported error, 130 after Ctrl-C)."""
     try:
         status = run_cli(main, describe_os_error)
     finally:

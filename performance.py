@@ -278,6 +278,7 @@ class Performance:
         if explicit_peak or device.type == "cuda" or log_timers:
             peak, source = peak_tflops(device, precision, explicit_peak)
         if peak is not None and mpu.is_rank_0():
-            print(f" > MFU against {peak:.1f} TFLOP/s per device ({source}); model FLOPs per token "
+            rate = f"{peak:.1f} TFLOP/s" if peak >= 1 else f"{peak * 1e3:.1f} GFLOP/s"  # a slow CPU: not 0.0
+            print(f" > MFU against {rate} per device ({source}); model FLOPs per token "
                   f"{flops / 1e6:.1f}M (6N + 12Lsh)", flush=True)
         return cls(Timers(log_timers, device), device, flops, peak, source)

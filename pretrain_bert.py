@@ -10,7 +10,6 @@ import mpu
 from arguments import get_args
 from data_utils import build_bert_datasets, build_tfrecord_datasets, make_tokenizer, resolve_corpora
 from data_utils.blending import bert_member, build_indexed_datasets
-from errors import ArgumentError
 from initialize import run_main
 from metrics import print_run_summary
 from model import BERT_DEFAULTS, BertModel, TransformerConfig
@@ -26,9 +25,6 @@ def model_provider(config: TransformerConfig) -> BertModel:
 
 
 def data_provider(args):
-    if args.use_npy_data_loader:
-        raise ArgumentError("--use-npy-data-loader holds GPT2 token shards; BERT reads --train-data, --data-path "
-                            "(tools/preprocess_data.py --split-sentences) or --use-tfrecords")
     sentencepiece_corpus = None
     if args.tokenizer_type == "SentencePieceTokenizer" and not args.use_tfrecords:
         sentencepiece_corpus = resolve_corpora(args.train_data or [], args.cache_dir)  # trained on when absent
@@ -140,7 +136,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args(argv, description="BERT pretraining", defaults=FLAG_DEFAULTS)
+    args = get_args(argv, description="BERT pretraining", defaults=FLAG_DEFAULTS, model="bert")
     results = run(args)
     print_run_summary(results, lambda v: f"validation lm loss {v['lm_loss']:.4f}, nsp loss {v['nsp_loss']:.4f}")
 

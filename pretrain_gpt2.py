@@ -57,7 +57,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args(argv, description="GPT2 pretraining")
+    args = get_args(argv, description="GPT2 pretraining", model="gpt2")
     results = run(args)
     print_run_summary(results, lambda valid: f"validation perplexity {valid['ppl']:.2f}")
 

@@ -1,8 +1,8 @@
 """Long runs on shared clusters: stop requests every rank agrees on, and the policy for non-finite steps.
 
-``StopRequest`` turns SIGTERM/SIGUSR1 and a wall-time limit into one answer that every rank reads at
-the same iteration (the loop then saves and exits 0); ``SkipWatch`` decides when skipped steps mean
-the run is diverging.
+``StopRequest`` turns SIGTERM/SIGUSR1, the first Ctrl-C (SIGINT) and a wall-time limit into one answer that
+every rank reads at the same iteration (the loop then saves and exits: 0, or 130 after Ctrl-C);
+``SkipWatch`` decides when skipped steps mean the run is diverging.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import mpu
 from errors import NonFiniteError
 from initialize import print_rank_0
 
+CTRL_C = "received SIGINT"  # the reason() of a first Ctrl-C
+
 
 class StopRequest:
     """SIGTERM / SIGUSR1 and ``--exit-duration-in-mins``, agreed by every rank at the end of an iteration.
@@ -27,10 +29,10 @@ class StopRequest:
     The handlers only record the signal; ``reason()`` (one tiny all-reduce over the job, MAX) tells
     every rank the same answer at the same iteration, so all of them save and exit together. The
     wall-time limit is judged on rank 0 alone. A second signal of the same kind acts as it did before
-    (SIGTERM then terminates at once).
+    (SIGTERM then terminates at once, a second Ctrl-C raises ``KeyboardInterrupt``).
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self, exit_duration_in_mins: float | None = None) -> None:
         self.received: int | None = None

@@ -2,6 +2,7 @@
 
 * ``check_run_paths``: before any work, every directory flag usable and no ``--save`` that would
   write over another run's checkpoints.
+* ``lock_save``: one run at a time writes a ``--save`` directory (rank 0 holds ``atomic.FolderLock``).
 * ``read_load_state``: this rank's state from ``--load`` (a checkpoint directory, or a Hugging Face
   GPT-2 folder converted in memory with ``--load-openai`` / ``--eval-hf``); ``read_start_state``
   adds ``--pretrained-bert``'s Hugging Face BERT folder when ``--load`` holds no checkpoint.
@@ -25,7 +26,9 @@ from torch import nn
 
 import mpu
 from arguments import MODEL_SHAPE_DEFAULTS, SHAPE_FLAGS, check_model_shape, flag_name, writable_directory
+from atomic import FolderLock
 from checkpointing import (
+    START_OVER,
     TRACKER_FILENAME,
     check_config,
     check_virtual_stages,
@@ -36,6 +39,7 @@ from checkpointing import (
     remove_orphaned_temporaries,
     save_checkpoint,
     set_rng_state,
+    untracked_checkpoints,
 )
 from conversion import hf_model_type, import_hf, read_hf_config, stage_owns
 from errors import ArgumentError, CheckpointError
@@ -86,9 +90,26 @@ def check_run_paths(args) -> None:
         raise ArgumentError(f"--save {args.save} already holds another run's checkpoints; pass --load {args.save} "
                             "to continue that run, or choose a new --save directory (--overwrite-checkpoints starts "
                             "over in it)")
+    untracked = untracked_checkpoints(args.save, START_OVER) if args.save else None
+    if untracked is not None and (not args.overwrite_checkpoints or "not a file" in untracked):
+        raise ArgumentError(f"--save {untracked}")
     if args.save:
         for path in remove_orphaned_temporaries(args.save):
             print_rank_0(f"removed {path}, left by a save that was killed")
+
+
+def lock_save(args) -> FolderLock | None:
+    """On global rank 0, hold the lock of ``--save`` for the run (``None`` elsewhere and without ``--save``):
+    a second run into the same directory is refused with a line naming the holder; a lock whose holder is
+    gone is taken over with a warning. Call it through ``all_ranks_agree`` so a refusal stops every rank."""
+    if not args.save or not mpu.is_rank_0():
+        return None
+    writable_directory(args.save, "--save")
+    lock = FolderLock(args.save)
+    warning = lock.acquire(f"--save {args.save}")
+    if warning:
+        print(warning, flush=True)
+    return lock
 
 
 def read_load_state(args, restage: bool = False) -> dict[str, Any] | None:
@@ -99,8 +120,10 @@ def read_load_state(args, restage: bool = False) -> dict[str, Any] | None:
     if args.load_openai or args.eval_hf:
         states, _ = import_hf(args.load, mpu.get_model_parallel_world_size(), args.make_vocab_size_divisible_by,
                               args.seed)
-        return states[mpu.get_model_parallel_rank()]
-    return load_checkpoint_state(args.load, restage)
+        return _stage_share(states[mpu.get_model_parallel_rank()], "gpt2", args)
+    same = bool(args.save) and os.path.realpath(args.load) == os.path.realpath(args.save)
+    remedy = None if args.overwrite_checkpoints and same else START_OVER if same else ""
+    return load_checkpoint_state(args.load, restage, remedy)
 
 
 def read_pretrained_bert(args) -> dict[str, Any]:
@@ -121,14 +144,19 @@ def read_pretrained_bert(args) -> dict[str, Any]:
                               args.seed)
     if fresh:
         print_rank_0(f"note: {folder} has no {', '.join(fresh)}; newly initialised")
-    state = states[mpu.get_model_parallel_rank()]
+    return _stage_share(states[mpu.get_model_parallel_rank()], "bert", args)
+
+
+def _stage_share(state: dict[str, Any], model_type: str, args) -> dict[str, Any]:
+    """A whole model's state (an import) cut to this pipeline stage's parameters."""
     pp = mpu.get_pipeline_model_parallel_world_size()
-    if pp > 1:  # this stage's share of the whole model
-        layers = state["config"]["num_layers"]
-        virtual = virtual_pipeline_size(layers, pp, args.num_layers_per_virtual_pipeline_stage)
-        state["model"] = {name: tensor for name, tensor in state["model"].items()
-                          if stage_owns(name, "bert", layers, pp, mpu.get_pipeline_model_parallel_rank(), virtual)}
-    return state
+    if pp == 1:
+        return state
+    layers = state["config"]["num_layers"]
+    virtual = virtual_pipeline_size(layers, pp, args.num_layers_per_virtual_pipeline_stage)
+    rank = mpu.get_pipeline_model_parallel_rank()
+    return {**state, "model": {name: tensor for name, tensor in state["model"].items()
+                               if stage_owns(name, model_type, layers, pp, rank, virtual)}}
 
 
 def read_start_state(args) -> tuple[dict[str, Any] | None, str]:

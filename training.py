@@ -31,7 +31,7 @@ from torch import nn
 import mpu
 from arguments import batch_schedule, distributed_settings
 from data_utils import make_data_loader, resolve_corpora
-from errors import ArgumentError
+from errors import ArgumentError, Interrupted
 from fp16 import DistributedOptimizer, FP16_Module, FP16_Optimizer
 from fp16.loss_scaler import DynamicLossScaler, LossScaler
 from initialize import all_ranks_agree, initialize_distributed, print_rank_0, set_random_seed
@@ -41,8 +41,17 @@ from model import ParallelTransformerLayer, TransformerConfig, optimizer_param_g
 from model.distributed import DistributedDataParallel, unwrap_model, wrap_data_parallel
 from parallel_layout import virtual_pipeline_size
 from performance import Performance, Timers, peak_memory_mb, precision_name, training_state_bytes
-from resilience import SkipWatch, StopRequest
-from restore import TrainState, check_run_paths, decide_model_config, decide_shape, load, read_start_state, save
+from resilience import CTRL_C, SkipWatch, StopRequest
+from restore import (
+    TrainState,
+    check_run_paths,
+    decide_model_config,
+    decide_shape,
+    load,
+    lock_save,
+    read_start_state,
+    save,
+)
 from schedules import forward_only_order, run_schedule, share_from_last_stage, training_order
 
 ForwardStep = Callable[[Any, nn.Module], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -355,6 +364,8 @@ def _train(args, forward_step, model, optimizer, scheduler, state, train_iter, v
             if reason is not None and state.iteration < args.train_iters:
                 checkpoint()
                 resume = "; rerun the same command to continue" if args.save else " (no --save: nothing was saved)"
+                if reason == CTRL_C:  # exit status 130, as for any Ctrl-C
+                    raise Interrupted(f"Ctrl-C: stopped at iteration {state.iteration}{resume}")
                 print_rank_0(f"exiting at iteration {state.iteration}: {reason}{resume}")
                 outcome.exited, outcome.stopped = True, reason
                 return outcome
@@ -390,9 +401,21 @@ def _check_setup(args) -> tuple[dict[str, Any] | None, str]:
 
 def pretrain(args, model_provider, data_provider, forward_step_provider,
              model_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run a whole training job; returns the final evaluation results and output paths."""
+    """Run a whole training job; returns the final evaluation results and output paths. Global rank 0
+    holds the lock of ``--save`` throughout (``restore.lock_save``)."""
     device = initialize_distributed(**distributed_settings(args))
-    ckpt, where = all_ranks_agree(lambda: _check_setup(args))
+    lock = all_ranks_agree(lambda: lock_save(args))  # first: another run's writes make the other checks moot
+    try:
+        ckpt, where = all_ranks_agree(lambda: _check_setup(args))
+        return _pretrain(args, ckpt, where, device, model_provider, data_provider, forward_step_provider,
+                         model_defaults)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _pretrain(args, ckpt, where: str, device, model_provider, data_provider, forward_step_provider,
+              model_defaults: dict[str, Any] | None) -> dict[str, Any]:
     set_random_seed(args.seed)
     tokenizer, *datasets = data_provider(args)
     if args.train_iters > 0 and datasets[0] is None:

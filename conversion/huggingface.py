@@ -130,8 +130,11 @@ def read_hf_weights(hf_dir: str) -> dict[str, torch.Tensor]:
             for shard in shards:
                 state.update(load_file(os.path.join(hf_dir, shard)))
             return state
-    except (OSError, ValueError, KeyError) as err:
-        raise ConversionError(f"{hf_dir}: unreadable safetensors weights ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # safetensors' SafetensorError (a truncated file) derives from Exception only
+        if not isinstance(err, (OSError, ValueError, KeyError)) and type(err).__name__ != "SafetensorError":
+            raise
+        raise ConversionError(f"{hf_dir}: unreadable safetensors weights ({str(err).splitlines()[0]}); the file is "
+                              "truncated or not safetensors: fetch it again") from None
     if os.path.isfile(legacy):
         try:
             return torch.load(legacy, map_location="cpu", weights_only=True)

@@ -110,6 +110,9 @@ def import_megatron2019(load_dir: str, target: int = 1, vocab_size: int | None =
             raise ConversionError(f"{path}: unreadable ({str(err).splitlines()[0]})") from None
         if not isinstance(state, dict) or "model" not in state:
             raise ConversionError(f"{path}: holds no 'model' state dict")
+        if isinstance(state.get("config"), dict) and "model_parallel_size" in state:
+            raise ConversionError(f"{load_dir}: this is a checkpoint of this toolkit, not of Megatron 2019: load it "
+                                  f"directly (--load {load_dir}); nothing to import")
         if rank == 0 and hasattr(state.get("args"), "__dict__"):
             namespace = vars(state["args"])
         typed.append(_ours_from_2019(state["model"], path))
@@ -122,7 +125,11 @@ def import_megatron2019(load_dir: str, target: int = 1, vocab_size: int | None =
                               "pass --num-attention-heads")
     first = parts[0]
     word = first["word_embeddings.weight" if model_type == "gpt2" else "embeddings.word_embeddings.weight"]
-    layers = 1 + max(int(k.split(".")[2]) for k in first if k.startswith("transformer.layers."))
+    numbers = [int(k.split(".")[2]) for k in first if k.startswith("transformer.layers.")]
+    if not numbers:
+        raise ConversionError(f"{load_dir}: the checkpoint holds no transformer layers (transformer.layers.N.*); "
+                              "not a 2019 GPT2 or BERT checkpoint")
+    layers = 1 + max(numbers)
     shape = dict(num_layers=layers, hidden_size=word.shape[1], num_attention_heads=int(heads),
                  vocab_size=word.shape[0] * mp,
                  max_sequence_length=first[("" if model_type == "gpt2" else "embeddings.")

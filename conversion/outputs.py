@@ -16,14 +16,27 @@ import shutil
 from collections.abc import Iterator
 
 from atomic import remove_orphans, temporary_path
-from errors import ConversionError
+from errors import ConversionError, write_error
 
 
 def check_new_output(path: str, flag: str) -> None:
-    """Refuse an output that exists (other than as an empty directory): a conversion never overwrites."""
+    """Refuse an output that exists (other than as an empty directory), or whose nearest existing folder
+    cannot be written: a conversion never overwrites, and fails before its work, not at the rename."""
     if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
         raise ConversionError(f"{flag} {path}: already exists and is not empty; choose a new directory "
                               "(nothing was written)")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    probe = temporary_path(os.path.join(folder, "write-test"))
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        failure = write_error(err, path)
+        raise ConversionError(f"{flag} {failure or f'cannot write {path}: {err.strerror}'}; nothing was written") \
+            from None
 
 
 @contextlib.contextmanager
@@ -37,15 +50,17 @@ def new_output_dir(path: str, flag: str) -> Iterator[str]:
         raise ConversionError(f"{flag} {path}: cannot create {parent} ({err.strerror})") from None
     remove_orphans(parent)  # staging folders of conversions that were killed
     staging = temporary_path(path)
-    os.makedirs(staging)
     try:
+        os.makedirs(staging)
         yield staging
         if os.path.isdir(path):
             os.rmdir(path)  # empty, checked above
         os.replace(staging, path)
-    except OSError as err:  # a full disk, a lost mount: the partial output goes, the line says so
-        raise ConversionError(f"{flag} {path}: writing failed ({err.strerror or err}); nothing was written") \
-            from None
+    except Exception as err:  # a full disk, a read-only mount (torch and safetensors word them their own way)
+        failure = write_error(err, path)
+        if failure is None:
+            raise
+        raise ConversionError(f"{flag} {failure}; nothing was written") from None
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)

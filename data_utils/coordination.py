@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from errors import DataError
+from errors import DataError, UserError
 
 _PREPARATION_GROUP: Any = None
 
@@ -41,7 +41,7 @@ def once_per_group(ready: Callable[[], bool], build: Callable[[], None], group: 
         try:
             build()
         except Exception as exc:
-            failure = [(type(exc) is DataError, str(exc))]
+            failure = [(isinstance(exc, UserError), str(exc))]  # a user mistake, a full disk
             dist.broadcast_object_list(failure, src=first, group=group)
             raise
     dist.broadcast_object_list(failure, src=first, group=group)  # doubles as the barrier

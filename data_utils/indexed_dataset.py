@@ -49,6 +49,7 @@ import numpy as np
 
 from atomic import temporary_path
 from data_utils.errors import DataError
+from errors import write_error
 
 DTYPE_CODES: dict[int, np.dtype] = {
     1: np.dtype(np.uint8), 2: np.dtype(np.int8), 3: np.dtype(np.int16), 4: np.dtype(np.int32),
@@ -251,7 +252,8 @@ class IndexedDatasetBuilder:
     more temporaries (so memory stays bounded however large the corpus), from which ``finalize``
     writes the index; then both files are renamed into place (``.bin`` first, so a present ``.idx``
     means a complete pair). Used as a context manager, a builder left without ``finalize`` (an
-    exception) removes its temporaries; ``discard()`` does the same explicitly.
+    exception) removes its temporaries, and a failed write (full disk, read-only folder) leaves as one
+    ``errors.WriteError`` naming ``bin_path``; ``discard()`` removes them explicitly.
     """
 
     def __init__(self, bin_path: str, dtype: Any) -> None:
@@ -265,8 +267,8 @@ class IndexedDatasetBuilder:
         try:
             for path in self._paths:
                 self._files.append(open(path, "wb", buffering=1 << 20))
-        except BaseException:
-            self.discard()
+        except BaseException as err:
+            self.__exit__(type(err), err, None)
             raise
         self._data, self._lengths, self._documents = self._files
         self.num_sequences = self.num_documents = self.num_tokens = 0
@@ -275,8 +277,11 @@ class IndexedDatasetBuilder:
     def __enter__(self) -> IndexedDatasetBuilder:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type | None, err: BaseException | None, tb: object) -> None:
         self.discard()  # nothing left once finalize has renamed the files
+        failure = write_error(err, self.bin_path) if isinstance(err, Exception) else None
+        if failure is not None:
+            raise failure from None
 
     def _as_tokens(self, tokens: Any) -> np.ndarray:
         """``tokens`` as a flat contiguous array of the builder's dtype; ValueError for ids that do not fit."""
@@ -387,9 +392,12 @@ class IndexedDatasetBuilder:
             shutil.copyfileobj(f, out, _COPY_BYTES)
 
     def discard(self) -> None:
-        """Close and delete the temporaries (a no-op for those ``finalize`` renamed)."""
+        """Close and delete the temporaries (a no-op for those ``finalize`` renamed), also when closing fails."""
         for f in self._files:
-            f.close()
+            try:
+                f.close()
+            except OSError:  # flushing the buffer onto a full disk: the file goes anyway
+                pass
         for path in self._paths:
             if os.path.exists(path):
                 os.remove(path)

@@ -40,6 +40,7 @@ from data_utils.corpora import batched_texts, delimiter, read_texts
 from data_utils.errors import DataError, warn
 from data_utils.sentences import split_sentences, splitter_identity
 from data_utils.tokenization import Tokenizer
+from errors import write_error
 
 CACHE_FORMAT = 1
 _CHUNK_DOCS, _CHUNK_CHARS = 1024, 8 << 20  # documents per encode_batch call, at most
@@ -185,12 +186,11 @@ def _build_atomically(path: str, folder: str, write: Callable[[str], dict[str, A
     ``meta.json`` is written last; a source that changes meanwhile is an error and leaves no cache.
     """
     before = os.stat(path)
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
     tmp = temporary_path(folder)
-    shutil.rmtree(tmp, ignore_errors=True)  # a dead process of ours with the same pid left it
-    os.mkdir(tmp)
     try:
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a dead process of ours with the same pid left it
+        os.mkdir(tmp)
         meta = write(tmp)
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
@@ -207,8 +207,11 @@ def _build_atomically(path: str, folder: str, write: Callable[[str], dict[str, A
             if cache_fault(folder):
                 raise
             shutil.rmtree(tmp)  # another process finished the same cache first
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_error(err, folder) if isinstance(err, Exception) else None
+        if failure is not None:  # a full disk or a read-only --cache-dir: one line naming the cache
+            raise failure from None
         raise
 
 

@@ -1,6 +1,6 @@
 """Filter URL lists down to the unique pages worth downloading for a web-text corpus.
 
-    python openwebtext/blacklist_urls.py URLS_DIR_OR_FILES... --output urls.txt [--force]
+    python openwebtext/blacklist_urls.py URLS_DIR_OR_FILES... --output urls.txt [--overwrite]
         [--extra-domains d.com ...] [--extra-domains-file FILE] [--extra-extensions .ext ...]
         [--extra-extensions-file FILE] [--min-length 12]
 
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="files of URLs (one per line) or folders of such files")
     parser.add_argument("--output", required=True, help="where to write the URLs kept, one per line")
-    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="replace --output if it exists")
     parser.add_argument("--extra-domains", nargs="+", default=[], metavar="DOMAIN",
                         help="more domains to drop (their subdomains too)")
     parser.add_argument("--extra-domains-file", help="a file of more domains to drop, one per line")

@@ -1,6 +1,6 @@
 """Repair the unicode of downloaded pages and keep the long documents of one language.
 
-    python openwebtext/cleanup_dataset.py INPUT.json OUTPUT.json [--force] [--text-key text]
+    python openwebtext/cleanup_dataset.py INPUT.json OUTPUT.json [--overwrite] [--text-key text]
         [--min-tokens 128] [--language en] [--seed 0]
         [--tokenizer-type GPT2BPETokenizer] [--vocab-file F --merge-file F | --cache-dir cache]
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="loose json of downloaded pages")
     parser.add_argument("output", help="where to write the documents kept")
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="replace OUTPUT if it exists")
     parser.add_argument("--text-key", default="text", help="json key of the page text (default: text)")
     parser.add_argument("--min-tokens", type=int, default=MIN_TOKENS,
                         help=f"drop documents with fewer tokens (default {MIN_TOKENS})")

@@ -6,8 +6,8 @@ Contract of every step:
   files, such as the temporaries of a killed run, are skipped). A missing input stops the step with one
   line before anything is read.
 - **Outputs** are written under ``atomic.temporary_path(OUTPUT)`` and renamed into place when complete,
-  so a failed or killed run leaves no partial file. An existing output is refused unless ``--force`` is
-  given, and an output that is also an input is always refused.
+  so a failed or killed run leaves no partial file. An existing output is refused unless ``--overwrite``
+  (``--force``) is given, and an output that is also an input is always refused.
 - **Documents** are loose json: one json object per line with the text under ``--text-key`` (default
   ``text``) and, for the steps that need it, the page address under ``--url-key`` (default ``url``).
   A malformed line stops the step with ``FILE:LINE: ...`` and what to do; other keys pass through.
@@ -99,14 +99,14 @@ def require_file(path: str, what: str) -> str:
 
 
 def check_output(path: str, force: bool, inputs: Iterable[str] = (), what: str = "output") -> None:
-    """Refuse ``path`` before any work: an input, a folder, or an existing file without ``--force``."""
+    """Refuse ``path`` before any work: an input, a folder, or an existing file without ``--overwrite``."""
     for src in inputs:
         if os.path.exists(src) and os.path.exists(path) and os.path.samefile(src, path):
             raise DataError(f"{what} {path} is also an input; write to another file (inputs are never overwritten)")
     if os.path.isdir(path):
         raise DataError(f"{what} {path} is a folder; name the file to write")
     if os.path.exists(path) and not force:
-        raise DataError(f"{what} {path} already exists; pass --force to replace it (nothing was written)")
+        raise DataError(f"{what} {path} already exists; pass --overwrite to replace it (nothing was written)")
 
 
 @contextlib.contextmanager

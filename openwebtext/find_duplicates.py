@@ -1,6 +1,6 @@
 """Find pairs of near-duplicate documents: MinHash + LSH candidates, confirmed by exact Jaccard similarity.
 
-    python openwebtext/find_duplicates.py --inputs A.json [B.json ...] --output dups.json [--force]
+    python openwebtext/find_duplicates.py --inputs A.json [B.json ...] --output dups.json [--overwrite]
         [--threshold 0.5] [--lsh-threshold T] [--num-perm 128] [--seed 1] [--shingle-size 5]
         [--workers 1] [--text-key text] [--url-key url]
 
@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_utils.errors import DataError  # noqa: E402
+from initialize import leave_ctrl_c_to_the_parent  # noqa: E402
 from openwebtext.common import (  # noqa: E402
     JSON_SUFFIXES,
     SHINGLE_SIZE,
@@ -138,7 +139,7 @@ def candidate_pairs(paths: Sequence[str], config: DedupConfig, text_key: str = "
     if workers > 1:
         import multiprocessing
 
-        pool = multiprocessing.Pool(workers)
+        pool = multiprocessing.Pool(workers, initializer=leave_ctrl_c_to_the_parent)
     try:
         with byte_progress(paths, "minhash") as bar:
             for batch in _batches(paths, text_key, url_key, bar.update):
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", nargs="+", required=True, help="loose json files, or folders of them")
     parser.add_argument("--output", required=True, help="where to write the near-duplicate pairs")
-    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="replace --output if it exists")
     parser.add_argument("--threshold", type=_fraction, default=0.5,
                         help="report pairs with at least this Jaccard similarity (default 0.5)")
     parser.add_argument("--lsh-threshold", type=_fraction, default=None,

@@ -1,6 +1,6 @@
 """Group the urls of near-duplicate documents: connected components of the pairs at or above a threshold.
 
-    python openwebtext/group_duplicate_urls.py dups.json groups.json [--threshold 0.9] [--force]
+    python openwebtext/group_duplicate_urls.py dups.json groups.json [--threshold 0.9] [--overwrite]
 
 Reads the pairs ``find_duplicates.py`` wrote (loose json, ``{"URL": [{"OTHER_URL": similarity}, ...]}``
 per line) and joins two urls when their similarity is at least ``--threshold``; joining is transitive
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output", help="where to write the groups, one json list of urls per line")
     parser.add_argument("--threshold", type=float, default=THRESHOLD,
                         help=f"join urls whose similarity is at least this (default {THRESHOLD})")
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")

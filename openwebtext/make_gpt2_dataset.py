@@ -2,7 +2,7 @@
 
     python openwebtext/make_gpt2_dataset.py --input A.json [B.json ...] --output-dir DIR \\
         [--sizes-file sizes.txt] [--tokenizer-type GPT2BPETokenizer] [--vocab-file V --merge-file M | --cache-dir C] \\
-        [--text-key text] [--workers N] [--force]
+        [--text-key text] [--workers N] [--overwrite]
 
 One shard per input, ``DIR/<input name less its extension>.npy``: a plain 1-D integer array (uint16
 when the vocabulary fits in 16 bits, else int32) of every document's tokens back to back, each followed
@@ -13,8 +13,8 @@ reads. Megatron-LM 2019's version of this script wrote pickled object arrays ins
 those too (with ``--trust-pickle``).
 
 Every output is written under a temporary name and renamed into place once all inputs are tokenized, so
-a failed run leaves nothing behind; existing outputs are refused unless ``--force``. ``--workers N``
-tokenizes chunks of documents in N processes (the output is the same for any N).
+a failed run leaves nothing behind; existing outputs are refused unless ``--overwrite`` (``--force``).
+``--workers N`` tokenizes chunks of documents in N processes (the output is the same for any N).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from data_utils.corpora import batched_texts, read_loose_json  # noqa: E402
 from data_utils.errors import DataError  # noqa: E402
 from data_utils.lazy_loader import encode_texts  # noqa: E402
 from data_utils.tokenization import TOKENIZER_TYPES, Tokenizer, make_tokenizer  # noqa: E402
-from initialize import run_cli  # noqa: E402
+from initialize import leave_ctrl_c_to_the_parent, run_cli  # noqa: E402
 
 CHUNK_DOCS, CHUNK_CHARS = 1024, 8 << 20  # documents per tokenizer call, at most
 _worker_tokenizer: Tokenizer | None = None  # each --workers process builds its own
@@ -65,6 +65,7 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) ->
 
 def _init_worker(tokenizer_kwargs: dict[str, Any]) -> None:
     global _worker_tokenizer
+    leave_ctrl_c_to_the_parent()
     _worker_tokenizer = make_tokenizer(**tokenizer_kwargs)
 
 
@@ -140,7 +141,7 @@ def check_outputs(inputs: list[str], output_dir: str, sizes_file: str, force: bo
     if not force:
         for out in [*shards, sizes_path]:
             if os.path.exists(out):
-                raise DataError(f"{out} already exists; pass --force to overwrite it, or choose another --output-dir")
+                raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --output-dir")
     return shards
 
 
@@ -173,6 +174,9 @@ def make_dataset(inputs: list[str], output_dir: str, sizes_file: str, tokenizer_
                 bar.set_postfix_str(os.path.basename(src))
                 chunks = encoded_chunks(src, text_key, tokenizer, dtype, pool, workers, bar.update)
                 counts[os.path.basename(shard)] = write_shard(temps[shard], chunks, dtype)
+                if counts[os.path.basename(shard)][1] == 0:
+                    raise DataError(f"corpus {src} is empty: there is nothing to tokenize; check the file (and "
+                                    "--text-key)")
         with open(temps[sizes_path], "w", encoding="utf-8") as f:
             json.dump({name: tokens for name, (_, tokens) in counts.items()}, f, indent=1)
             f.write("\n")
@@ -200,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-path", default=None, help="SentencePiece model (trained on --input if absent)")
     parser.add_argument("--text-key", default="text", help="key of the document text (default: text)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (default: 1)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing shards and sizes file")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="overwrite existing shards and sizes file")
     args = parser.parse_args(argv)
     tokenizer_kwargs = {"tokenizer_type": args.tokenizer_type, "vocab_file": args.vocab_file,
                         "merge_file": args.merge_file, "cache_dir": args.cache_dir,

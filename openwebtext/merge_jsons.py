@@ -1,6 +1,6 @@
 """Concatenate loose json files into one, checking every line on the way.
 
-    python openwebtext/merge_jsons.py --inputs DIR_OR_FILES... --output merged.json [--force] [--text-key text]
+    python openwebtext/merge_jsons.py --inputs DIR_OR_FILES... --output merged.json [--overwrite] [--text-key text]
 
 Files are taken in the order given; a folder contributes its ``.json``/``.jsonl`` files in sorted path
 order (recursively, hidden files skipped, never the output itself). Every non-blank line must be a json
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", nargs="+", required=True, help="loose json files, or folders of them")
     parser.add_argument("--output", required=True, help="where to write the merged loose json")
-    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="replace --output if it exists")
     parser.add_argument("--text-key", default="text", help="json key every document must hold (default: text)")
     args = parser.parse_args(argv)
 

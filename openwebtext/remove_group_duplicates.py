@@ -1,6 +1,6 @@
 """Keep one document of each group of near-duplicates: the first of the group in the input's order.
 
-    python openwebtext/remove_group_duplicates.py groups.json INPUT.json OUTPUT.json [--force] [--url-key url]
+    python openwebtext/remove_group_duplicates.py groups.json INPUT.json OUTPUT.json [--overwrite] [--url-key url]
 
 GROUPS is what ``group_duplicate_urls.py`` wrote: one json list of urls per line, no url in two groups.
 INPUT is loose json with the page address under ``--url-key``. OUTPUT gets every document of INPUT, in
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("groups", help="the groups written by group_duplicate_urls.py")
     parser.add_argument("input", help="loose json documents")
     parser.add_argument("output", help="where to write the documents kept")
-    parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="replace OUTPUT if it exists")
     parser.add_argument("--url-key", default="url", help="json key of the url (default: url)")
     parser.add_argument("--text-key", default="text", help="json key of the text (default: text)")
     args = parser.parse_args(argv)

@@ -38,3 +38,11 @@ python pretrain_bert.py \
        --log-dir "$OUT/logs" \
        --device cpu \
        "$@"
+
+# The loss curves (masked-LM and next-sentence), when matplotlib is installed (optional).
+if python -c "import matplotlib" 2>/dev/null; then
+  python tools/plot_metrics.py "$OUT/logs" -o "$OUT/logs/curve.png" --keys lm_loss,nsp_loss,lr,tokens_per_s --overwrite
+else
+  echo "pip install matplotlib, then: python tools/plot_metrics.py $OUT/logs -o $OUT/logs/curve.png" \
+       "--keys lm_loss,nsp_loss,lr,tokens_per_s --overwrite"
+fi

@@ -40,7 +40,7 @@ python pretrain_gpt2.py \
 
 # The loss curves, when matplotlib is installed (optional).
 if python -c "import matplotlib" 2>/dev/null; then
-  python tools/plot_metrics.py "$OUT/logs" -o "$OUT/logs/curve.png"
+  python tools/plot_metrics.py "$OUT/logs" -o "$OUT/logs/curve.png" --overwrite
 else
-  echo "pip install matplotlib, then: python tools/plot_metrics.py $OUT/logs -o $OUT/logs/curve.png"
+  echo "pip install matplotlib, then: python tools/plot_metrics.py $OUT/logs -o $OUT/logs/curve.png --overwrite"
 fi

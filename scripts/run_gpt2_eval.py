@@ -36,7 +36,7 @@ PASSED_VALUES = (
     ("--results-file", "--results-file"), ("--tokenizer-type", "--tokenizer-type"),
     ("--vocab-file", "--vocab-file"), ("--merge-file", "--merge-file"), ("--text-key", "--eval-text-key"),
 )
-PASSED_SWITCHES = ("--cloze-eval", "--strict-lambada", "--webtext-eval")
+PASSED_SWITCHES = ("--cloze-eval", "--strict-lambada", "--webtext-eval", "--overwrite")
 
 
 def build_parser() -> argparse.ArgumentParser:

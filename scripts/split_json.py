@@ -1,7 +1,7 @@
 """Split loose-json files into train/dev/test files at random, with a map of where each line came from.
 
     python scripts/split_json.py --input_files A.json [B.json ...] --output_dir DIR \\
-        [--test_percent 0.05 [0.01]] [--seed 1234] [--force]
+        [--test_percent 0.05 [0.01]] [--seed 1234] [--overwrite]
 
 (the 2019 flag names; ``--input-files``, ``--output-dir`` and ``--test-percent`` work too). The non-blank
 lines of all inputs are pooled and shuffled by ``--seed``; the first ``ceil(f_dev * N)`` of the shuffled
@@ -16,7 +16,8 @@ from: a header ``file<TAB>line #``, then per output line ``F<TAB>L``: ``F`` the 
 input in ``--input_files`` and ``L`` the 0-based line number in that file (blank lines counted).
 
 All six files are written under temporary names and renamed into place together at the end; existing
-outputs are refused unless ``--force``. The same inputs, fractions and seed give the same files.
+outputs are refused unless ``--overwrite`` (``--force``). The same inputs, fractions and seed give the same
+files.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def check_outputs(output_dir: str, force: bool) -> None:
     for path in output_paths(output_dir).values():
         for out in (path, path + ".map"):
             if os.path.exists(out):
-                raise DataError(f"{out} already exists; pass --force to overwrite it, or choose another --output_dir")
+                raise DataError(f"{out} already exists; pass --overwrite to replace it, or choose another --output_dir")
 
 
 def write_split(out, mapping, rows: np.ndarray, index: LineIndex, maps: list) -> None:
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test_percent", "--test-percent", dest="test_percent", type=float, nargs="+",
                         default=[0.05, 0.0], help="fraction of the lines for dev, then for test (default: 0.05 0)")
     parser.add_argument("--seed", type=int, default=1234, help="shuffling seed (default: 1234)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="overwrite existing outputs")
     args = parser.parse_args(argv)
     written: dict[str, int] = {}
     status = run_cli(lambda: written.update(split_json(args.input_files, args.output_dir, args.test_percent,

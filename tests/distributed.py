@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import shutil
 import signal
 import socket
 import tempfile
@@ -31,7 +32,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, results, args, tag: int = 0) -> None:
+def _result_path(folder: str, rank: int) -> str:
+    return os.path.join(folder, f"rank{rank}.result")
+
+
+def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, results, args, tag: int = 0,
+           result_dir: str | None = None) -> None:
     import torch
     import torch.distributed as dist
 
@@ -48,8 +54,14 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, result
             timeout=timedelta(seconds=60),
         )
         # Pickled here by value: a tensor put on the queue as it is travels as a shared-memory handle,
-        # which the parent cannot open once this rank has exited (EOFError / connection reset).
-        results.put((tag, rank, True, pickle.dumps(fn(*args))))
+        # which the parent cannot open once this rank has exited (EOFError / connection reset). A file
+        # holds it too (renamed into place whole), which a busy machine's queue cannot lose.
+        value = pickle.dumps(fn(*args))
+        if result_dir is not None:
+            with open(_result_path(result_dir, rank) + ".tmp", "wb") as f:
+                f.write(value)
+            os.replace(_result_path(result_dir, rank) + ".tmp", _result_path(result_dir, rank))
+        results.put((tag, rank, True, value))
     except BaseException:  # noqa: BLE001 - any failure must reach the parent
         results.put((tag, rank, False, traceback.format_exc()))
     finally:
@@ -65,11 +77,11 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, result
 
 
 def _forked_rank(payload: bytes, rank: int, world_size: int, port: int, results, env: dict, cwd: str,
-                 tag: int, outputs: tuple[str, str]) -> None:
+                 tag: int, outputs: tuple[str, str, str]) -> None:
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    for fd, path in zip((1, 2), outputs):  # the caller copies these to its own stdout/stderr (capfd sees them)
+    for fd, path in zip((1, 2), outputs[:2]):  # the caller copies these to its own stdout/stderr (capfd sees them)
         target = os.open(path, os.O_WRONLY | os.O_APPEND)
         os.dup2(target, fd)
         os.close(target)
@@ -78,7 +90,7 @@ def _forked_rank(payload: bytes, rank: int, world_size: int, port: int, results,
     except BaseException:  # noqa: BLE001
         results.put((tag, rank, False, traceback.format_exc()))
         return
-    _child(fn, rank, world_size, port, results, args, tag)
+    _child(fn, rank, world_size, port, results, args, tag, outputs[2])
 
 
 def _fork_server(tasks, replies, results) -> None:
@@ -169,11 +181,13 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         fd, path = tempfile.mkstemp(prefix="run_distributed.", suffix=".out")
         os.close(fd)
         outputs.append(path)
+    result_dir = tempfile.mkdtemp(prefix="run_distributed.")
     server.tasks.put((tag, pickle.dumps((fn, args)), world_size, free_port(), dict(os.environ), os.getcwd(),
-                      tuple(outputs)))
+                      (*outputs, result_dir)))
     try:
-        return _collect(server, tag, world_size, timeout)
+        return _collect(server, tag, world_size, timeout, result_dir)
     finally:
+        shutil.rmtree(result_dir, ignore_errors=True)
         for fd, path in zip((1, 2), outputs):
             with open(path, "rb") as f:
                 data = f.read()
@@ -182,8 +196,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 data = data[os.write(fd, data):]
 
 
-def _collect(server: _ForkServer, tag: int, world_size: int, timeout: float) -> list[Any]:
-    """Wait for the ranks of call ``tag``; their values by rank, or an AssertionError."""
+def _collect(server: _ForkServer, tag: int, world_size: int, timeout: float, result_dir: str) -> list[Any]:
+    """Wait for the ranks of call ``tag``; their values by rank, or an AssertionError. A value the queue
+    did not deliver is read from the rank's result file."""
 
     def reply(kind: str, wait: float):
         end = time.monotonic() + wait
@@ -221,7 +236,7 @@ def _collect(server: _ForkServer, tag: int, world_size: int, timeout: float) -> 
             if codes is None:
                 codes = reply("exit", 0.0)
             if codes is not None and server.results.empty():
-                break  # every rank is gone and nothing more will arrive
+                break  # every rank is gone; what the queue still lacks is in the result files
         if codes is None:
             codes = reply("exit", max(0.0, min(10.0, deadline - time.monotonic())))
     finally:
@@ -230,6 +245,10 @@ def _collect(server: _ForkServer, tag: int, world_size: int, timeout: float) -> 
             codes = reply("exit", 15)
             if codes is None:
                 _reset_server()
+    for rank in range(world_size):
+        if rank not in outcomes and os.path.isfile(_result_path(result_dir, rank)):
+            with open(_result_path(result_dir, rank), "rb") as f:
+                outcomes[rank] = (True, pickle.loads(f.read()))
     errors = [f"--- rank {r} ---\n{value}" for r, (ok, value) in sorted(outcomes.items()) if not ok]
     missing = [r for r in range(world_size) if r not in outcomes]
     if errors:

@@ -493,7 +493,7 @@ def test_a_write_that_fails_midway_leaves_no_output(hf_gpt2, tmp_path, capsys, m
     out = str(tmp_path / "out")
     code, _, err = _run_tool("reshard_checkpoint", ["--load", imported, "--save", out,
                                                     "--target-model-parallel-size", "4"], capsys)
-    assert_one_line_error(code, err, "No space left", "nothing was written")
+    assert_one_line_error(code, err, "no space left on the device (ENOSPC)", "nothing was written")
     assert len(calls) == 2 and not os.path.exists(out)
     assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
     monkeypatch.undo()
@@ -600,3 +600,38 @@ def test_finetuning_an_import_takes_its_shape_without_flags(hf_tiny_bpe):
     name = "transformer.layers.2.mlp.dense_4h_to_h.weight"
     diff = (states[0]["model"][name] - original[0]["model"][name]).abs().max().item()
     assert 0 < diff < 0.05, "two small steps from the imported weights"
+
+
+def test_resharding_repads_from_the_tokenizers_vocabulary_not_the_padded_rows(single_process_group):
+    """1005 real tokens trained at model-parallel size 4 (divisible by 1): 1008 rows. Resharded to 5 they
+    become pad_vocab_size(1005, 1, 5) = 1005 rows; re-padding the 1008 rows would give 1010."""
+    import dataclasses
+
+    from conversion import reshard_states
+    from model import GPT2Model, TransformerConfig, pad_vocab_size
+
+    real, divisible_by = 1005, 1
+    config = TransformerConfig(num_layers=1, hidden_size=20, num_attention_heads=20, max_sequence_length=4,
+                               vocab_size=pad_vocab_size(real, divisible_by, 4), unpadded_vocab_size=real)
+    assert config.vocab_size == 1008 and pad_vocab_size(config.vocab_size, divisible_by, 5) == 1010
+    state = {"iteration": 3, "model_parallel_size": 1, "model": GPT2Model(config).state_dict(),
+             "config": dataclasses.asdict(config), "args": {"make_vocab_size_divisible_by": divisible_by}}
+    at_4 = reshard_states([state], 4, divisible_by=divisible_by)  # as a run at size 4 saves it
+    assert [s["config"]["vocab_size"] for s in at_4] == [1008] * 4
+    at_5 = reshard_states(at_4, 5, divisible_by=divisible_by)
+    rows = pad_vocab_size(real, divisible_by, 5)
+    assert all(s["config"]["vocab_size"] == rows == 1005 for s in at_5)
+    assert sum(s["model"]["word_embeddings.weight"].shape[0] for s in at_5) == rows
+
+
+def test_exported_files_share_the_umasks_mode(tiny_gpt2_run, tmp_path, capsys):
+    """safetensors writes through a 0600 temporary; the export gives model.safetensors config.json's mode."""
+    _, ckpt = tiny_gpt2_run
+    out = tmp_path / "hf"
+    previous = os.umask(0o022)
+    try:
+        assert _run_tool("hf_checkpoint", ["export", "--load", ckpt, "--hf-dir", str(out)], capsys)[0] == 0
+    finally:
+        os.umask(previous)
+    modes = {name: os.stat(out / name).st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}

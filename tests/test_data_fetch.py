@@ -157,3 +157,17 @@ def test_count_tokens_reads_the_corpus_with_the_project_tokenizer(tmp_path):
     corpus = write_jsonl(tmp_path / "c.json", ["the cat", "hello world", ""])
     docs, tokens = fetch.count_tokens(corpus, vocab, merges)
     assert docs == 3 and tokens > 10
+
+
+def test_the_corpus_count_is_recorded_so_a_rerun_does_not_tokenize_again(tmp_path, monkeypatch):
+    vocab, merges = write_tiny_gpt2(str(tmp_path))
+    corpus = write_jsonl(tmp_path / "c.json", ["the cat", "hello world", ""])
+    calls = []
+    count = fetch.count_tokens
+    monkeypatch.setattr(fetch, "count_tokens", lambda *paths: calls.append(paths) or count(*paths))
+    first = fetch.recorded_count(corpus, vocab, merges)
+    assert fetch.recorded_count(corpus, vocab, merges) == first == count(corpus, vocab, merges)
+    assert len(calls) == 1, "the second call read the record"
+    write_jsonl(tmp_path / "c.json", ["the cat sat on the mat"])  # a changed corpus is counted again
+    assert fetch.recorded_count(corpus, vocab, merges) == count(corpus, vocab, merges) != first
+    assert len(calls) == 2

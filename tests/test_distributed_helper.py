@@ -37,7 +37,9 @@ def _hang_on_rank_one():
 
 
 def test_a_hanging_rank_is_killed_and_the_next_call_still_works():
-    with pytest.raises(AssertionError, match=r"ranks \[1\] gave no result within 3s"):
+    # On a busy machine rank 0 may not have joined the group within the 3 s either: what matters is that the
+    # hanging rank is named and killed, and that the next call gets fresh ranks.
+    with pytest.raises(AssertionError, match=r"ranks \[(0, )?1\] gave no result within 3s"):
         run_distributed(_hang_on_rank_one, 2, timeout=3)
     assert run_distributed(_rank_sum, 2, 1.0) == [3.0, 3.0]
 

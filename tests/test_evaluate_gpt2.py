@@ -225,7 +225,7 @@ def _evaluate(data: dict[str, str], *flags: str, results: str | None = None) -> 
     from initialize import run_main
 
     results = results or os.path.join(data["folder"], "results.json")
-    run_main(lambda: evaluate_gpt2.main(_eval_argv(data, *flags, "--results-file", results)))
+    run_main(lambda: evaluate_gpt2.main(_eval_argv(data, *flags, "--results-file", results, "--overwrite")))
     with open(results) as f:
         return json.load(f)
 

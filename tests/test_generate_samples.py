@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -131,6 +132,26 @@ def test_sampling_follows_the_filtered_distribution():
     assert float(torch.bincount(hot, minlength=5).min()) > 3500  # a huge temperature flattens it
 
 
+def test_temperature_is_applied_before_top_p():
+    """The nucleus is taken of softmax(logits / T): at T = 0.5 the probabilities are 0.744, 0.186, 0.047, ...,
+    so top_p 0.8 keeps tokens 1 and 3 only (at T = 1 it would keep token 2 as well)."""
+    from generation import SamplingParams, filter_logits, sample_next_token
+
+    logits, temperature, top_p = torch.tensor(PROBS).log(), 0.5, 0.8
+    sharp = (logits / temperature).softmax(dim=-1)
+    order = sharp.argsort(descending=True)
+    reach = int((sharp[order].cumsum(dim=-1) >= top_p).nonzero()[0]) + 1
+    nucleus = set(order[:reach].tolist())
+    assert nucleus == {1, 3} and _kept(filter_logits(logits.unsqueeze(0), 0, top_p))[0] == {1, 2, 3}
+    tokens = sample_next_token(logits.expand(20000, -1), SamplingParams(temperature=temperature, top_p=top_p),
+                               generator=torch.Generator().manual_seed(4))
+    assert set(tokens.tolist()) == nucleus
+    counts = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    expected = torch.zeros(5)
+    expected[list(nucleus)] = sharp[list(nucleus)] / sharp[list(nucleus)].sum()
+    torch.testing.assert_close(counts, expected, atol=0.015, rtol=0)
+
+
 def test_streamed_text_equals_the_decoded_text_even_when_tokens_split_characters(trained):
     from data_utils import make_tokenizer
     from generation import TextStream
@@ -230,7 +251,7 @@ def test_top_k_1_equals_greedy_and_a_seed_repeats_samples(single_process_group, 
 
 
 def test_file_mode_writes_one_json_object_per_prompt_and_batches_do_not_change_them(single_process_group, trained,
-                                                                                    tmp_path):
+                                                                                    tmp_path, capsys):
     import generate_samples
     from data_utils import make_tokenizer
 
@@ -243,6 +264,9 @@ def test_file_mode_writes_one_json_object_per_prompt_and_batches_do_not_change_t
         generate_samples.main(_argv(folder, ckpt, "--greedy", "--sample-input-file", tmp_path / "in.txt",
                                     "--sample-output-file", out, "--batch-size", batch, "--out-seq-length", 20))
         records[batch] = _read_jsonl(out)
+        generated = sum(len(r["token_ids"]) for r in records[batch])
+        assert re.search(rf"wrote 5 samples to {re.escape(str(out))}: {generated} tokens, first after \d+ ms, "
+                         r"[\d.]+ tokens/s", capsys.readouterr().err)
     assert records[3] == records[1]
     tokenizer = make_tokenizer("GPT2BPETokenizer", str(folder / "vocab.json"), str(folder / "merges.txt"))
     assert [r["prompt"] for r in records[3]] == prompts
@@ -279,7 +303,7 @@ def test_a_failed_run_leaves_an_existing_output_untouched(single_process_group, 
     out.write_text("an earlier run's output\n")
     with pytest.raises(DataError, match=r"in\.txt line 2: the prompt is \d+ tokens but the context holds 32"):
         generate_samples.main(_argv(folder, ckpt, "--sample-input-file", tmp_path / "in.txt",
-                                    "--sample-output-file", out))
+                                    "--sample-output-file", out, "--overwrite"))
     assert out.read_text() == "an earlier run's output\n"
     assert sorted(os.listdir(tmp_path)) == ["in.txt", "out.jsonl"]
 
@@ -303,7 +327,7 @@ def test_a_run_failing_mid_way_leaves_no_partial_output(single_process_group, tr
     monkeypatch.setattr(generate_samples, "generate", fail_second_batch)
     with pytest.raises(RuntimeError, match="interrupted"):
         generate_samples.main(_argv(folder, ckpt, "--sample-input-file", tmp_path / "in.txt", "--batch-size", 1,
-                                    "--sample-output-file", out, "--out-seq-length", 4))
+                                    "--sample-output-file", out, "--out-seq-length", 4, "--overwrite"))
     assert len(calls) == 2 and out.read_text() == "an earlier run's output\n"
     assert sorted(os.listdir(tmp_path)) == ["in.txt", "out.jsonl"]
 
@@ -377,6 +401,7 @@ def test_interactive_session_streams_continuations_and_stops_cleanly(single_proc
     assert f"Megatron-LM: {expected[0]}\n" in stdout and f"Megatron-LM: {expected[1]}\n" in stdout
     assert stdout.count("Megatron-LM: ") == 2
     assert "the prompt is" in stderr and "Traceback" not in stderr
+    assert len(re.findall(r"\(\d+ tokens, first after \d+ ms, [\d.]+ tokens/s\)", stderr)) == 2  # after each sample
     code, stdout, stderr = cli_runs["end_of_input"]
     assert code == 0 and f"Megatron-LM: {expected[0]}\n" in stdout, stderr
 

@@ -16,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lowest first. A module may import from its own layer (without a cycle) and from the layers below.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("ground", frozenset({"mpu", "atomic", "errors", "microbatches", "parallel_layout"})),
-    ("parts", frozenset({"checkpointing", "model", "data_utils", "fp16", "learning_rates", "arguments"})),
+    ("parts", frozenset({"checkpointing", "model", "data_utils", "fp16", "learning_rates", "arguments",
+                         "flag_rules"})),
     ("formats", frozenset({"conversion"})),
     ("run services", frozenset({"restore", "resilience", "performance", "metrics", "initialize", "schedules"})),
     ("run", frozenset({"training", "evaluation", "generation"})),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_utils import DataError, IndexedDataset
+from errors import ArgumentError
 from tests.cli import assert_one_line_error
 from tests.helpers import write_indexed, write_jsonl, write_tiny_gpt2
 from tools.merge_datasets import input_prefixes, merge
@@ -64,7 +65,7 @@ def test_bad_merges_are_refused_and_leave_nothing(tmp_path):
     with pytest.raises(DataError, match="is also an input"):
         merge([a], a, force=True)
     merge([a], str(tmp_path / "out"))
-    with pytest.raises(DataError, match="already exists; pass --force"):
+    with pytest.raises(ArgumentError, match="already exists; pass --overwrite"):
         merge([a, a], str(tmp_path / "out"))
     assert IndexedDataset(str(tmp_path / "out")).num_documents == 1
     assert merge([a, a], str(tmp_path / "out"), force=True).num_documents == 2

@@ -99,7 +99,7 @@ def test_make_gpt2_dataset_refuses_to_overwrite_without_force(corpus, capsys):
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}
     write_jsonl(corpus["b"], ["different text now"])
     code, _, err = run_script(make_args(corpus, out), capsys)
-    assert_one_line_error(code, err, str(out / "a.npy"), "--force")
+    assert_one_line_error(code, err, str(out / "a.npy"), "--overwrite")
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
     code, _, err = run_script(make_args(corpus, out, "--force"), capsys)
     assert code == 0, err

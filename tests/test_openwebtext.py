@@ -461,7 +461,7 @@ def test_existing_output_is_replaced_only_with_force(script, tmp_path, capsys):
     with open(out, "w") as f:
         f.write("keep me\n")
     assert run_cli(script.main, argv) == 1
-    assert_one_line_error(1, capsys.readouterr().err, out, "already exists", "--force")
+    assert_one_line_error(1, capsys.readouterr().err, out, "already exists", "--overwrite")
     assert open(out).read() == "keep me\n"
     assert run_cli(script.main, [*argv, "--force"]) == 0
     assert open(out).read() not in ("", "keep me\n")  # each script writes something from these inputs

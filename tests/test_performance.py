@@ -88,7 +88,7 @@ def test_log_lines_and_metrics_carry_timings_flops_mfu_and_memory(tmp_path, caps
                                                           "--log-dir": timed, "--log-timers": True,
                                                           "--peak-tflops": 0.5}), capsys)
     assert code == 0, err
-    assert " > MFU against 0.5 TFLOP/s per device (--peak-tflops)" in out
+    assert " > MFU against 500.0 GFLOP/s per device (--peak-tflops)" in out  # below 1 TFLOP/s: not "0.0"
     assert " > memory after the first iteration: peak rss " in out
     line = [x for x in out.splitlines() if x.startswith(" iteration        4/")][0]
     assert "TFLOP/s per device" in line and "MFU" in line and "ms/iter: data" in line and "optimizer" in line

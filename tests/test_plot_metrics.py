@@ -141,6 +141,16 @@ def test_null_is_a_gap_in_the_curve_and_eval_values_are_markers(tmp_path):
     assert loss_panel.get_yscale() == "log" and lr_panel.get_xlabel() == "iteration"
 
 
+def test_a_training_series_of_one_point_is_drawn_as_a_marker(tmp_path):
+    pytest.importorskip("matplotlib")
+    one = plot_metrics.read_metrics(write_jsonl(tmp_path / "one" / "metrics.jsonl", [train(10, 5.0)]))
+    many = plot_metrics.read_metrics(resumed_run(tmp_path / "many" / "metrics.jsonl"))
+    fig = plot_metrics.plot_runs([("one", one), ("many", many)], ["lm_loss"])
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert lines["one train"].get_marker() == "o" and list(lines["one train"].get_ydata()) == [5.0]
+    assert lines["many train"].get_marker() == "None"
+
+
 def test_failed_write_leaves_the_old_image_and_no_partial_file(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
@@ -157,8 +167,8 @@ def test_failed_write_leaves_the_old_image_and_no_partial_file(tmp_path, monkeyp
 
     monkeypatch.setattr(Figure, "savefig", disk_full)
     with pytest.raises(SystemExit) as exc:
-        plot_metrics.main([run, "-o", str(out)])
-    assert str(exc.value.code).startswith(f"error: cannot write -o {out}: No space left on device")
+        plot_metrics.main([run, "-o", str(out), "--overwrite"])
+    assert str(exc.value.code).startswith(f"error: cannot write {out}: no space left on the device (ENOSPC)")
     assert os.listdir(out.parent) == ["curve.png"] and out.read_bytes() == b"the previous plot"
 
 

@@ -19,6 +19,7 @@ from data_utils.errors import DataError
 from data_utils.indexed_dataset import IndexedDataset
 from data_utils.lazy_loader import load_sentence_corpus
 from data_utils.tokenization import make_tokenizer
+from errors import UserError
 from tests.cli import assert_one_line_error
 from tests.helpers import REPO, write_jsonl, write_tiny_gpt2, write_wordpiece_vocab
 from tools import preprocess_data as pp
@@ -190,7 +191,7 @@ def test_a_malformed_line_names_file_and_line_and_leaves_nothing(folders, gpt2, 
     ("missing input", ["cannot open corpus", "nope.json", "--input"]),
     ("glob without match", ["matches no file"]),
     ("folder input", ["is a folder"]),
-    ("existing output", ["keep_text_document.bin already exists", "--force"]),
+    ("existing output", ["keep_text_document.bin: already exists", "--overwrite"]),
 ])
 def test_user_mistakes_raise_one_line_and_write_nothing(folders, gpt2, case, words):
     src, out = folders
@@ -208,7 +209,7 @@ def test_user_mistakes_raise_one_line_and_write_nothing(folders, gpt2, case, wor
     if case == "existing output":
         pp.main(argv + flags)
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
-    with pytest.raises(DataError) as err:
+    with pytest.raises(UserError) as err:  # a DataError, or an ArgumentError for the output
         pp.main(argv + flags)
     for word in words:
         assert word in str(err.value), str(err.value)
@@ -238,7 +239,7 @@ def test_command_line_summary_and_errors(folders, gpt2):
     assert sorted(made) == ["cli_text_document.bin", "cli_text_document.idx"]
 
     again = _cli("--input", path, *flags)
-    assert_one_line_error(again.returncode, again.stderr, "cli_text_document.bin already exists", "--force")
+    assert_one_line_error(again.returncode, again.stderr, "cli_text_document.bin: already exists", "--overwrite")
     with open(path, "a", encoding="utf-8") as f:
         f.write("[1, 2]\n")
     bad = _cli("--input", path, *flags, "--force")

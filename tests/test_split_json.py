@@ -113,7 +113,7 @@ def test_existing_outputs_are_refused_without_force(inputs, tmp_path, capsys):
     assert run(["--input_files", *inputs, "--output_dir", str(out)], capsys)[0] == 0
     before = {name: (out / name).read_bytes() for name in OUTPUTS}
     code, _, err = run(["--input_files", *inputs, "--output_dir", str(out), "--seed", "9"], capsys)
-    assert_one_line_error(code, err, str(out / "train.json"), "--force")
+    assert_one_line_error(code, err, str(out / "train.json"), "--overwrite")
     assert {name: (out / name).read_bytes() for name in OUTPUTS} == before
     code, _, err = run(["--input_files", *inputs, "--output_dir", str(out), "--seed", "9", "--force"], capsys)
     assert code == 0, err

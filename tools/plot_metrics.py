@@ -1,6 +1,7 @@
 """Plot the training curves of one or more runs from their ``metrics.jsonl``.
 
     python tools/plot_metrics.py RUN [RUN ...] -o curve.png [--keys lm_loss,lr,tokens_per_s] [--labels a,b] [--log-y]
+        [--overwrite]
 
 Each RUN is a ``metrics.jsonl`` or the ``--log-dir`` holding one. One panel per key, iteration on the x
 axis, every run overlaid in its own colour with a legend (a run is labelled by the folder holding its
@@ -8,11 +9,13 @@ axis, every run overlaid in its own colour with a legend (a run is labelled by t
 A key's training values are drawn as a line and its validation (test) values as round (cross) markers
 in the same panel, so the default first panel shows the training and the validation loss together,
 followed by the learning rate and the throughput. A value written as ``null`` (not finite: a diverged
-loss) is a gap in the curve, never a zero. A resumed run appends to the same file: when an iteration
+loss) is a gap in the curve, never a zero; a training value without a neighbour (a run with one log line) is a
+marker, since a line needs two points. A resumed run appends to the same file: when an iteration
 of a split appears twice, the later line wins. Keys that no run has are skipped with a note.
 
 The image (its format from the extension of ``-o``: png, pdf, svg, ...) is written under a temporary
-name beside ``-o`` and renamed into place, so it is never left half-written. Needs matplotlib
+name beside ``-o`` and renamed into place, so it is never left half-written; an existing ``-o`` is
+replaced only with ``--overwrite``. Needs matplotlib
 (``pip install matplotlib``); ``read_metrics`` does not.
 """
 
@@ -28,7 +31,8 @@ from typing import TYPE_CHECKING
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from atomic import temporary_path  # noqa: E402
+from atomic import atomic_path, check_new_file  # noqa: E402
+from errors import UserError  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -146,6 +150,13 @@ def _splits(metrics: Metrics) -> list[str]:
     return sorted(metrics, key=lambda s: (order.get(s, 3), s))
 
 
+def _isolated(ys: Sequence[float]) -> bool:
+    """Whether a finite value has no finite neighbour (one point, or one between gaps)."""
+    finite = [not math.isnan(y) for y in ys]
+    return any(ok and not (i > 0 and finite[i - 1]) and not (i + 1 < len(ys) and finite[i + 1])
+               for i, ok in enumerate(finite))
+
+
 def plot_runs(runs: Sequence[tuple[str, Metrics]], keys: Sequence[str], log_y: bool = False) -> Figure:
     """One panel per key, each run in its own colour: training as a line, other splits as markers."""
     import matplotlib
@@ -165,8 +176,9 @@ def plot_runs(runs: Sequence[tuple[str, Metrics]], keys: Sequence[str], log_y: b
                 # None -> NaN: matplotlib leaves a gap there (a diverged value is not a zero).
                 ys = [math.nan if v is None or (log_y and v <= 0) else v for _, v in series]
                 name = label if len(runs) > 1 else ""
-                if split == "train":
-                    ax.plot(xs, ys, color=color, linewidth=1.2, label=f"{name} train".strip())
+                if split == "train":  # a point without a neighbour draws no line: it gets a marker
+                    ax.plot(xs, ys, color=color, linewidth=1.2, marker="o" if _isolated(ys) else "None",
+                            markersize=3, label=f"{name} train".strip())
                 else:
                     ax.plot(xs, ys, color=color, linestyle="none", marker=EVAL_MARKERS.get(split, "s"),
                             markersize=4, label=f"{name} {split}".strip())
@@ -202,15 +214,11 @@ def summary(label: str, path: str, metrics: Metrics) -> str:
 
 def write_figure(fig: Figure, out: str, fmt: str) -> None:
     """Save under a temporary name beside ``out`` and rename it into place: never a half-written image."""
-    tmp = temporary_path(out)
     try:
-        fig.savefig(tmp, format=fmt, dpi=120)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise SystemExit(f"error: cannot write -o {out}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=120)
+    except UserError as exc:  # a failed write: one line naming the image
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", default=None, help="comma-separated legend names, one per RUN "
                         "(default: each run's folder name)")
     parser.add_argument("--log-y", action="store_true", help="logarithmic y axes")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing -o image")
     args = parser.parse_args(argv)
 
     keys = list(dict.fromkeys(_split_list(args.keys, "--keys")))
@@ -233,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     if os.path.isdir(out):
         raise SystemExit(f"error: -o {out} is a directory; name the image file: -o {os.path.join(out, 'curve.png')}")
     fmt = os.path.splitext(out)[1][1:].lower() or "png"
+    try:
+        check_new_file(out, "-o", args.overwrite)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
     runs: list[tuple[str, Metrics]] = []
     paths = []
@@ -287,4 +300,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted: stopped by Ctrl-C; no output was left half written", file=sys.stderr)
+        sys.exit(130)

@@ -20,7 +20,7 @@ whatever N. Worker processes use one tokenizer thread each (``TOKENIZERS_PARALLE
 set); with one worker the tokenization runs in this process, with the tokenizers library's threads.
 Outputs are written under temporary names and renamed when complete: a bad line (reported as
 ``file:line``) or an interruption leaves nothing, and existing outputs are replaced only with
-``--force``.
+``--overwrite`` (``--force``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from atomic import remove_orphans  # noqa: E402
+from atomic import check_new_file, remove_orphans  # noqa: E402
 from data_utils import sentences  # noqa: E402
 from data_utils.corpora import loose_json_record  # noqa: E402
 from data_utils.errors import DataError  # noqa: E402
@@ -52,6 +52,7 @@ from data_utils.indexed_dataset import (  # noqa: E402
     index_file_path,
 )
 from data_utils.tokenization import TOKENIZER_TYPES, Tokenizer, make_tokenizer  # noqa: E402
+from initialize import leave_ctrl_c_to_the_parent  # noqa: E402
 
 CHUNK_BYTES = 1 << 20  # input handed to a worker at a time (whole lines; a longer line makes a longer chunk)
 DEFAULT_LOG_INTERVAL = 100_000
@@ -161,6 +162,7 @@ _WORKER_ENCODER: Encoder | None = None
 
 def _start_worker(config: EncodeConfig) -> None:
     global _WORKER_ENCODER
+    leave_ctrl_c_to_the_parent()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker: --workers sets the cores
     _WORKER_ENCODER = Encoder(config)
 
@@ -253,8 +255,7 @@ def _check_outputs(output_prefix: str, prefixes: Sequence[str], force: bool) -> 
         raise DataError(f"--output-prefix {output_prefix}: folder {folder} does not exist; create it first")
     for prefix in prefixes:
         for path in (data_file_path(prefix), index_file_path(prefix)):
-            if os.path.exists(path) and not force:
-                raise DataError(f"{path} already exists; pass --force to replace it, or another --output-prefix")
+            check_new_file(path, "--output-prefix", force)  # exists, a directory, writable: before any work
     remove_orphans(folder)  # what a killed run left
 
 
@@ -344,7 +345,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document id to each document")
     group = parser.add_argument_group("output")
     group.add_argument("--output-prefix", required=True, help="outputs are PREFIX_KEY_LEVEL.bin and .idx")
-    group.add_argument("--force", action="store_true", help="replace existing outputs")
+    group.add_argument("--overwrite", "--force", dest="force", action="store_true", help="replace existing outputs")
     group.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     group.add_argument("--log-interval", type=int, default=DEFAULT_LOG_INTERVAL,
                        help="print the rate every this many documents")
