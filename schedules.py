@@ -137,61 +137,82 @@ class ScheduleResult(NamedTuple):
     """Whether each micro-batch's loss was finite (the last stage's; empty elsewhere)."""
 
 
+class _Executor:
+    """One rank's run of a schedule: what its forwards left for their backwards, the sends in flight, and
+    the last stage's metrics."""
+
+    def __init__(self, order: list[Op], forward_step: Callable, batches: list[Any], model: nn.Module,
+                 backward: Callable[[torch.Tensor], None] | None, timers) -> None:
+        self.forward_step, self.batches, self.model, self.backward_fn = forward_step, batches, model, backward
+        self.timers = timers
+        self.bare = unwrap_model(model)
+        self.device = next(self.bare.parameters()).device
+        last_backward = next((op for op in reversed(order) if op.kind == "B"), None)
+        # Data-parallel reductions wait for the iteration's last backward (and its micro-batch's forward).
+        self.sync_at = None if last_backward is None else last_backward[1:]
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.pending: p2p.Pending = []
+        self.result = ScheduleResult({}, [])
+
+    def _waiting(self, waits: bool):
+        return _timed(self.timers, "pipeline") if waits else contextlib.nullcontext()
+
+    def forward(self, op: Op, first: bool, last: bool) -> None:
+        with self._waiting(not first):
+            inputs = None if first else p2p.recv_forward(self.device)
+        if self.backward_fn is None and inputs is not None:
+            inputs.requires_grad_(False)
+        _set_input(self.bare, inputs)
+        defer = self.sync_at is not None and (op.chunk, op.micro_batch) != self.sync_at
+        with _timed(self.timers, "forward"), _deferred(self.model, defer):
+            output, values = self.forward_step(self.batches[op.micro_batch], self.model)
+        if last:
+            self.result.finite.append(torch.isfinite(output.detach()).all())
+            metrics = self.result.metrics
+            for key, value in values.items():
+                metrics[key] = metrics[key] + value if key in metrics else value
+            if len(self.batches) > 1:
+                output = output / len(self.batches)
+        else:
+            self.pending += p2p.send_forward(output)
+        if self.backward_fn is not None:
+            self.saved[op.chunk, op.micro_batch] = (inputs, output)
+
+    def backward(self, op: Op, first: bool, last: bool) -> None:
+        inputs, output = self.saved.pop((op.chunk, op.micro_batch))
+        with self._waiting(not last):
+            output_grad = None if last else p2p.recv_backward(self.device)
+        defer = (op.chunk, op.micro_batch) != self.sync_at
+        with _timed(self.timers, "backward"), _deferred(self.model, defer):
+            if output_grad is None:
+                self.backward_fn(output)
+            else:
+                torch.autograd.backward(output, grad_tensors=output_grad)
+        if not first:
+            self.pending += p2p.send_backward(inputs.grad)
+
+    def finish(self) -> None:
+        with self._waiting(bool(self.pending)):
+            p2p.wait_all(self.pending)
+
+
 def run_schedule(order: list[Op], forward_step: Callable, batches: list[Any], model: nn.Module,
                  backward: Callable[[torch.Tensor], None] | None, timers=None) -> ScheduleResult:
     """Execute ``order`` on this rank. ``backward(loss)`` starts backward from a last stage's scaled loss
     (the optimizer's, which applies the loss scale); ``None`` runs forward only. Each loss counts
     ``1 / len(batches)``. ``timers`` (``performance.Timers``) time ``forward``, ``backward`` and
     ``pipeline``: the time spent waiting for the other stages' messages (this stage's share of the bubble)."""
-    bare = unwrap_model(model)
-    device = next(bare.parameters()).device
-    num_micro_batches = len(batches)
-    last_backward = next((op for op in reversed(order) if op.kind == "B"), None)
-    saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
-    pending: p2p.Pending = []
-    metrics: dict[str, torch.Tensor] = {}
-    finite: list[torch.Tensor] = []
-
+    run = _Executor(order, forward_step, batches, model, backward, timers)
     try:
         for op in order:
             mpu.set_virtual_pipeline_model_parallel_rank(op.chunk)
-            first, last = mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage()
-            defer = last_backward is not None and (op.chunk, op.micro_batch) != last_backward[1:]
-            if op.kind == "F":
-                with _timed(timers, "pipeline") if not first else contextlib.nullcontext():
-                    inputs = None if first else p2p.recv_forward(device)
-                if backward is None and inputs is not None:
-                    inputs.requires_grad_(False)
-                _set_input(bare, inputs)
-                with _timed(timers, "forward"), _deferred(model, defer):
-                    output, values = forward_step(batches[op.micro_batch], model)
-                if last:
-                    finite.append(torch.isfinite(output.detach()).all())
-                    for key, value in values.items():
-                        metrics[key] = metrics[key] + value if key in metrics else value
-                    if num_micro_batches > 1:
-                        output = output / num_micro_batches
-                else:
-                    pending += p2p.send_forward(output)
-                if backward is not None:
-                    saved[op.chunk, op.micro_batch] = (inputs, output)
-            else:
-                inputs, output = saved.pop((op.chunk, op.micro_batch))
-                with _timed(timers, "pipeline") if not last else contextlib.nullcontext():
-                    output_grad = None if last else p2p.recv_backward(device)
-                with _timed(timers, "backward"), _deferred(model, defer):
-                    if output_grad is None:
-                        backward(output)
-                    else:
-                        torch.autograd.backward(output, grad_tensors=output_grad)
-                if not first:
-                    pending += p2p.send_backward(inputs.grad)
-        with _timed(timers, "pipeline") if pending else contextlib.nullcontext():
-            p2p.wait_all(pending)
+            step = run.forward if op.kind == "F" else run.backward
+            step(op, mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage())
+        run.finish()
     finally:
         mpu.set_virtual_pipeline_model_parallel_rank(0)
-        _set_input(bare, None)
-    return ScheduleResult(metrics, finite)
+        _set_input(run.bare, None)
+    return run.result
 
 
 def share_from_last_stage(metrics: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
