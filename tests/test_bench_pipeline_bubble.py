@@ -37,18 +37,17 @@ def test_replay_catches_a_wrong_micro_batch_and_a_deadlock() -> None:
 
 @pytest.mark.slow
 def test_measured_bubble_near_the_formula_and_interleaved_below_1f1b() -> None:
-    settings = {"pipeline_size": 4, "virtual": 2, "micro_batches": [4, 8], "schedules": ["1f1b", "interleaved"],
+    settings = {"pipeline_size": 4, "virtual": 2, "micro_batches": [4], "schedules": ["1f1b", "interleaved"],
                 "forward_ms": 50.0, "backward_ms": 100.0, "work": "sleep", "message_size": 64, "iters": 2,
                 "warmup": 1}
     # Long stages: every receive costs milliseconds on a loaded machine, and the interleaved schedule
     # has more of them on its critical path; the bubbles differ by (p - 1)(t_f + t_b) / 2 = 225 ms.
     rows = {(row["schedule"], row["m"]): row for row in run(settings)}
-    assert set(rows) == {(s, m) for s in ("1f1b", "interleaved") for m in (4, 8)}
+    assert set(rows) == {("1f1b", 4), ("interleaved", 4)}
     measured = {key: statistics.fmean(row["measured"]) for key, row in rows.items()}
     for key, row in rows.items():
         assert len(row["measured"]) == 4
         # Never much below what the order itself costs; message latency on a busy machine only adds.
         assert measured[key] > 0.8 * row["formula"], (key, measured[key], row["formula"])
         assert measured[key] < 3.0 * row["formula"] + 0.3, (key, measured[key], row["formula"])
-    for m in (4, 8):
-        assert measured["interleaved", m] < measured["1f1b", m], (m, measured)
+    assert measured["interleaved", 4] < measured["1f1b", 4], measured
