@@ -396,10 +396,11 @@ class ParallelTransformer(nn.Module):
         self.final_layernorm = (None if config.post_layernorm or not has_last else
                                 LayerNorm(config.hidden_size, config.layernorm_epsilon, config.sequence_parallel))
 
-    def _chunk(self, positions: list[int]) -> Callable[..., torch.Tensor]:
+    @staticmethod
+    def _chunk(layers: list[nn.Module]) -> Callable[..., torch.Tensor]:
         def run(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-            for position in positions:
-                hidden_states = self.layers[position](hidden_states, attention_mask)
+            for layer in layers:
+                hidden_states = layer(hidden_states, attention_mask)
             return hidden_states
 
         return run
@@ -415,17 +416,18 @@ class ParallelTransformer(nn.Module):
         final LayerNorm if the last of the model's layers was among them."""
         hidden_states = hidden_states.to(self.dtype)
         start, end = layers or (0, self.num_layers)
-        positions = [p for p, number in enumerate(self.layers.numbers) if start <= number < end]
+        # (position among the held layers, which is the KV cache's index, and the layer) of the ones to run
+        run = [(p, layer) for p, (key, layer) in enumerate(self.layers.items()) if start <= int(key) < end]
         if kv_cache is not None:
-            for position in positions:
-                hidden_states = self.layers[position](hidden_states, attention_mask, kv_cache, position)
+            for position, layer in run:
+                hidden_states = layer(hidden_states, attention_mask, kv_cache, position)
             kv_cache.advance(hidden_states.shape[1])
         elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
-            for first in range(0, len(positions), self.checkpoint_num_layers):
-                chunk = positions[first:first + self.checkpoint_num_layers]
+            for first in range(0, len(run), self.checkpoint_num_layers):
+                chunk = [layer for _, layer in run[first:first + self.checkpoint_num_layers]]
                 hidden_states = mpu.checkpoint(self._chunk(chunk), hidden_states, attention_mask)
         else:
-            hidden_states = self._chunk(positions)(hidden_states, attention_mask)
+            hidden_states = self._chunk([layer for _, layer in run])(hidden_states, attention_mask)
         if self.final_layernorm is None or end < self.num_layers:
             return hidden_states
         return self.final_layernorm(hidden_states)
