@@ -148,6 +148,13 @@ def check_new_file(path: str, flag: str, overwrite: bool = False, option: str = 
         raise ArgumentError(f"{flag} {path}: already exists; pass {option} to replace it, or choose another name")
     if not os.path.isdir(folder):
         raise ArgumentError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    reason = unwritable(folder, path)
+    if reason is not None:
+        raise ArgumentError(f"{flag} {reason}")
+
+
+def unwritable(folder: str, path: str) -> str | None:
+    """Why ``path`` cannot be written in ``folder`` (a probe file created and removed there), or ``None``."""
     probe = temporary_path(os.path.join(folder, "write-test"))
     try:
         with open(probe, "w"):
@@ -155,8 +162,8 @@ def check_new_file(path: str, flag: str, overwrite: bool = False, option: str = 
         os.remove(probe)
     except OSError as err:
         failure = write_error(err, path)
-        reason = failure if failure is not None else f"cannot write {path}: {err.strerror}"
-        raise ArgumentError(f"{flag} {reason}") from None
+        return str(failure) if failure is not None else f"cannot write {path}: {err.strerror}"
+    return None
 
 
 def default_file_mode(path: str) -> None:

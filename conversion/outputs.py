@@ -15,7 +15,7 @@ import os
 import shutil
 from collections.abc import Iterator
 
-from atomic import remove_orphans, temporary_path
+from atomic import remove_orphans, temporary_path, unwritable
 from errors import ConversionError, write_error
 
 
@@ -28,15 +28,9 @@ def check_new_output(path: str, flag: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
-    probe = temporary_path(os.path.join(folder, "write-test"))
-    try:
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as err:
-        failure = write_error(err, path)
-        raise ConversionError(f"{flag} {failure or f'cannot write {path}: {err.strerror}'}; nothing was written") \
-            from None
+    reason = unwritable(folder, path)
+    if reason is not None:
+        raise ConversionError(f"{flag} {reason}; nothing was written")
 
 
 @contextlib.contextmanager
