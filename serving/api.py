@@ -244,8 +244,9 @@ class MegatronRequest:
 
 
 def parse_megatron(body: Any, tokenizer, context: int, max_sequences: int) -> MegatronRequest:
-    """Check a body of Megatron's text-generation server (its defaults: 64 tokens (fewer if the context is shorter), temperature 1, top-k and
-    top-p off; top-k 1 or temperature 0 is greedy; top-k and top-p together are refused, as there)."""
+    """Check a body of Megatron's text-generation server (its defaults: 64 tokens (fewer if the context is
+    shorter), temperature 1, top-k and top-p off; top-k 1 or temperature 0 is greedy; top-k and top-p
+    together are refused, as there)."""
     body = _check_fields(body, MEGATRON_FIELDS, "/api")
     if "prompts" not in body:
         raise RequestError("prompts is required", "prompts")

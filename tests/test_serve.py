@@ -1,9 +1,10 @@
 """The text-generation server (tools/serve.py, serving/): continuous batching, the HTTP API, its errors.
 
 A tiny GPT2 (byte-level vocabulary, context 32) is trained once per module, long enough that its greedy
-continuations differ from prompt to prompt. The engine is checked in-process, stepped by hand, against a full recomputation of each
-prompt alone; the HTTP side against real server processes at model-parallel sizes 1 and 2, against
-generate_samples.py's output for the same prompts, and through the ``openai`` client.
+continuations differ from prompt to prompt. The engine is checked in-process, stepped by hand, against a
+full recomputation of each prompt alone; the HTTP side against real server processes at model-parallel
+sizes 1 and 2, against generate_samples.py's output for the same prompts, and through the ``openai``
+client.
 """
 
 from __future__ import annotations

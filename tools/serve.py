@@ -19,6 +19,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+try:
+    import aiohttp  # noqa: F401 - the server's HTTP library; checked here for a one-line error
+except ImportError:
+    sys.exit("error: tools/serve.py needs aiohttp (pip install 'aiohttp>=3.9'; it is in requirements.txt)")
+
 import torch.distributed as dist  # noqa: E402
 
 import mpu  # noqa: E402
