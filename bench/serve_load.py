@@ -232,9 +232,11 @@ class Level:
         return [o for o in self.outcomes.values() if not o.ok]
 
 
-async def run_level(url: str, concurrency: int, args, deadline: float, started: asyncio.Event | None = None) -> Level:
+async def run_level(url: str, concurrency: int, args, deadline: float, started: asyncio.Event | None = None,
+                    finished: asyncio.Event | None = None) -> Level:
     """``args.requests`` streamed requests from ``concurrency`` clients; nothing is sent after ``deadline``
-    (``time.monotonic``) and what still runs then is cut (lost). ``started`` is set at the first token."""
+    (``time.monotonic``) and what still runs then is cut (lost). ``started`` is set at the first token,
+    ``finished`` when every client is done."""
     outcomes: dict[int, Outcome] = {}
     queue = iter(range(args.requests))
 
@@ -250,6 +252,8 @@ async def run_level(url: str, concurrency: int, args, deadline: float, started: 
     connector = aiohttp.TCPConnector(limit=concurrency + 8)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    if finished is not None:
+        finished.set()
     return Level(concurrency, outcomes, args.requests - len(outcomes), time.perf_counter() - start)
 
 
@@ -267,9 +271,11 @@ def bad_requests() -> list[tuple[str, str, str | None]]:
     ]
 
 
-async def send_bad(url: str, started: asyncio.Event, timeout: float) -> list[tuple[str, int, str]]:
-    """Once ``started`` is set (the load is running), send each bad request; (what, status, error param or
-    a note) of each. A 400 counts only with OpenAI's error body (``error.type`` invalid_request_error)."""
+async def send_bad(url: str, started: asyncio.Event, finished: asyncio.Event,
+                   timeout: float) -> list[tuple[str, int, str]]:
+    """Once ``started`` is set (the load is running), send each bad request; (what, status, a note: the error's
+    param, and whether the load had ``finished`` by the answer) of each. A 400 counts only with OpenAI's
+    error body (``error.type`` invalid_request_error); a status without it is returned negated."""
     try:
         await asyncio.wait_for(started.wait(), timeout)
     except asyncio.TimeoutError:
@@ -291,7 +297,8 @@ async def send_bad(url: str, started: asyncio.Event, timeout: float) -> list[tup
                 note = f"param {error.get('param')}" if error["type"] == "invalid_request_error" else "wrong error type"
             except (ValueError, KeyError, TypeError):
                 status, note = -status, f"no OpenAI error body: {text[:80]!r}"
-            results.append((what, status, note))
+            during = "after the load ended" if finished.is_set() else "during the load"
+            results.append((what, status, f"{note}, {during}"))
     return results
 
 
@@ -336,9 +343,9 @@ async def load_server(url: str, mode: str, args, deadline: float, with_bad: bool
     levels, bad = [], []
     for k, concurrency in enumerate(args.concurrency):
         if with_bad and k == len(args.concurrency) - 1:
-            started = asyncio.Event()
-            level, bad = await asyncio.gather(run_level(url, concurrency, args, deadline, started),
-                                              send_bad(url, started, args.request_timeout))
+            started, finished = asyncio.Event(), asyncio.Event()
+            level, bad = await asyncio.gather(run_level(url, concurrency, args, deadline, started, finished),
+                                              send_bad(url, started, finished, args.request_timeout))
             if not await healthy(url):
                 bad.append(("GET /health after them", 0, "no 200"))
         else:

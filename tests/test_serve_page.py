@@ -1,0 +1,230 @@
+"""The playground page of ``tools/serve.py`` (``serving/page.html``) in headless Chromium.
+
+A tiny GPT2 is trained once per module (context 1024, so that a long generation can be stopped
+midway) and served by the real ``tools/serve.py`` in a subprocess on a free port. Chromium, driven by
+selenium through Debian's chromedriver, types a prompt, generates greedily and must show exactly the
+text that a direct POST to /v1/completions returns, with as many streamed tokens as the server counts;
+Stop must cancel a long generation and leave the server serving; a 400 must be shown in the page.
+Skipped without selenium, /usr/bin/chromium or /usr/bin/chromedriver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.helpers import REPO, gpt2_args, train_gpt2
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1100,900"]
+TRAIN_FLAGS = {"--train-iters": 30, "--lr": 3e-3, "--seq-length": 32, "--max-position-embeddings": 1024,
+               "--eval-iters": 0, "--log-interval": 10}
+URL_RE = re.compile(r"http://[^\s/]+:\d+/")
+PROMPT = "the cat sat on"
+SCREENSHOT = os.path.join(REPO, "test-artifacts", "serve_page.png")
+WAIT_S = 120  # generous: the machine may be busy
+
+
+def _missing() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed"
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.path.isfile(path):
+            return f"{path} is missing (apt-get install chromium chromium-driver)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(folder holding vocab.json/merges.txt, checkpoint of a tiny GPT2 trained on a repetitive corpus)."""
+    import torch.distributed as dist
+
+    import mpu
+
+    folder = tmp_path_factory.mktemp("serve_page")
+    save = str(folder / "tiny-gpt2")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        train_gpt2(gpt2_args(folder, **TRAIN_FLAGS, **{"--save": save}))
+    finally:
+        mpu.destroy_model_parallel()
+        dist.destroy_process_group()
+    return folder, save
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    """The URL of ``tools/serve.py`` serving the trained checkpoint (stopped with SIGINT afterwards)."""
+    folder, ckpt = trained
+    argv = [sys.executable, "tools/serve.py", "--load", ckpt, "--vocab-file", str(folder / "vocab.json"),
+            "--merge-file", str(folder / "merges.txt"), "--device", "cpu", "--port", "0", "--max-batch-size", "2"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    found = threading.Event()
+
+    def drain() -> None:  # keeps reading after the URL so that a full pipe never stalls the server
+        for line in proc.stderr:
+            lines.append(line)
+            if URL_RE.search(line):
+                found.set()
+        found.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        found.wait(WAIT_S)
+        url = next((m.group(0) for m in map(URL_RE.search, lines) if m), None)
+        if url is None:
+            pytest.fail(f"tools/serve.py printed no URL within {WAIT_S}s; stderr:\n{''.join(lines[-20:])}")
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def driver():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    profile = tempfile.TemporaryDirectory(prefix="chromium-profile-")
+    options.add_argument(f"--user-data-dir={profile.name}")
+    options.binary_location = CHROMIUM
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+        profile.cleanup()
+
+
+def _http(url: str, body: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a GET, or of a POST of ``body``."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT_S) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _open_page(driver, url: str) -> None:
+    """Load the page afresh and wait for its header to show the served model."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, models = _http(url + "v1/models")
+    name = models["data"][0]["id"]
+    driver.get(url)
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element("id", "model-name").text == name)
+
+
+def _fill(driver, **fields) -> None:
+    """Set the page's inputs by id (underscores for dashes); an empty string clears one."""
+    for key, value in fields.items():
+        element = driver.find_element("id", key.replace("_", "-"))
+        element.clear()
+        if value != "":
+            element.send_keys(str(value))
+
+
+def _state(driver) -> str:
+    return driver.find_element("tag name", "body").get_attribute("data-state")
+
+
+def _wait_state(driver, *states: str) -> str:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, WAIT_S).until(lambda d: _state(d) in states)
+    return _state(driver)
+
+
+def _stats(driver) -> tuple[int, float]:
+    """(tokens, tokens/s) as the stats line shows them."""
+    text = driver.find_element("id", "stats").text
+    match = re.search(r"(\d+) tokens? \u00b7 (\d+(?:\.\d+)?) tokens/s", text)
+    assert match, f"no token count and tokens/s in the stats line {text!r}"
+    return int(match.group(1)), float(match.group(2))
+
+
+def test_page_streams_the_greedy_completion(server, driver):
+    _open_page(driver, server)
+    _fill(driver, prompt=PROMPT, max_tokens=12, temperature=0, top_p=1, top_k=0, seed="", stop="")
+    driver.find_element("id", "generate").click()
+    state = _wait_state(driver, "done", "error")
+    assert state == "done", driver.find_element("id", "error").text
+
+    status, expected = _http(server + "v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+    assert status == 200, expected
+    shown = driver.find_element("id", "output").get_property("textContent")
+    assert shown == expected["choices"][0]["text"]
+    assert shown.strip(), "the greedy completion is empty: the comparison would prove nothing"
+    tokens, rate = _stats(driver)
+    assert tokens == expected["usage"]["completion_tokens"]
+    assert rate > 0
+    assert driver.find_element("id", "error").text == ""
+
+    os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+    assert driver.save_screenshot(SCREENSHOT)
+    with open(SCREENSHOT, "rb") as f:
+        png = f.read()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_stop_cancels_a_long_generation(server, driver):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open_page(driver, server)
+    _fill(driver, prompt=PROMPT, max_tokens=1000, temperature=1, top_p=1, top_k=0, seed=7, stop="")
+    driver.find_element("id", "generate").click()
+    WebDriverWait(driver, WAIT_S).until(lambda d: _state(d) != "running" or _stats(d)[0] >= 1)
+    assert _state(driver) == "running", "the generation ended before Stop could be clicked"
+    assert driver.find_element("id", "generate").get_attribute("disabled") is not None
+    driver.find_element("id", "stop-button").click()
+
+    assert _wait_state(driver, "stopped", "done", "error") == "stopped"
+    tokens, _ = _stats(driver)
+    assert 1 <= tokens < 1000
+    assert driver.find_element("id", "generate").get_attribute("disabled") is None
+    assert driver.find_element("id", "stop-button").get_attribute("disabled") is not None
+    assert driver.find_element("id", "error").text == ""
+    assert _http(server + "health")[0] == 200
+    status, body = _http(server + "v1/completions", {"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_page_shows_the_servers_400(server, driver):
+    _open_page(driver, server)
+    _fill(driver, prompt=PROMPT, max_tokens=-1, temperature=0, top_p=1, top_k=0, seed="", stop="")
+    driver.find_element("id", "generate").click()
+    assert _wait_state(driver, "done", "error") == "error"
+    status, expected = _http(server + "v1/completions", {"prompt": PROMPT, "max_tokens": -1})
+    assert status == 400
+    shown = driver.find_element("id", "error").text
+    assert "HTTP 400" in shown and expected["error"]["message"] in shown and "max_tokens" in shown
+    assert driver.find_element("id", "output").get_property("textContent") == ""
