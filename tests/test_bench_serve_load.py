@@ -1,10 +1,15 @@
-"""bench/serve_load.py end to end with tiny settings: it runs, prints every field and exits 0 (timings unchecked)."""
+"""bench/serve_load.py: end to end with tiny settings (it runs, prints every field and exits 0; timings
+unchecked), and its client against a stub server whose failures must be counted as lost."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import re
 import subprocess
 import sys
+import time
 
 from tests.helpers import REPO
 
@@ -28,3 +33,61 @@ def test_serve_load_bench_runs_and_reports(tmp_path):
     bad = re.findall(r"-> HTTP (\S+): (ok|WRONG)", out)
     assert bad == [("400", "ok")] * 4, out
     assert "requests lost: 0; bad requests not answered 400: 0; server kept serving: yes" in out
+
+
+def _stub_app(web):
+    """/v1/completions answering its requests in turn: a good stream, HTTP 500, a stream cut before [DONE],
+    a stream whose event is not JSON."""
+    calls = []
+
+    async def completions(request):
+        kind = len(calls) % 4
+        calls.append(kind)
+        if kind == 1:
+            return web.json_response({"error": {"message": "boom"}}, status=500)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {"choices": [{"index": 0, "text": " x", "logprobs": None, "finish_reason": None}]}
+        for _ in range(3):
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if kind == 0:
+            await resp.write(b"data: [DONE]\n\n")
+        elif kind == 3:
+            await resp.write(b"data: {not json\n\n")
+        return resp
+
+    app = web.Application()
+    app.add_routes([web.post("/v1/completions", completions)])
+    return app
+
+
+def test_failed_requests_count_as_lost():
+    from aiohttp import web
+
+    from bench.serve_load import parse_args, run_level
+
+    async def go():
+        runner = web.AppRunner(_stub_app(web))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
+        try:
+            args = parse_args(["--requests", "8", "--max-tokens", "3", "--request-timeout", "30"])
+            return await run_level(url, 1, args, time.monotonic() + 60)
+        finally:
+            await runner.cleanup()
+
+    level = asyncio.run(go())
+    assert (len(level.done), len(level.lost), level.unsent) == (2, 6, 0)
+    assert all(o.tokens == 3 and o.text == " x x x" for o in level.done)
+    whys = sorted(o.why.split(":")[0] for o in level.lost)
+    assert whys == ["HTTP 500"] * 2 + ["JSONDecodeError"] * 2 + ["stream ended before [DONE]"] * 2
+
+
+def test_percentile_is_nearest_rank():
+    from bench.serve_load import percentile
+
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (50.0, 99.0, 100.0)
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and math.isnan(percentile([], 50))

@@ -10,6 +10,7 @@ Skipped without selenium, /usr/bin/chromium or /usr/bin/chromedriver.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -104,6 +105,60 @@ def server(trained):
                 proc.wait()
 
 
+class SlicingProxy:
+    """A TCP proxy on 127.0.0.1 that passes requests through as they come and answers in slices of ``piece``
+    bytes, ``pause`` seconds apart, so that the page's reads end inside server-sent events (and inside
+    UTF-8 characters), as they may on a real network. Runs its own event loop in a thread."""
+
+    def __init__(self, target: str, piece: int = 11, pause: float = 0.002) -> None:
+        host, port = target.split("//")[1].rstrip("/").split(":")
+        self.target, self.piece, self.pause = (host, int(port)), piece, pause
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/"
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def _pipe(self, reader, writer, piece: int | None) -> None:
+        try:
+            while data := await reader.read(65536):
+                for start in range(0, len(data), piece or len(data)):
+                    writer.write(data[start:start + (piece or len(data))])
+                    await writer.drain()
+                    if piece:
+                        await asyncio.sleep(self.pause)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _serve(self, client_reader, client_writer) -> None:
+        server_reader, server_writer = await asyncio.open_connection(*self.target)
+        await asyncio.gather(self._pipe(client_reader, server_writer, None),
+                             self._pipe(server_reader, client_writer, self.piece))
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self.server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def sliced(server):
+    """The server's URL through a SlicingProxy."""
+    proxy = SlicingProxy(server)
+    try:
+        yield proxy.url
+    finally:
+        proxy.close()
+
+
 @pytest.fixture(scope="module")
 def driver():
     from selenium import webdriver
@@ -172,8 +227,8 @@ def _stats(driver) -> tuple[int, float]:
     return int(match.group(1)), float(match.group(2))
 
 
-def test_page_streams_the_greedy_completion(server, driver):
-    _open_page(driver, server)
+def test_page_streams_the_greedy_completion(server, sliced, driver):
+    _open_page(driver, sliced)  # events reach the page in slices: it must join them
     _fill(driver, prompt=PROMPT, max_tokens=12, temperature=0, top_p=1, top_k=0, seed="", stop="")
     driver.find_element("id", "generate").click()
     state = _wait_state(driver, "done", "error")
