@@ -8,14 +8,14 @@ one ended. Every level is bounded: a request that takes longer than ``--request-
 at ``--time-limit`` seconds since the start everything still running is cut and nothing more is sent.
 
 Prints per level: requests done / lost (an HTTP error, a broken stream, no ``[DONE]``, a timeout),
-throughput (generated tokens of the done requests over the level's wall time; a token is one streamed
-chunk, as the server sends one per token), p50/p99 latency and p50/p99 time to first token; then the
-ratio batched / one-at-a-time of the throughput at each concurrency (above 1: batching helps), and
-how many greedy texts the two servers agree on. While the batched server runs the highest level, a
-few bad requests (a prompt longer than the context, max_tokens of -1, a string temperature, malformed
-JSON) are sent: each must get HTTP 400 with an OpenAI error body, and no request of the level may be
-lost. Exit status 1 when a request was lost or a bad request got anything but 400, 2 when the time
-limit cut the run.
+throughput (generated tokens of the done requests over the level's wall time; the server streams one
+chunk per token, then a text-less one that ends the choice and is not counted), p50/p99 latency and
+p50/p99 time to first token; then the ratio batched / one-at-a-time of the throughput at each
+concurrency (above 1: batching helps), and how many greedy texts the two servers agree on. While the
+batched server runs the highest level, a few bad requests (a prompt longer than the context, max_tokens
+of -1, a string temperature, malformed JSON) are sent: each must get HTTP 400 with an OpenAI error body,
+and no request of the level may be lost. Exit status 1 when a request was lost or a bad request got
+anything but 400, 2 when the time limit cut the run.
 
 Without ``--load`` it writes a randomly initialised GPT2 of the given shape to a temporary folder
 (no training: the weights only need the right shape for timing), with the real GPT-2 BPE from
@@ -192,13 +192,15 @@ async def _read_stream(session: aiohttp.ClientSession, url: str, body: dict, out
             if data == "[DONE]":
                 out.ok, out.latency = True, time.perf_counter() - start
                 return out
-            choice = json.loads(data)["choices"][0]
+            choices = json.loads(data)["choices"]
+            if not choices or (choices[0]["finish_reason"] and not choices[0]["text"]):
+                continue  # a usage chunk, or the one that ends the choice: not a token
             if out.tokens == 0:
                 out.ttft = time.perf_counter() - start
                 if first_token is not None:
                     first_token.set()
             out.tokens += 1
-            out.text += choice["text"]
+            out.text += choices[0]["text"]
     return dataclasses.replace(out, why="stream ended before [DONE]")
 
 

@@ -36,8 +36,8 @@ def test_serve_load_bench_runs_and_reports(tmp_path):
 
 
 def _stub_app(web):
-    """/v1/completions answering its requests in turn: a good stream, HTTP 500, a stream cut before [DONE],
-    a stream whose event is not JSON."""
+    """/v1/completions answering its requests in turn: a good stream (3 tokens, then the chunk that ends
+    it), HTTP 500, a stream cut before [DONE], a stream whose event is not JSON."""
     calls = []
 
     async def completions(request):
@@ -51,7 +51,8 @@ def _stub_app(web):
         for _ in range(3):
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         if kind == 0:
-            await resp.write(b"data: [DONE]\n\n")
+            end = {"choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]}
+            await resp.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
         elif kind == 3:
             await resp.write(b"data: {not json\n\n")
         return resp
