@@ -83,24 +83,47 @@ def sample_next_token(logits: torch.Tensor, params: SamplingParams, vocab_size: 
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def decide_next_token(last_logits: torch.Tensor, gathered: bool, params: SamplingParams,
-                      vocab_size: int | None, generator: torch.Generator | None) -> torch.Tensor:
+def decide_tokens(last_logits: torch.Tensor, gathered: bool,
+                  choose: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """The next token (b,) for the last position's logits (b, V or V/p), the same on every model-parallel rank.
 
-    The source rank of the model-parallel group samples from the gathered logits and broadcasts its
-    choice; the other ranks take what it sent.
+    The source rank of the model-parallel group gathers the logits, calls ``choose`` on them (b, V)
+    and broadcasts its choice; the other ranks (which may pass ``choose=None``) take what it sent.
     """
     logits = last_logits if gathered else mpu.gather_from_model_parallel_region(last_logits)  # (b, V)
     if mpu.get_model_parallel_world_size() == 1:
-        return sample_next_token(logits, params, vocab_size, generator)
+        return choose(logits)
     group = mpu.get_model_parallel_group()
     comm_device = mpu.collective_device(group)
     if mpu.get_model_parallel_rank() == 0:
-        token = sample_next_token(logits, params, vocab_size, generator).to(comm_device)
+        token = choose(logits).to(comm_device)
     else:
         token = torch.zeros(logits.shape[0], dtype=torch.long, device=comm_device)
     dist.broadcast(token, mpu.get_model_parallel_src_rank(), group=group)
     return token.to(logits.device)
+
+
+def decide_next_token(last_logits: torch.Tensor, gathered: bool, params: SamplingParams,
+                      vocab_size: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """``decide_tokens`` with one sampling rule for every row (``sample_next_token``)."""
+    return decide_tokens(last_logits, gathered, lambda logits: sample_next_token(logits, params, vocab_size, generator))
+
+
+def left_padded_prompts(prompts: Sequence[Sequence[int]], device: torch.device
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batch of prompts as one forward pass's inputs: tokens (b, w) right-aligned with 0 before them,
+    which entries are real (b, w), positions (b, w) (each prompt from 0; padding at 0) and the attention
+    mask (b, 1, w, w) that hides the padding from every real token (a padded query sees only itself;
+    ``None`` when no prompt is padded: plain causal attention)."""
+    tokens, valid = _left_padded(prompts, device)
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    width = tokens.shape[1]
+    mask = None
+    if not bool(valid.all()):
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(width, dtype=torch.bool, device=device)
+        mask = ((causal & valid.unsqueeze(1)) | eye).unsqueeze(1)
+    return tokens, valid, positions, mask
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -442,6 +442,7 @@ def test_greedy_generation_is_the_same_at_model_parallel_sizes_1_and_2(single_pr
 
     folder, ckpt = trained
     (tmp_path / "in.txt").write_text("the cat\n\nthe dog ran with\nworld\n")
+    (tmp_path / "long.txt").write_text(f"the cat\n{LONG_PROMPT}\n")
     flags = ["--greedy", "--sample-input-file", tmp_path / "in.txt", "--batch-size", 2, "--out-seq-length", 24]
     generate_samples.main(_argv(folder, ckpt, *flags, "--sample-output-file", tmp_path / "mp1.jsonl"))
     ckpt2 = str(tmp_path / "ckpt_mp2")
@@ -450,7 +451,7 @@ def test_greedy_generation_is_the_same_at_model_parallel_sizes_1_and_2(single_pr
     errors = run_distributed(_train_then_generate, 2, train_argv,
                              _argv(folder, ckpt2, *mp2, "--sample-output-file", tmp_path / "mp2.jsonl"),
                              _argv(folder, ckpt2, "--model-parallel-size", 2, "--sample-input-file",
-                                   folder / "long.txt"))
+                                   tmp_path / "long.txt"))
     one, two = _read_jsonl(tmp_path / "mp1.jsonl"), _read_jsonl(tmp_path / "mp2.jsonl")
     assert len(one) == 4 and all(r["token_ids"] for r in one)
     assert [r["token_ids"] for r in two] == [r["token_ids"] for r in one]
