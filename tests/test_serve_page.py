@@ -30,7 +30,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--window-size=1100,900"]
-TRAIN_FLAGS = {"--train-iters": 30, "--lr": 3e-3, "--seq-length": 32, "--max-position-embeddings": 1024,
+TRAIN_FLAGS = {"--train-iters": 40, "--lr": 1e-2, "--seq-length": 32, "--max-position-embeddings": 1024,
                "--eval-iters": 0, "--log-interval": 10}
 URL_RE = re.compile(r"http://[^\s/]+:\d+/")
 PROMPT = "the cat sat on"
@@ -105,14 +105,19 @@ def server(trained):
                 proc.wait()
 
 
+DONE, NOT_DONE = b"data: [DONE]\n\n", b": [DONE] cut\n\n"  # an SSE comment of the same length
+
+
 class SlicingProxy:
     """A TCP proxy on 127.0.0.1 that passes requests through as they come and answers in slices of ``piece``
     bytes, ``pause`` seconds apart, so that the page's reads end inside server-sent events (and inside
-    UTF-8 characters), as they may on a real network. Runs its own event loop in a thread."""
+    UTF-8 characters), as they may on a real network. With ``cut_done`` set it turns the ``[DONE]`` event
+    into a comment, so that a stream ends cleanly but unfinished. Runs its own event loop in a thread."""
 
     def __init__(self, target: str, piece: int = 11, pause: float = 0.002) -> None:
         host, port = target.split("//")[1].rstrip("/").split(":")
         self.target, self.piece, self.pause = (host, int(port)), piece, pause
+        self.cut_done = False
         self.loop = asyncio.new_event_loop()
         self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/"
@@ -122,6 +127,8 @@ class SlicingProxy:
     async def _pipe(self, reader, writer, piece: int | None) -> None:
         try:
             while data := await reader.read(65536):
+                if piece and self.cut_done:  # aiohttp writes each event in one chunk: it arrives whole
+                    data = data.replace(DONE, NOT_DONE)
                 for start in range(0, len(data), piece or len(data)):
                     writer.write(data[start:start + (piece or len(data))])
                     await writer.drain()
@@ -150,13 +157,13 @@ class SlicingProxy:
 
 
 @pytest.fixture(scope="module")
-def sliced(server):
-    """The server's URL through a SlicingProxy."""
-    proxy = SlicingProxy(server)
+def proxy(server):
+    """A SlicingProxy in front of the server."""
+    sliced = SlicingProxy(server)
     try:
-        yield proxy.url
+        yield sliced
     finally:
-        proxy.close()
+        sliced.close()
 
 
 @pytest.fixture(scope="module")
@@ -227,8 +234,8 @@ def _stats(driver) -> tuple[int, float]:
     return int(match.group(1)), float(match.group(2))
 
 
-def test_page_streams_the_greedy_completion(server, sliced, driver):
-    _open_page(driver, sliced)  # events reach the page in slices: it must join them
+def test_page_streams_the_greedy_completion(server, proxy, driver):
+    _open_page(driver, proxy.url)  # events reach the page in slices: it must join them
     _fill(driver, prompt=PROMPT, max_tokens=12, temperature=0, top_p=1, top_k=0, seed="", stop="")
     driver.find_element("id", "generate").click()
     state = _wait_state(driver, "done", "error")
@@ -283,3 +290,16 @@ def test_page_shows_the_servers_400(server, driver):
     shown = driver.find_element("id", "error").text
     assert "HTTP 400" in shown and expected["error"]["message"] in shown and "max_tokens" in shown
     assert driver.find_element("id", "output").get_property("textContent") == ""
+
+
+def test_a_stream_ending_without_done_is_an_error(proxy, driver):
+    _open_page(driver, proxy.url)
+    _fill(driver, prompt=PROMPT, max_tokens=5, temperature=0, top_p=1, top_k=0, seed="", stop="")
+    proxy.cut_done = True
+    try:
+        driver.find_element("id", "generate").click()
+        assert _wait_state(driver, "done", "error") == "error"
+    finally:
+        proxy.cut_done = False
+    assert "ended before [DONE]" in driver.find_element("id", "error").text
+    assert _stats(driver)[0] == 5  # what came is kept
