@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                          "flag_rules"})),
     ("formats", frozenset({"conversion"})),
     ("run services", frozenset({"restore", "resilience", "performance", "metrics", "initialize", "schedules"})),
-    ("run", frozenset({"training", "evaluation", "generation"})),
+    ("run", frozenset({"training", "evaluation", "generation", "serving"})),
 )
 ENTRY = len(LAYERS)  # entry scripts, tools/, scripts/, openwebtext/, bench/: everything else
 SKIPPED = {"tests", "docker", "cache", "checkpoints", "runs", "data"}
