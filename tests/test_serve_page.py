@@ -11,20 +11,17 @@ Skipped without selenium, /usr/bin/chromium or /usr/bin/chromedriver.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
-import urllib.error
-import urllib.request
+import time
 
 import pytest
 
 from tests.helpers import REPO, gpt2_args, train_gpt2
+from tests.servers import ServerProcess, request
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
@@ -32,7 +29,6 @@ CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-de
                 "--window-size=1100,900"]
 TRAIN_FLAGS = {"--train-iters": 40, "--lr": 1e-2, "--seq-length": 32, "--max-position-embeddings": 1024,
                "--eval-iters": 0, "--log-interval": 10}
-URL_RE = re.compile(r"http://[^\s/]+:\d+/")
 PROMPT = "the cat sat on"
 SCREENSHOT = os.path.join(REPO, "test-artifacts", "serve_page.png")
 WAIT_S = 120  # generous: the machine may be busy
@@ -72,37 +68,14 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(trained):
-    """The URL of ``tools/serve.py`` serving the trained checkpoint (stopped with SIGINT afterwards)."""
+    """The URL of ``tools/serve.py`` serving the trained checkpoint (stopped with Ctrl-C afterwards)."""
     folder, ckpt = trained
-    argv = [sys.executable, "tools/serve.py", "--load", ckpt, "--vocab-file", str(folder / "vocab.json"),
-            "--merge-file", str(folder / "merges.txt"), "--device", "cpu", "--port", "0", "--max-batch-size", "2"]
-    proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    found = threading.Event()
-
-    def drain() -> None:  # keeps reading after the URL so that a full pipe never stalls the server
-        for line in proc.stderr:
-            lines.append(line)
-            if URL_RE.search(line):
-                found.set()
-        found.set()
-
-    threading.Thread(target=drain, daemon=True).start()
+    proc = ServerProcess(["--load", ckpt, "--vocab-file", folder / "vocab.json", "--merge-file", folder / "merges.txt",
+                          "--device", "cpu", "--port", 0, "--max-batch-size", 2], start_timeout=WAIT_S)
     try:
-        found.wait(WAIT_S)
-        url = next((m.group(0) for m in map(URL_RE.search, lines) if m), None)
-        if url is None:
-            pytest.fail(f"tools/serve.py printed no URL within {WAIT_S}s; stderr:\n{''.join(lines[-20:])}")
-        yield url
+        yield proc.url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        proc.stop(signal.SIGINT)
 
 
 DONE, NOT_DONE = b"data: [DONE]\n\n", b": [DONE] cut\n\n"  # an SSE comment of the same length
@@ -185,22 +158,11 @@ def driver():
         profile.cleanup()
 
 
-def _http(url: str, body: dict | None = None) -> tuple[int, dict]:
-    """(status, JSON body) of a GET, or of a POST of ``body``."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=WAIT_S) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def _open_page(driver, url: str) -> None:
     """Load the page afresh and wait for its header to show the served model."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    _, models = _http(url + "v1/models")
+    _, models = request(url + "v1/models")
     name = models["data"][0]["id"]
     driver.get(url)
     WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element("id", "model-name").text == name)
@@ -241,7 +203,7 @@ def test_page_streams_the_greedy_completion(server, proxy, driver):
     state = _wait_state(driver, "done", "error")
     assert state == "done", driver.find_element("id", "error").text
 
-    status, expected = _http(server + "v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+    status, expected = request(server + "v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0})
     assert status == 200, expected
     shown = driver.find_element("id", "output").get_property("textContent")
     assert shown == expected["choices"][0]["text"]
@@ -258,13 +220,27 @@ def test_page_streams_the_greedy_completion(server, proxy, driver):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
 
+def _idle_health(url: str) -> dict:
+    """/health once no row is decoding (a finished row leaves at the engine's next plan, within a second)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        status, health = request(url + "health")
+        if status == 200 and health["running"] == 0 and health["waiting"] == 0:
+            return health
+        assert time.monotonic() < deadline, f"the server still decodes after {WAIT_S}s: {health}"
+        time.sleep(0.2)
+
+
 def test_stop_cancels_a_long_generation(server, driver):
     from selenium.webdriver.support.ui import WebDriverWait
 
     _open_page(driver, server)
-    _fill(driver, prompt=PROMPT, max_tokens=1000, temperature=1, top_p=1, top_k=0, seed=7, stop="")
+    steps_before = _idle_health(server)["steps"]
+    # Greedy: this model's greedy continuation runs to max_tokens (sampled ones soon end at <|endoftext|>,
+    # and then a server that never cancels would pass the step count below).
+    _fill(driver, prompt=PROMPT, max_tokens=1000, temperature=0, top_p=1, top_k=0, seed="", stop="")
     driver.find_element("id", "generate").click()
-    WebDriverWait(driver, WAIT_S).until(lambda d: _state(d) != "running" or _stats(d)[0] >= 1)
+    WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(lambda d: _state(d) != "running" or _stats(d)[0] >= 1)
     assert _state(driver) == "running", "the generation ended before Stop could be clicked"
     assert driver.find_element("id", "generate").get_attribute("disabled") is not None
     driver.find_element("id", "stop-button").click()
@@ -275,8 +251,12 @@ def test_stop_cancels_a_long_generation(server, driver):
     assert driver.find_element("id", "generate").get_attribute("disabled") is None
     assert driver.find_element("id", "stop-button").get_attribute("disabled") is not None
     assert driver.find_element("id", "error").text == ""
-    assert _http(server + "health")[0] == 200
-    status, body = _http(server + "v1/completions", {"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+    # The server freed the row: it stopped decoding long before the 1000 steps the request asked for.
+    # A step decodes one token; the row's tokens after the click are the few the server made before
+    # its next write found the client gone. Without cancellation this row makes 999 steps.
+    steps = _idle_health(server)["steps"] - steps_before
+    assert tokens <= steps < tokens + 300
+    status, body = request(server + "v1/completions", {"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
     assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")
 
 
@@ -285,7 +265,7 @@ def test_page_shows_the_servers_400(server, driver):
     _fill(driver, prompt=PROMPT, max_tokens=-1, temperature=0, top_p=1, top_k=0, seed="", stop="")
     driver.find_element("id", "generate").click()
     assert _wait_state(driver, "done", "error") == "error"
-    status, expected = _http(server + "v1/completions", {"prompt": PROMPT, "max_tokens": -1})
+    status, expected = request(server + "v1/completions", {"prompt": PROMPT, "max_tokens": -1})
     assert status == 400
     shown = driver.find_element("id", "error").text
     assert "HTTP 400" in shown and expected["error"]["message"] in shown and "max_tokens" in shown
