@@ -34,12 +34,9 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import aiohttp
@@ -52,9 +49,10 @@ from conversion.layout import model_parallel_of_one  # noqa: E402
 from conversion.reshard import release_states  # noqa: E402
 from data_utils.tokenization import GPT2_MERGES_NAME, GPT2_VOCAB_NAME  # noqa: E402
 from model import GPT2Model, TransformerConfig, pad_vocab_size  # noqa: E402
+from tests.helpers import write_tiny_gpt2  # noqa: E402
+from tests.servers import ServerProcess  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-URL_RE = re.compile(r"http://[^\s/]+:\d+/")
 PROMPTS = [
     "The history of the city begins",
     "In the morning the cat sat on the mat and",
@@ -102,8 +100,6 @@ def tokenizer_files(cache_dir: str, folder: str) -> tuple[str, str, str]:
     vocab, merges = os.path.join(cache_dir, GPT2_VOCAB_NAME), os.path.join(cache_dir, GPT2_MERGES_NAME)
     if os.path.isfile(vocab) and os.path.isfile(merges):
         return vocab, merges, f"GPT-2 BPE from {cache_dir}"
-    from tests.helpers import write_tiny_gpt2
-
     vocab, merges = write_tiny_gpt2(folder)
     return vocab, merges, "the tests' tiny GPT-2 table (no gpt2-vocab.json in --cache-dir)"
 
@@ -122,41 +118,6 @@ def write_random_checkpoint(folder: str, args, vocab_size: int) -> str:
                                                           "make_vocab_size_divisible_by": 128}, path)
     write_checkpoint_files(path, "release", states)
     return path
-
-
-class Server:
-    """``tools/serve.py`` as a child process; ``url`` once it printed its address. Its stderr is drained
-    by a thread (a full pipe would stall it) and its last lines kept for error messages."""
-
-    def __init__(self, argv: list[str], timeout: float) -> None:
-        self.proc = subprocess.Popen([sys.executable, "tools/serve.py", *argv], cwd=REPO, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._ready = threading.Event()
-        self.url: str | None = None
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._ready.wait(timeout) or self.url is None:
-            self.stop()
-            tail = "".join(self.lines[-5:]).strip() or "(nothing on stderr)"
-            raise SystemExit(f"tools/serve.py {' '.join(argv)}: no URL within {timeout:.0f}s; it said:\n{tail}")
-
-    def _drain(self) -> None:
-        for line in self.proc.stderr:
-            self.lines = (self.lines + [line])[-50:]
-            match = URL_RE.search(line)
-            if match and self.url is None:
-                self.url = match.group(0)
-                self._ready.set()
-        self._ready.set()  # it exited before printing a URL
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # --- one level of load ------------------------------------------------------------------------------------------------
@@ -360,11 +321,14 @@ async def load_server(url: str, mode: str, args, deadline: float, with_bad: bool
 def serve_and_load(mode: str, batch: int, serve_argv: list[str], args, deadline: float,
                    with_bad: bool) -> tuple[list[Level], list]:
     queue = max(args.concurrency) + len(bad_requests()) + 8
-    server = Server([*serve_argv, "--max-batch-size", str(batch), "--max-queue", str(queue)], args.startup_timeout)
+    try:
+        server = ServerProcess([*serve_argv, "--max-batch-size", batch, "--max-queue", queue], 1, args.startup_timeout)
+    except RuntimeError as err:
+        raise SystemExit(f"{mode}: {err}") from None
     try:
         return asyncio.run(load_server(server.url, mode, args, deadline, with_bad))
     finally:
-        server.stop()
+        server.stop(signal.SIGINT)
 
 
 def report(one: list[Level], batched: list[Level], bad: list) -> int:
