@@ -1,21 +1,26 @@
 """Load ``tools/serve.py`` on loopback: one request at a time (``--max-batch-size 1``) against batched.
 
-Starts the server twice on 127.0.0.1 (``--port 0``) on the same checkpoint: ``--max-batch-size 1``,
-then ``--max-batch-size --batch``. Against each it runs the same load, level by level: C clients
-(``--concurrency``) share ``--requests`` streamed completions (the same prompts in the same order,
-``max_tokens`` = ``--max-tokens``, temperature 0), each client sending its next request when its last
-one ended. Every level is bounded: a request that takes longer than ``--request-timeout`` is lost, and
-at ``--time-limit`` seconds since the start everything still running is cut and nothing more is sent.
+Starts two servers on 127.0.0.1 (``--port 0``) on the same checkpoint, one with ``--max-batch-size 1``
+and one with ``--max-batch-size --batch``, and warms each up with one full request. Then it runs the same
+load against each, level by level, ``--rounds`` times, taking turns (the order flips every time, so that
+a busy machine slows both alike): C clients (``--concurrency``) share ``--requests`` streamed completions
+(the same prompts in the same order, ``max_tokens`` = ``--max-tokens``, temperature 0), each client
+sending its next request when its last one ended. Every level is bounded: a request that takes longer
+than ``--request-timeout`` is lost, and at ``--time-limit`` seconds since the start everything still
+running is cut and nothing more is sent. On CPU the two servers share the cores, but only one is loaded
+at a time.
 
-Prints per level: requests done / lost (an HTTP error, a broken stream, no ``[DONE]``, a timeout),
-throughput (generated tokens of the done requests over the level's wall time; the server streams one
-chunk per token, then a text-less one that ends the choice and is not counted), p50/p99 latency and
-p50/p99 time to first token; then the ratio batched / one-at-a-time of the throughput at each
-concurrency (above 1: batching helps), and how many greedy texts the two servers agree on. While the
-batched server runs the highest level, a few bad requests (a prompt longer than the context, max_tokens
-of -1, a string temperature, malformed JSON) are sent: each must get HTTP 400 with an OpenAI error body,
-and no request of the level may be lost. Exit status 1 when a request was lost or a bad request got
-anything but 400, 2 when the time limit cut the run.
+Prints a line per level and round as it ends, then per level and server: requests done / lost (an HTTP
+error, a broken stream, no ``[DONE]``, a timeout), the median throughput over the rounds (generated
+tokens of the done requests over the level's wall time; the server streams one chunk per token, then a
+text-less one that ends the choice and is not counted), and p50/p99 latency and time to first token of
+all rounds' requests; then the ratio batched / one-at-a-time of the throughput at each concurrency (the
+median of the rounds' ratios, each shown: with one client both servers do the same work, so how far
+that ratio is from 1 shows the noise), and how many greedy texts the two servers agree on. While the
+batched server runs the highest level of the last round, a few bad requests (a prompt longer than the
+context, max_tokens of -1, a string temperature, malformed JSON) are sent: each must get HTTP 400 with
+an OpenAI error body, and no request may be lost. Exit status 1 when a request was lost or a bad
+request got anything but 400, 2 when the time limit cut the run.
 
 Without ``--load`` it writes a randomly initialised GPT2 of the given shape to a temporary folder
 (no training: the weights only need the right shape for timing), with the real GPT-2 BPE from
@@ -35,6 +40,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +59,7 @@ from tests.helpers import write_tiny_gpt2  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ("one-at-a-time", "batched")
 PROMPTS = [
     "The history of the city begins",
     "In the morning the cat sat on the mat and",
@@ -77,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-positions", type=int, default=256)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8], help="clients per level")
     parser.add_argument("--requests", type=int, default=32, help="requests per level")
+    parser.add_argument("--rounds", type=int, default=3, help="times each level runs against each server")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens each request streams")
     parser.add_argument("--batch", type=int, default=8, help="--max-batch-size of the batched server")
     parser.add_argument("--device", default="cpu")
@@ -87,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.load and not (args.vocab_file and args.merge_file):
         parser.error("--load needs the model's --vocab-file and --merge-file")
-    if min(args.concurrency) < 1 or args.requests < 1 or args.max_tokens < 1:
-        parser.error("--concurrency, --requests and --max-tokens must be positive")
+    if min(args.concurrency) < 1 or min(args.requests, args.rounds, args.max_tokens) < 1:
+        parser.error("--concurrency, --requests, --rounds and --max-tokens must be positive")
     return args
 
 
@@ -194,6 +202,11 @@ class Level:
     def lost(self) -> list[Outcome]:
         return [o for o in self.outcomes.values() if not o.ok]
 
+    @property
+    def rate(self) -> float:
+        """Generated tokens of the done requests per second of the level's wall time."""
+        return sum(o.tokens for o in self.done) / self.seconds
+
 
 async def run_level(url: str, concurrency: int, args, deadline: float, started: asyncio.Event | None = None,
                     finished: asyncio.Event | None = None) -> Level:
@@ -285,68 +298,106 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def level_line(mode: str, level: Level) -> str:
-    done = level.done
-    tokens = sum(o.tokens for o in done)
+def level_line(label: str, levels: list[Level]) -> str:
+    """Requests done and lost, the median tokens/s and the pooled latency and ttft percentiles of ``levels``
+    (the rounds of one level against one server)."""
+    done = [o for level in levels for o in level.done]
+    lost = [o for level in levels for o in level.lost]
+    unsent = sum(level.unsent for level in levels)
     lat, ttft = [o.latency for o in done], [o.ttft for o in done if o.tokens]
-    line = (f"{mode:>13} | clients {level.concurrency:>3} | done {len(done):>4} lost {len(level.lost):>3}"
-            f"{f' unsent {level.unsent}' if level.unsent else ''} | {tokens / level.seconds:8.1f} tokens/s | "
+    line = (f"{label} | clients {levels[0].concurrency:>3} | done {len(done):>4} lost {len(lost):>3}"
+            f"{f' unsent {unsent}' if unsent else ''} | {statistics.median(lv.rate for lv in levels):8.1f} tokens/s | "
             f"latency p50 {percentile(lat, 50):7.3f}s p99 {percentile(lat, 99):7.3f}s | "
             f"ttft p50 {percentile(ttft, 50):7.3f}s p99 {percentile(ttft, 99):7.3f}s")
-    whys = sorted({o.why for o in level.lost})
+    whys = sorted({o.why for o in lost})
     return line + (f"\n{'':>13}   lost: {'; '.join(whys)}" if whys else "")
 
 
-async def load_server(url: str, mode: str, args, deadline: float, with_bad: bool) -> tuple[list[Level], list]:
-    """Every level against one server (after one warm-up request); the bad requests during the last level."""
+async def warm_up(url: str, mode: str, args) -> None:
+    """One request of the full length, so that the first level does not pay for first-call costs."""
     async with aiohttp.ClientSession() as session:
-        warm = await stream_one(session, url, {**completion_body(0, args), "max_tokens": 2}, args.request_timeout)
+        warm = await stream_one(session, url, completion_body(0, args), args.request_timeout)
     if not warm.ok:
         raise SystemExit(f"{mode}: the warm-up request failed ({warm.why})")
-    levels, bad = [], []
-    for k, concurrency in enumerate(args.concurrency):
-        if with_bad and k == len(args.concurrency) - 1:
-            started, finished = asyncio.Event(), asyncio.Event()
-            level, bad = await asyncio.gather(run_level(url, concurrency, args, deadline, started, finished),
-                                              send_bad(url, started, finished, args.request_timeout))
-            if not await healthy(url):
-                bad.append(("GET /health after them", 0, "no 200"))
-        else:
-            level = await run_level(url, concurrency, args, deadline)
-        print(level_line(mode, level), flush=True)
-        levels.append(level)
+
+
+async def level_with_bad_requests(url: str, concurrency: int, args, deadline: float) -> tuple[Level, list]:
+    """One level with the bad requests sent while it runs, and /health checked after it."""
+    started, finished = asyncio.Event(), asyncio.Event()
+    level, bad = await asyncio.gather(run_level(url, concurrency, args, deadline, started, finished),
+                                      send_bad(url, started, finished, args.request_timeout))
+    if not await healthy(url):
+        bad.append(("GET /health after them", 0, "no 200"))
+    return level, bad
+
+
+Levels = dict[str, dict[int, list[Level]]]  # by mode, then concurrency: one Level per round
+
+
+async def load_both(urls: dict[str, str], args, deadline: float) -> tuple[Levels, list]:
+    """Every level against both servers, ``args.rounds`` times, taking turns (the order flips every time,
+    so that a busy machine slows both alike); the bad requests during the batched server's last level."""
+    for mode, url in urls.items():
+        await warm_up(url, mode, args)
+    levels: Levels = {mode: {c: [] for c in args.concurrency} for mode in urls}
+    bad: list = []
+    turn = 0
+    for r in range(args.rounds):
+        for k, concurrency in enumerate(args.concurrency):
+            for mode in (MODES if turn % 2 == 0 else MODES[::-1]):
+                if mode == "batched" and r == args.rounds - 1 and k == len(args.concurrency) - 1:
+                    level, bad = await level_with_bad_requests(urls[mode], concurrency, args, deadline)
+                else:
+                    level = await run_level(urls[mode], concurrency, args, deadline)
+                print(level_line(f"round {r + 1} | {mode:>13}", [level]), flush=True)
+                levels[mode][concurrency].append(level)
+            turn += 1
     return levels, bad
 
 
-def serve_and_load(mode: str, batch: int, serve_argv: list[str], args, deadline: float,
-                   with_bad: bool) -> tuple[list[Level], list]:
+def serve_and_load(serve_argv: list[str], args, deadline: float) -> tuple[Levels, list]:
+    """Start both servers (each keeps its own copy of the model), load them, stop them."""
     queue = max(args.concurrency) + len(bad_requests()) + 8
+    servers: dict[str, ServerProcess] = {}
     try:
-        server = ServerProcess([*serve_argv, "--max-batch-size", batch, "--max-queue", queue], 1, args.startup_timeout)
-    except RuntimeError as err:
-        raise SystemExit(f"{mode}: {err}") from None
-    try:
-        return asyncio.run(load_server(server.url, mode, args, deadline, with_bad))
+        for mode, batch in zip(MODES, (1, args.batch)):
+            try:
+                servers[mode] = ServerProcess([*serve_argv, "--max-batch-size", batch, "--max-queue", queue], 1,
+                                              args.startup_timeout)
+            except RuntimeError as err:
+                raise SystemExit(f"{mode} server: {err}") from None
+        return asyncio.run(load_both({mode: server.url for mode, server in servers.items()}, args, deadline))
     finally:
-        server.stop(signal.SIGINT)
+        for server in servers.values():
+            server.stop(signal.SIGINT)
 
 
-def report(one: list[Level], batched: list[Level], bad: list) -> int:
-    """Print the ratios and the bad requests' statuses; the exit status."""
-    print("\nthroughput batched / one-at-a-time:")
-    for a, b in zip(one, batched):
-        rate_a = sum(o.tokens for o in a.done) / a.seconds
-        rate_b = sum(o.tokens for o in b.done) / b.seconds
-        ratio = f"{rate_b / rate_a:.2f}" if rate_a else "n/a"
-        same = [i for i in a.outcomes if i in b.outcomes and a.outcomes[i].ok and b.outcomes[i].ok]
-        agree = sum(a.outcomes[i].text == b.outcomes[i].text for i in same)
-        print(f"  clients {a.concurrency:>3}: {ratio}  (greedy texts agree on {agree}/{len(same)} requests)")
+def report(levels: Levels, bad: list, rounds: int) -> int:
+    """Print the summary, the ratios and the bad requests' statuses; the exit status."""
+    one, batched = levels["one-at-a-time"], levels["batched"]
+    print(f"\nover {rounds} round(s): median tokens/s, latency and ttft percentiles of all requests")
+    for concurrency in one:
+        for mode in MODES:
+            print(level_line(f"{mode:>13}", levels[mode][concurrency]))
+    print("\nthroughput batched / one-at-a-time (median of the rounds' ratios):")
+    for concurrency, rounds_a in one.items():
+        rounds_b = batched[concurrency]
+        ratios = [b.rate / a.rate for a, b in zip(rounds_a, rounds_b) if a.rate]
+        agree = same = 0
+        for a, b in zip(rounds_a, rounds_b):
+            both = [i for i in a.outcomes if i in b.outcomes and a.outcomes[i].ok and b.outcomes[i].ok]
+            same += len(both)
+            agree += sum(a.outcomes[i].text == b.outcomes[i].text for i in both)
+        each = " ".join(f"{r:.2f}" for r in ratios)
+        print(f"  clients {concurrency:>3}: {statistics.median(ratios) if ratios else math.nan:.2f}  (rounds: {each}; "
+              f"greedy texts agree on {agree}/{same} requests)")
     print("\nbad requests during the batched run at the highest concurrency:")
     for what, status, note in bad:
         print(f"  {what:<32} -> HTTP {status if status > 0 else abs(status) or 'none'}: "
               f"{'ok' if status == 400 else 'WRONG'} ({note})")
-    lost = sum(len(level.lost) for level in one + batched)
-    unsent = sum(level.unsent for level in one + batched)
+    every = [level for mode in MODES for rounds_ in levels[mode].values() for level in rounds_]
+    lost = sum(len(level.lost) for level in every)
+    unsent = sum(level.unsent for level in every)
     wrong = sum(status != 400 for _, status, _ in bad)
     print(f"\nrequests lost: {lost}; bad requests not answered 400: {wrong}; server kept serving: "
           f"{'yes' if not lost and not wrong else 'NO'}")
@@ -371,14 +422,13 @@ def main(argv: list[str] | None = None) -> int:
             load = write_random_checkpoint(tmp, args, vocab_size)
             what = (f"random GPT2 ({args.num_layers} layers, hidden {args.hidden_size}, {args.heads} heads, "
                     f"context {args.max_positions}), {tokens}")
-        print(f"model: {what}; {len(args.concurrency)} levels x {args.requests} requests x {args.max_tokens} "
-              f"tokens; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"model: {what}; {args.rounds} round(s) x {len(args.concurrency)} levels x {args.requests} requests "
+              f"x {args.max_tokens} tokens; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
         serve_argv = ["--load", load, "--vocab-file", vocab, "--merge-file", merges, "--tokenizer-type",
                       args.tokenizer_type, "--device", args.device, "--host", "127.0.0.1", "--port", "0"]
-        one, _ = serve_and_load("one-at-a-time", 1, serve_argv, args, deadline, with_bad=False)
-        batched, bad = serve_and_load("batched", args.batch, serve_argv, args, deadline, with_bad=True)
+        levels, bad = serve_and_load(serve_argv, args, deadline)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
-    return report(one, batched, bad)
+    return report(levels, bad, args.rounds)
 
 
 if __name__ == "__main__":

@@ -13,24 +13,28 @@ import time
 
 from tests.helpers import REPO
 
+LEVEL = (r"clients +{clients} \| done +(\d+) lost +(\d+) \| +[\d.]+ tokens/s \| latency p50 +[\d.]+s p99 +[\d.]+s \| "
+         r"ttft p50 +[\d.]+s p99 +[\d.]+s$")
+
 
 def test_serve_load_bench_runs_and_reports(tmp_path):
     argv = [sys.executable, "bench/serve_load.py", "--cache-dir", str(tmp_path), "--num-layers", "1",
             "--hidden-size", "32", "--heads", "2", "--max-positions", "64", "--concurrency", "1", "2",
-            "--requests", "3", "--max-tokens", "4", "--batch", "2", "--time-limit", "240"]
+            "--requests", "3", "--rounds", "2", "--max-tokens", "4", "--batch", "2", "--time-limit", "240"]
     run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     out = run.stdout
     assert run.returncode == 0, out + run.stderr
     assert "tests' tiny GPT-2 table" in out  # the empty --cache-dir has no real vocabulary
     for mode in ("one-at-a-time", "batched"):
         for clients in (1, 2):
-            line = re.search(rf"{mode} \| clients +{clients} \| done +(\d+) lost +(\d+) \| +[\d.]+ tokens/s \| "
-                             r"latency p50 +[\d.]+s p99 +[\d.]+s \| ttft p50 +[\d.]+s p99 +[\d.]+s", out)
-            assert line, f"no {mode} line for {clients} clients in:\n{out}"
-            assert line.groups() == ("3", "0")
+            rounds = re.findall(rf"^round (\d) \| +{mode} \| " + LEVEL.format(clients=clients), out, re.M)
+            assert rounds == [("1", "3", "0"), ("2", "3", "0")], f"{mode}, {clients} clients:\n{out}"
+            summary = re.findall(rf"^ *{mode} \| " + LEVEL.format(clients=clients), out, re.M)
+            assert summary == [("6", "0")], f"{mode}, {clients} clients:\n{out}"
     for clients in (1, 2):
-        assert re.search(rf"clients +{clients}: \d+\.\d\d +\(greedy texts agree on \d/3 requests\)", out), out
-    bad = re.findall(r"-> HTTP (\S+): (ok|WRONG)", out)
+        assert re.search(rf"clients +{clients}: \d+\.\d\d +\(rounds: \d+\.\d\d \d+\.\d\d; "
+                         r"greedy texts agree on \d/6 requests\)", out), out
+    bad = re.findall(r"-> HTTP (\S+): (ok|WRONG) \(param \w+, during the load\)", out)
     assert bad == [("400", "ok")] * 4, out
     assert "requests lost: 0; bad requests not answered 400: 0; server kept serving: yes" in out
 
