@@ -15,12 +15,12 @@ error, a broken stream, no ``[DONE]``, a timeout), the median throughput over th
 tokens of the done requests over the level's wall time; the server streams one chunk per token, then a
 text-less one that ends the choice and is not counted), and p50/p99 latency and time to first token of
 all rounds' requests; then the ratio batched / one-at-a-time of the throughput at each concurrency (the
-median of the rounds' ratios, each shown: with one client both servers do the same work, so how far
-that ratio is from 1 shows the noise), and how many greedy texts the two servers agree on. While the
-batched server runs the highest level of the last round, a few bad requests (a prompt longer than the
-context, max_tokens of -1, a string temperature, malformed JSON) are sent: each must get HTTP 400 with
-an OpenAI error body, and no request may be lost. Exit status 1 when a request was lost or a bad
-request got anything but 400, 2 when the time limit cut the run.
+median of the rounds' ratios, each shown: with one client both servers do the same work, so how far that
+ratio is from 1 shows the noise), and how many greedy texts the two servers agree on. While the batched
+server runs the highest level of the last round, a few bad requests (a prompt longer than the context,
+max_tokens of -1, a string temperature, malformed JSON) are sent: each must get HTTP 400 with an OpenAI
+error body naming the field at fault, and no request may be lost. Exit status 1 when a request was lost
+or a bad request got anything else, 2 when the time limit cut the run.
 
 Without ``--load`` it writes a randomly initialised GPT2 of the given shape to a temporary folder
 (no training: the weights only need the right shape for timing), with the real GPT-2 BPE from
@@ -247,35 +247,47 @@ def bad_requests() -> list[tuple[str, str, str | None]]:
     ]
 
 
-async def send_bad(url: str, started: asyncio.Event, finished: asyncio.Event,
-                   timeout: float) -> list[tuple[str, int, str]]:
-    """Once ``started`` is set (the load is running), send each bad request; (what, status, a note: the error's
-    param, and whether the load had ``finished`` by the answer) of each. A 400 counts only with OpenAI's
-    error body (``error.type`` invalid_request_error); a status without it is returned negated."""
+@dataclasses.dataclass
+class BadAnswer:
+    """How the server answered one bad request: ``ok`` when with 400 and OpenAI's error body naming the field."""
+
+    what: str
+    status: int | None
+    ok: bool
+    note: str
+
+
+def judge_bad(what: str, status: int, text: str, param: str | None, during: str) -> BadAnswer:
+    try:
+        error = json.loads(text)["error"]
+        kind, named = error["type"], error.get("param")
+    except (ValueError, KeyError, TypeError):
+        return BadAnswer(what, status, False, f"no OpenAI error body: {text[:80]!r}, {during}")
+    ok = status == 400 and kind == "invalid_request_error" and named == param
+    return BadAnswer(what, status, ok, f"{kind}, param {named}, {during}")
+
+
+async def send_bad(url: str, started: asyncio.Event, finished: asyncio.Event, timeout: float) -> list[BadAnswer]:
+    """Once ``started`` is set (the load is running), send each bad request; how each was answered, and
+    whether the load had ``finished`` by then."""
     try:
         await asyncio.wait_for(started.wait(), timeout)
     except asyncio.TimeoutError:
         pass  # send them anyway: the load's own outcomes will tell what went wrong
-    results = []
+    answers = []
     async with aiohttp.ClientSession() as session:
-        for what, body, _ in bad_requests():
+        for what, body, param in bad_requests():
             try:
                 async with session.post(url + "v1/completions", data=body,
                                         headers={"Content-Type": "application/json"},
                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                    text = await resp.text()
-                    status = resp.status
+                    text, status = await resp.text(), resp.status
             except (aiohttp.ClientError, asyncio.TimeoutError) as err:
-                results.append((what, 0, f"{type(err).__name__}: {err}"))
+                answers.append(BadAnswer(what, None, False, f"{type(err).__name__}: {err}"))
                 continue
-            try:
-                error = json.loads(text)["error"]
-                note = f"param {error.get('param')}" if error["type"] == "invalid_request_error" else "wrong error type"
-            except (ValueError, KeyError, TypeError):
-                status, note = -status, f"no OpenAI error body: {text[:80]!r}"
             during = "after the load ended" if finished.is_set() else "during the load"
-            results.append((what, status, f"{note}, {during}"))
-    return results
+            answers.append(judge_bad(what, status, text, param, during))
+    return answers
 
 
 async def healthy(url: str) -> bool:
@@ -321,26 +333,27 @@ async def warm_up(url: str, mode: str, args) -> None:
         raise SystemExit(f"{mode}: the warm-up request failed ({warm.why})")
 
 
-async def level_with_bad_requests(url: str, concurrency: int, args, deadline: float) -> tuple[Level, list]:
+async def level_with_bad_requests(url: str, concurrency: int, args, deadline: float
+                                  ) -> tuple[Level, list[BadAnswer]]:
     """One level with the bad requests sent while it runs, and /health checked after it."""
     started, finished = asyncio.Event(), asyncio.Event()
     level, bad = await asyncio.gather(run_level(url, concurrency, args, deadline, started, finished),
                                       send_bad(url, started, finished, args.request_timeout))
     if not await healthy(url):
-        bad.append(("GET /health after them", 0, "no 200"))
+        bad.append(BadAnswer("GET /health after them", None, False, "no 200"))
     return level, bad
 
 
 Levels = dict[str, dict[int, list[Level]]]  # by mode, then concurrency: one Level per round
 
 
-async def load_both(urls: dict[str, str], args, deadline: float) -> tuple[Levels, list]:
+async def load_both(urls: dict[str, str], args, deadline: float) -> tuple[Levels, list[BadAnswer]]:
     """Every level against both servers, ``args.rounds`` times, taking turns (the order flips every time,
     so that a busy machine slows both alike); the bad requests during the batched server's last level."""
     for mode, url in urls.items():
         await warm_up(url, mode, args)
     levels: Levels = {mode: {c: [] for c in args.concurrency} for mode in urls}
-    bad: list = []
+    bad: list[BadAnswer] = []
     turn = 0
     for r in range(args.rounds):
         for k, concurrency in enumerate(args.concurrency):
@@ -355,7 +368,7 @@ async def load_both(urls: dict[str, str], args, deadline: float) -> tuple[Levels
     return levels, bad
 
 
-def serve_and_load(serve_argv: list[str], args, deadline: float) -> tuple[Levels, list]:
+def serve_and_load(serve_argv: list[str], args, deadline: float) -> tuple[Levels, list[BadAnswer]]:
     """Start both servers (each keeps its own copy of the model), load them, stop them."""
     queue = max(args.concurrency) + len(bad_requests()) + 8
     servers: dict[str, ServerProcess] = {}
@@ -372,7 +385,7 @@ def serve_and_load(serve_argv: list[str], args, deadline: float) -> tuple[Levels
             server.stop(signal.SIGINT)
 
 
-def report(levels: Levels, bad: list, rounds: int) -> int:
+def report(levels: Levels, bad: list[BadAnswer], rounds: int) -> int:
     """Print the summary, the ratios and the bad requests' statuses; the exit status."""
     one, batched = levels["one-at-a-time"], levels["batched"]
     print(f"\nover {rounds} round(s): median tokens/s, latency and ttft percentiles of all requests")
@@ -392,13 +405,13 @@ def report(levels: Levels, bad: list, rounds: int) -> int:
         print(f"  clients {concurrency:>3}: {statistics.median(ratios) if ratios else math.nan:.2f}  (rounds: {each}; "
               f"greedy texts agree on {agree}/{same} requests)")
     print("\nbad requests during the batched run at the highest concurrency:")
-    for what, status, note in bad:
-        print(f"  {what:<32} -> HTTP {status if status > 0 else abs(status) or 'none'}: "
-              f"{'ok' if status == 400 else 'WRONG'} ({note})")
+    for answer in bad:
+        print(f"  {answer.what:<32} -> HTTP {answer.status or 'none'}: {'ok' if answer.ok else 'WRONG'} "
+              f"({answer.note})")
     every = [level for mode in MODES for rounds_ in levels[mode].values() for level in rounds_]
     lost = sum(len(level.lost) for level in every)
     unsent = sum(level.unsent for level in every)
-    wrong = sum(status != 400 for _, status, _ in bad)
+    wrong = sum(not answer.ok for answer in bad)
     print(f"\nrequests lost: {lost}; bad requests not answered 400: {wrong}; server kept serving: "
           f"{'yes' if not lost and not wrong else 'NO'}")
     if lost or wrong:

@@ -34,7 +34,7 @@ def test_serve_load_bench_runs_and_reports(tmp_path):
     for clients in (1, 2):
         assert re.search(rf"clients +{clients}: \d+\.\d\d +\(rounds: \d+\.\d\d \d+\.\d\d; "
                          r"greedy texts agree on \d/6 requests\)", out), out
-    bad = re.findall(r"-> HTTP (\S+): (ok|WRONG) \(param \w+, during the load\)", out)
+    bad = re.findall(r"-> HTTP (\S+): (ok|WRONG) \(invalid_request_error, param \w+, during the load\)", out)
     assert bad == [("400", "ok")] * 4, out
     assert "requests lost: 0; bad requests not answered 400: 0; server kept serving: yes" in out
 
@@ -66,24 +66,27 @@ def _stub_app(web):
     return app
 
 
+async def _against(app, fn):
+    """``await fn(url)`` with ``app`` served on a free loopback port meanwhile."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        return await fn(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/")
+    finally:
+        await runner.cleanup()
+
+
 def test_failed_requests_count_as_lost():
     from aiohttp import web
 
     from bench.serve_load import parse_args, run_level
 
-    async def go():
-        runner = web.AppRunner(_stub_app(web))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
-        try:
-            args = parse_args(["--requests", "8", "--max-tokens", "3", "--request-timeout", "30"])
-            return await run_level(url, 1, args, time.monotonic() + 60)
-        finally:
-            await runner.cleanup()
-
-    level = asyncio.run(go())
+    args = parse_args(["--requests", "8", "--max-tokens", "3", "--request-timeout", "30"])
+    level = asyncio.run(_against(_stub_app(web), lambda url: run_level(url, 1, args, time.monotonic() + 60)))
     assert (len(level.done), len(level.lost), level.unsent) == (2, 6, 0)
     assert all(o.tokens == 3 and o.text == " x x x" for o in level.done)
     whys = sorted(o.why.split(":")[0] for o in level.lost)
@@ -96,3 +99,33 @@ def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (50.0, 99.0, 100.0)
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and math.isnan(percentile([], 50))
+
+
+def test_a_bad_request_not_answered_400_fails_the_run(capsys):
+    """Against a server that answers a bad request with 200, with 500, or with 400 without OpenAI's error
+    body, the bench says WRONG and exits 1."""
+    from aiohttp import web
+
+    from bench.serve_load import MODES, Level, Outcome, report, send_bad
+
+    answers = iter([(400, {"error": {"message": "too long", "type": "invalid_request_error", "param": "prompt"}}),
+                    (200, {"choices": []}),
+                    (500, {"error": {"message": "oops", "type": "invalid_request_error", "param": "temperature"}}),
+                    (400, {"detail": "bad JSON"})])
+
+    async def completions(request):
+        status, body = next(answers)
+        return web.json_response(body, status=status)
+
+    app = web.Application()
+    app.add_routes([web.post("/v1/completions", completions)])
+    started, finished = asyncio.Event(), asyncio.Event()
+    started.set()
+    bad = asyncio.run(_against(app, lambda url: send_bad(url, started, finished, 30)))
+    assert [(a.status, a.ok) for a in bad] == [(400, True), (200, False), (500, False), (400, False)]
+
+    good = Level(1, {0: Outcome(ok=True, tokens=2, text=" x", latency=0.1, ttft=0.05)}, 0, 1.0)
+    assert report({mode: {1: [good]} for mode in MODES}, bad, 1) == 1
+    out = capsys.readouterr().out
+    assert len(re.findall(r"-> HTTP 400: ok", out)) == 1 and len(re.findall(r": WRONG \(", out)) == 3, out
+    assert "bad requests not answered 400: 3; server kept serving: NO" in out

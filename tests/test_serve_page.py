@@ -267,9 +267,10 @@ def test_page_shows_the_servers_400(server, driver):
     assert _wait_state(driver, "done", "error") == "error"
     status, expected = request(server + "v1/completions", {"prompt": PROMPT, "max_tokens": -1})
     assert status == 400
-    shown = driver.find_element("id", "error").text
-    assert "HTTP 400" in shown and expected["error"]["message"] in shown and "max_tokens" in shown
+    assert expected["error"]["param"] == "max_tokens"
+    assert driver.find_element("id", "error").text == f"HTTP 400: {expected['error']['message']} (param: max_tokens)"
     assert driver.find_element("id", "output").get_property("textContent") == ""
+    assert driver.find_element("id", "stats").text == ""  # nothing was generated: no figures to show
 
 
 def test_a_stream_ending_without_done_is_an_error(proxy, driver):
