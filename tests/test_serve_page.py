@@ -2,9 +2,11 @@
 
 A tiny GPT2 is trained once per module (context 1024, so that a long generation can be stopped
 midway) and served by the real ``tools/serve.py`` in a subprocess on a free port. Chromium, driven by
-selenium through Debian's chromedriver, types a prompt, generates greedily and must show exactly the
-text that a direct POST to /v1/completions returns, with as many streamed tokens as the server counts;
-Stop must cancel a long generation and leave the server serving; a 400 must be shown in the page.
+selenium through Debian's chromedriver, types a prompt and generates greedily through a proxy that
+hands the answer over in 11-byte slices: the page must join the split events and show exactly the text
+of a direct POST to /v1/completions, with as many tokens as the server counts. Stop must cancel a
+long generation (the server's step count shows that its row stopped) and leave the server serving; a
+400 must be shown with its message and field; a stream that ends without ``[DONE]`` is an error.
 Skipped without selenium, /usr/bin/chromium or /usr/bin/chromedriver.
 """
 
