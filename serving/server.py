@@ -36,6 +36,7 @@ from serving.api import (
 )
 from serving.engine import Engine, EngineClosed, Finished, Job, QueueFull, TokenEvent
 
+SHUTDOWN_S = 5.0  # how long a stopping server waits for the responses in flight
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 
 
@@ -116,7 +117,8 @@ class Server:
     def _serve(self, ready: threading.Event) -> None:
         loop = self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        runner = self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                                             shutdown_timeout=SHUTDOWN_S)
         try:
             loop.run_until_complete(runner.setup())
             loop.run_until_complete(web.TCPSite(runner, self.host, self.port).start())
@@ -129,11 +131,15 @@ class Server:
         try:
             loop.run_forever()
         finally:
-            loop.run_until_complete(runner.cleanup())
             loop.close()
 
     def stop(self) -> None:
-        if self.loop is not None and self.thread is not None and self.thread.is_alive():
+        """Stop listening, let the requests in flight send what they have (``SHUTDOWN_S`` at most), end the thread."""
+        if self.loop is None or self.thread is None or not self.thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=SHUTDOWN_S + 10)
+        finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
 

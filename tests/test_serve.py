@@ -140,14 +140,28 @@ def _job(prompt, max_tokens=CONTEXT, **spec):
 
 
 def test_rows_joining_and_leaving_between_steps_continue_as_each_prompt_alone(single_process_group, trained):
+    from generation import SamplingParams
     from serving.engine import Engine
 
     model, tokenizer = _load(*trained[:2])
+    allocate = model.allocate_kv_cache
+
+    def allocate_garbage(*args, **kwargs):  # what torch.empty may hold: a column no row wrote must not leak
+        cache = allocate(*args, **kwargs)
+        for buffer in cache.keys + cache.values:
+            buffer.fill_(float("nan"))
+        return cache
+
+    model.allocate_kv_cache = allocate_garbage
     engine = Engine(model, tokenizer, CONTEXT, max_batch_size=2, max_queue=8)
     texts = ["the", "the dog ran with other dogs around", "dogs", "the cat sat on"]
     prompts = [tokenizer.encode(t) for t in texts] + [[tokenizer.eod]]
     limits = [20, 24, 6, 30, 12]
     jobs = [_job(p, n) for p, n in zip(prompts, limits)]
+    sampled, sampled_sink = _job(prompts[3], 30, sampling=SamplingParams(temperature=2.0), seed=3)
+    jobs.insert(2, (sampled, sampled_sink))  # a row sampling hot among greedy ones: each row has its own rule
+    prompts.insert(2, None)
+    limits.insert(2, None)
     engine.submit([jobs[0][0]])
     for _ in range(3):  # the first row alone for a few steps ...
         engine.iterate()
@@ -161,6 +175,9 @@ def test_rows_joining_and_leaving_between_steps_continue_as_each_prompt_alone(si
         widths.append(engine.cache.max_length if engine.cache is not None else 0)
     assert all(sink.finished for _, sink in jobs)
     for (_, sink), prompt, limit in zip(jobs, prompts, limits):
+        if prompt is None:
+            assert sink.tokens != _alone(model, prompts[4], 30, tokenizer.eod, tokenizer.vocab_size)
+            continue
         expected = _alone(model, prompt, limit, tokenizer.eod, tokenizer.vocab_size)
         assert sink.tokens == expected
         reason = "length" if len(expected) == min(limit, CONTEXT - len(prompt)) else "stop"
