@@ -204,13 +204,14 @@ class Engine:
 
     def load(self) -> dict:
         """Rows decoding and sequences waiting (for /health)."""
-        return {"running": self.batch, "waiting": len(self._waiting), "max_batch_size": self.max_batch_size,
+        return {"running": sum(not row.finished for row in self.rows), "waiting": len(self._waiting),
+                "max_batch_size": self.max_batch_size,
                 "max_queue": self.max_queue, "steps": self.steps}
 
     def _plan(self) -> Plan:
         leave = [i for i, row in enumerate(self.rows) if row.finished or row.seq.cancelled]
         with self._wake:
-            if self.batch == len(leave) and not self._waiting and not self._closing:
+            if not self.batch and not self._waiting and not self._closing:  # nothing to do: wait a little
                 self._wake.wait(IDLE_PLAN_S)
             if self._closing:
                 return Plan(stop=True)
