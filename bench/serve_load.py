@@ -11,16 +11,16 @@ running is cut and nothing more is sent. On CPU the two servers share the cores,
 at a time.
 
 Prints a line per level and round as it ends, then per level and server: requests done / lost (an HTTP
-error, a broken stream, no ``[DONE]``, a timeout), the median throughput over the rounds (generated
-tokens of the done requests over the level's wall time; the server streams one chunk per token, then a
-text-less one that ends the choice and is not counted), and p50/p99 latency and time to first token of
-all rounds' requests; then the ratio batched / one-at-a-time of the throughput at each concurrency (the
-median of the rounds' ratios, each shown: with one client both servers do the same work, so how far that
-ratio is from 1 shows the noise), and how many greedy texts the two servers agree on. While the batched
+error, a broken stream, no ``[DONE]``, a timeout), the median throughput over the rounds (generated tokens
+of the done requests over the level's wall time; the server streams one chunk per token, then one that ends
+the choice, is not counted and may carry text held back until then), and p50/p99 latency and time to first
+token of all rounds' requests; then the ratio batched / one-at-a-time of the throughput at each concurrency
+(the median of the rounds' ratios, each shown: with one client both servers do the same work, so how far
+that ratio is from 1 shows the noise), and how many greedy texts the two servers agree on. While the batched
 server runs the highest level of the last round, a few bad requests (a prompt longer than the context,
 max_tokens of -1, a string temperature, malformed JSON) are sent: each must get HTTP 400 with an OpenAI
-error body naming the field at fault, and no request may be lost. Exit status 1 when a request was lost
-or a bad request got anything else, 2 when the time limit cut the run.
+error body naming the field at fault, and no request may be lost. Exit status 1 when a request was lost or a
+bad request got anything else, 2 when the time limit cut the run.
 
 Without ``--load`` it writes a randomly initialised GPT2 of the given shape to a temporary folder
 (no training: the weights only need the right shape for timing), with the real GPT-2 BPE from
@@ -162,14 +162,16 @@ async def _read_stream(session: aiohttp.ClientSession, url: str, body: dict, out
                 out.ok, out.latency = True, time.perf_counter() - start
                 return out
             choices = json.loads(data)["choices"]
-            if not choices or (choices[0]["finish_reason"] and not choices[0]["text"]):
-                continue  # a usage chunk, or the one that ends the choice: not a token
+            if not choices:
+                continue  # a usage chunk
+            out.text += choices[0]["text"]
+            if choices[0]["finish_reason"]:
+                continue  # the chunk that ends the choice (with any text held back until then): not a token
             if out.tokens == 0:
                 out.ttft = time.perf_counter() - start
                 if first_token is not None:
                     first_token.set()
             out.tokens += 1
-            out.text += choices[0]["text"]
     return dataclasses.replace(out, why="stream ended before [DONE]")
 
 

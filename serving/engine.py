@@ -22,7 +22,8 @@ model-parallel group (``generation.decide_tokens``). The other ranks follow rank
 with nothing to do, rank 0 still sends an empty plan every ``IDLE_PLAN_S`` seconds, so a follower never
 waits long enough in a collective to time out. Rank 0 also turns tokens into text (holding back an
 incomplete UTF-8 character, and any tail that may begin a stop string) and reports, through each
-sequence's ``emit``, one ``TokenEvent`` per token and a ``Finished`` at the end.
+sequence's ``emit``, one ``TokenEvent`` per token and a ``Finished`` at the end (whose ``tail`` is the
+text held back until then).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class Finished:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    tail: str = ""
+    """The end of ``text`` that no ``TokenEvent`` carried (held back until the end: an incomplete character,
+    or what might have begun a stop string)."""
 
 
 Event = TokenEvent | Finished
@@ -116,11 +120,12 @@ class _Row:
             at = text.find(stop, max(0, self.sent - len(stop) + 1))
             if at >= 0:
                 return self._finish("stop", text[:at], token)
+        if len(self.ids) >= self.limit:  # the last token: nothing is held back
+            self._emit_token(token, text[self.sent:])
+            return self._finish("length", text)
         stable = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character waits for its last byte
         stable -= _held_back(text[:stable], self.spec.stop)
         self._emit_token(token, text[self.sent:max(stable, self.sent)])
-        if len(self.ids) >= self.limit:
-            self._finish("length", text)
 
     def cancel(self) -> None:
         """End a row its client cancelled (nothing once it has finished)."""
@@ -133,10 +138,12 @@ class _Row:
         self.sent += len(text)
 
     def _finish(self, reason: str, text: str, token: int | None = None) -> None:
-        if token is not None or len(text) > self.sent:  # what was held back, up to a stop string
-            self._emit_token(self.ids[-1] if token is None else token, text[self.sent:])
+        """End the row; ``token`` (a stop string's last token) still gets its event, with the text before
+        the stop; text held back and never sent goes out with the ``Finished`` event."""
+        if token is not None:
+            self._emit_token(token, text[self.sent:])
         self.finished = True
-        self.seq.emit(Finished(reason, text, len(self.spec.prompt), len(self.ids)))
+        self.seq.emit(Finished(reason, text, len(self.spec.prompt), len(self.ids), text[self.sent:]))
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

@@ -239,7 +239,7 @@ class Server:
                 await send(completion_chunk(cid, created, self.model_name, index, event.text, logprobs, None))
             else:
                 completion_tokens += event.completion_tokens
-                await send(completion_chunk(cid, created, self.model_name, index, "", None, event.reason))
+                await send(completion_chunk(cid, created, self.model_name, index, event.tail, None, event.reason))
         if req.include_usage:
             await send({"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
                         "choices": [], "usage": usage(sum(len(s.prompt) for s in req.specs[::req.n]),

@@ -126,7 +126,7 @@ class _Collect:
     def streamed(self) -> str:
         from serving.engine import TokenEvent
 
-        return "".join(e.text for e in self.events if isinstance(e, TokenEvent))
+        return "".join(e.text for e in self.events if isinstance(e, TokenEvent)) + self.finished.tail
 
 
 def _job(prompt, max_tokens=CONTEXT, **spec):
@@ -270,6 +270,8 @@ def test_streamed_chunks_concatenate_to_the_returned_text(server):
     assert texts == {c["index"]: c["text"] for c in whole["choices"]}
     assert reasons == {c["index"]: c["finish_reason"] for c in whole["choices"]}
     assert events[-2]["usage"] == whole["usage"] and events[-2]["choices"] == []
+    token_chunks = [e for e in events[:-2] if e["choices"][0]["finish_reason"] is None]
+    assert len(token_chunks) == whole["usage"]["completion_tokens"]  # one chunk per token
     for choice in whole["choices"]:  # the chosen token's log-probability, and the two most likely
         logprobs = choice["logprobs"]
         assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"])
