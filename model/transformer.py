@@ -292,6 +292,8 @@ class ParallelSelfAttention(nn.Module):
             if is_causal and past and s > 1:  # new token i sees the cache and new tokens 0..i
                 attention_mask = torch.ones(s, past + s, dtype=torch.bool, device=q.device).tril(past)
             is_causal = is_causal and not past  # one new token after a cache sees everything
+        # The fused attention kernel wants unit-stride heads; mpu.linear's small-batch form strides them.
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         dropout_p = self.attention_dropout if self.training else 0.0
         # Each rank owns different heads, so their dropout masks must differ: model-parallel stream.
         # Without dropout nothing is drawn, and decoding skips the fork's state swaps.

@@ -221,11 +221,11 @@ def test_parallel_embedding_matches_serial():
 
 
 def test_linear_equals_f_linear_for_every_row_count():
-    """``mpu.linear`` multiplies ``W X^T`` for 4 to 64 rows without autograd: the same values as ``F.linear``;
+    """``mpu.linear`` multiplies ``W X^T`` for 4 to 48 rows without autograd: the same values as ``F.linear``;
     with autograd it is ``F.linear`` itself, gradients included."""
     gen = torch.Generator().manual_seed(5)
     weight, bias = torch.randn(48, 40, generator=gen), torch.randn(48, generator=gen)
-    for rows in (1, 2, 3, 4, 5, 8, 17, 64, 65, 200):
+    for rows in (1, 2, 3, 4, 5, 8, 17, 48, 49, 200):
         x = torch.randn(rows, 1, 40, generator=gen)
         for b in (None, bias):
             with torch.no_grad():
