@@ -12,10 +12,11 @@ faster) and whether the greedy tokens agree.
 Beside each figure stands the memory-bandwidth limit: one decoding step must read every weight once
 (all parameters but the position-embedding table, of which it reads one row) and each sequence's
 keys and values cached so far; the run's average of those bytes divided by this machine's read
-bandwidth, measured in the same run (median of timed ``torch.sum`` over a 512 MiB fp32 buffer, far
-larger than the caches, timed between the models' runs), gives the most steps per second, times the
-batch size the most tokens/s. Each model's fraction of that limit follows. The limit is our model's
-(its vocabulary is padded to 128s, 0.1% more bytes than transformers' at GPT-2's 50257).
+bandwidth gives the most steps per second, times the batch size the most tokens/s. The bandwidth is
+measured in the same run: a 512 MiB fp32 buffer, far larger than the caches, read by ``torch.sum``
+and by a matrix-vector product, each timed between the models' runs; the faster one's median counts.
+Each model's fraction of that limit follows. The limit is our model's (its vocabulary is padded to
+128s, 0.1% more bytes than transformers' at GPT-2's 50257).
 
     python bench/generate.py                                   # 4 layers, hidden 256, batches 1 and 8
     python bench/generate.py --num-layers 12 --hidden-size 768 --heads 12   # GPT-2 small's shape
@@ -128,14 +129,25 @@ def run_hf(model: torch.nn.Module, prompts: torch.Tensor, args) -> torch.Tensor:
     return out[:, prompts.shape[1]:].cpu()
 
 
-def time_read(buffer: torch.Tensor, device: torch.device) -> float:
-    """Seconds ``torch.sum`` takes to read ``buffer`` once: with a buffer far larger than the caches,
+READS = {
+    "torch.sum": lambda buffer, row: buffer.sum(),
+    "1 x 1024 @ (1024, n) matrix-vector product": lambda buffer, row: row @ buffer.view(1024, -1),
+}
+"""Two ways to read a buffer once: a reduction, and the product a decoding step's layers are made of
+(on this CPU the product reads faster: MKL streams more rows at once than torch's reduction)."""
+
+
+def time_reads(buffer: torch.Tensor, row: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """Seconds each of ``READS`` takes to read ``buffer`` once: with a buffer far larger than the caches,
     its bytes over this time are the memory's read bandwidth."""
-    _synchronize(device)
-    start = time.perf_counter()
-    buffer.sum()
-    _synchronize(device)
-    return time.perf_counter() - start
+    times = {}
+    for name, read in READS.items():
+        _synchronize(device)
+        start = time.perf_counter()
+        read(buffer, row)
+        _synchronize(device)
+        times[name] = time.perf_counter() - start
+    return times
 
 
 def bytes_per_step(model: GPT2Model, batch: int, args) -> float:
@@ -171,16 +183,18 @@ def main() -> None:
     max_diff = check_same_logits(ours, hf, args, device)
     params = sum(p.numel() for p in hf.parameters())
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-          f"{torch.get_num_threads()} threads), dtype {args.dtype}, {params / 1e6:.1f}M parameters "
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
+          f"dtype {args.dtype}, {params / 1e6:.1f}M parameters "
           f"({args.num_layers} layers, hidden {args.hidden_size}), prompt {args.prompt_length} tokens, "
           f"{args.new_tokens} new tokens, {args.repeats} timed runs; logits agree (max diff {max_diff:.1e})")
     buffer = torch.ones(args.bandwidth_mib * 2**20 // 4, device=device)  # fp32, for the read bandwidth
+    row = torch.ones(1, 1024, device=device)
     runners = {"ours": (run_ours, ours), "transformers": (run_hf, hf)}
     for batch in args.batch_sizes:
         prompts = torch.randint(0, args.vocab_size, (batch, args.prompt_length),
                                 generator=torch.Generator().manual_seed(batch)).to(device)
         times: dict[str, list[float]] = {name: [] for name in runners}
-        read_times: list[float] = []  # timed between the runs, so that they see the same load
+        read_times: dict[str, list[float]] = {name: [] for name in READS}  # between the runs: the same load
         outputs = {}
         for run in range(args.repeats + 1):
             for name, (fn, model) in runners.items():
@@ -190,14 +204,18 @@ def main() -> None:
                 _synchronize(device)
                 if run:
                     times[name].append(time.perf_counter() - start)
-                    read_times += [time_read(buffer, device) for _ in range(3)]
+                    for _ in range(3):
+                        for name, seconds in time_reads(buffer, row, device).items():
+                            read_times[name].append(seconds)
         rates = {name: batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
-        bandwidth = buffer.numel() * buffer.element_size() / statistics.median(read_times)
+        speeds = {name: buffer.numel() * buffer.element_size() / statistics.median(t) for name, t in read_times.items()}
+        read_op, bandwidth = max(speeds.items(), key=lambda item: item[1])  # the faster read sets the limit
         step_bytes = bytes_per_step(ours, batch, args)
         limit = batch * bandwidth / step_bytes
-        print(f"batch {batch:2d} read bandwidth {bandwidth / 1e9:.1f} GB/s (median of {len(read_times)} torch.sum "
-              f"over {args.bandwidth_mib} MiB fp32, timed between the runs); a step reads {step_bytes / 1e6:.0f} MB, "
-              f"so at most {limit:.1f} tokens/s")
+        others = ", ".join(f"{name} {speed / 1e9:.1f}" for name, speed in speeds.items() if name != read_op)
+        print(f"batch {batch:2d} read bandwidth {bandwidth / 1e9:.1f} GB/s: {read_op} over {args.bandwidth_mib} MiB "
+              f"fp32, median of {len(read_times[read_op])} timed between the runs (also {others} GB/s); a step "
+              f"reads {step_bytes / 1e6:.0f} MB, so at most {limit:.1f} tokens/s")
         for name, rate in rates.items():
             print(f"batch {batch:2d} {name:>13}: median {statistics.median(times[name]):7.3f} s | "
                   f"{rate:8.1f} tokens/s | {rate / limit:.2f} of the bandwidth limit")
