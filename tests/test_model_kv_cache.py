@@ -130,8 +130,9 @@ def test_decoding_one_sequence_gives_the_plain_output_layers_logits(world_size, 
         start = rank * width if parallel_output else 0
         torch.testing.assert_close(decoded, serial[..., start:start + width], atol=1e-5, rtol=1e-5)
         padded = torch.arange(start, start + width) >= 59  # the padded vocabulary gets the dtype's minimum
-        assert bool((decoded[..., padded] == torch.finfo(decoded.dtype).min).all())
-        assert bool((decoded[..., ~padded] > -1e4).all())
+        for logits in (decoded, full):  # full: 9 rows through mpu.linear's small-batch (strided) form
+            assert bool((logits[..., padded] == torch.finfo(logits.dtype).min).all())
+            assert bool((logits[..., ~padded] > -1e4).all())
 
 
 def _rebuilt_worker():
