@@ -187,7 +187,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         if eod is not None:
             finished |= token == eod
         finished |= stop_at <= step + 1
-        if step + 1 == steps or bool(finished.all()):
+        # Only an end-of-document token finishes every row early (asking waits for the device).
+        if step + 1 == steps or (eod is not None and bool(finished.all())):
             break
         step_mask = None if key_mask is None else key_mask[..., :cache.length + 1]
         # A finished row is still fed (its output ignored); keep its position inside the embedding.

@@ -9,6 +9,15 @@ alike. Prints, per batch size, the median tokens/s (new tokens of the whole batc
 prompt's forward pass included) of each, their ratio (ours / transformers: above 1 means we are
 faster) and whether the greedy tokens agree.
 
+Beside each figure stands the memory-bandwidth limit: one decoding step must read every weight once
+(all parameters but the position-embedding table, of which it reads one row) and each sequence's
+keys and values cached so far; the run's average of those bytes divided by this machine's read
+bandwidth gives the most steps per second, times the batch size the most tokens/s. The bandwidth is
+measured in the same run: a 512 MiB fp32 buffer, far larger than the caches, read by ``torch.sum``
+and by a matrix-vector product, each timed between the models' runs; the faster one's median counts.
+Each model's fraction of that limit follows. The limit is our model's (its vocabulary is padded to
+128s, 0.1% more bytes than transformers' at GPT-2's 50257).
+
     python bench/generate.py                                   # 4 layers, hidden 256, batches 1 and 8
     python bench/generate.py --num-layers 12 --hidden-size 768 --heads 12   # GPT-2 small's shape
     python bench/generate.py --device cuda --dtype bf16 --num-layers 24 --hidden-size 1024 --heads 16
@@ -50,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights' dtype for both models")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--bandwidth-mib", type=int, default=512, help="buffer the read bandwidth is measured on")
     return parser.parse_args()
 
 
@@ -119,6 +129,38 @@ def run_hf(model: torch.nn.Module, prompts: torch.Tensor, args) -> torch.Tensor:
     return out[:, prompts.shape[1]:].cpu()
 
 
+READS = {
+    "torch.sum": lambda buffer, row: buffer.sum(),
+    "1 x 1024 @ (1024, n) matrix-vector product": lambda buffer, row: row @ buffer.view(1024, -1),
+}
+"""Two ways to read a buffer once: a reduction, and the product a decoding step's layers are made of
+(on this CPU the product reads faster: MKL streams more rows at once than torch's reduction)."""
+
+
+def time_reads(buffer: torch.Tensor, row: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """Seconds each of ``READS`` takes to read ``buffer`` once: with a buffer far larger than the caches,
+    its bytes over this time are the memory's read bandwidth."""
+    times = {}
+    for name, read in READS.items():
+        _synchronize(device)
+        start = time.perf_counter()
+        read(buffer, row)
+        _synchronize(device)
+        times[name] = time.perf_counter() - start
+    return times
+
+
+def bytes_per_step(model: GPT2Model, batch: int, args) -> float:
+    """Bytes one decoding step reads, averaged over the run: every weight but the position table once,
+    plus each sequence's cached keys and values (``prompt + (new - 1) / 2`` positions on average)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    positions = model.position_embeddings.weight
+    weights -= positions.numel() * positions.element_size()
+    cached = args.prompt_length + (args.new_tokens - 1) / 2
+    kv = 2 * args.num_layers * cached * args.hidden_size * positions.element_size()
+    return weights + batch * kv
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor) -> str:
     if a.shape == b.shape and torch.equal(a, b):
         return "identical tokens"
@@ -141,14 +183,18 @@ def main() -> None:
     max_diff = check_same_logits(ours, hf, args, device)
     params = sum(p.numel() for p in hf.parameters())
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-          f"{torch.get_num_threads()} threads), dtype {args.dtype}, {params / 1e6:.1f}M parameters "
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
+          f"dtype {args.dtype}, {params / 1e6:.1f}M parameters "
           f"({args.num_layers} layers, hidden {args.hidden_size}), prompt {args.prompt_length} tokens, "
           f"{args.new_tokens} new tokens, {args.repeats} timed runs; logits agree (max diff {max_diff:.1e})")
+    buffer = torch.ones(args.bandwidth_mib * 2**20 // 4, device=device)  # fp32, for the read bandwidth
+    row = torch.ones(1, 1024, device=device)
     runners = {"ours": (run_ours, ours), "transformers": (run_hf, hf)}
     for batch in args.batch_sizes:
         prompts = torch.randint(0, args.vocab_size, (batch, args.prompt_length),
                                 generator=torch.Generator().manual_seed(batch)).to(device)
         times: dict[str, list[float]] = {name: [] for name in runners}
+        read_times: dict[str, list[float]] = {name: [] for name in READS}  # between the runs: the same load
         outputs = {}
         for run in range(args.repeats + 1):
             for name, (fn, model) in runners.items():
@@ -158,10 +204,21 @@ def main() -> None:
                 _synchronize(device)
                 if run:
                     times[name].append(time.perf_counter() - start)
+                    for _ in range(3):
+                        for name, seconds in time_reads(buffer, row, device).items():
+                            read_times[name].append(seconds)
         rates = {name: batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
+        speeds = {name: buffer.numel() * buffer.element_size() / statistics.median(t) for name, t in read_times.items()}
+        read_op, bandwidth = max(speeds.items(), key=lambda item: item[1])  # the faster read sets the limit
+        step_bytes = bytes_per_step(ours, batch, args)
+        limit = batch * bandwidth / step_bytes
+        others = ", ".join(f"{name} {speed / 1e9:.1f}" for name, speed in speeds.items() if name != read_op)
+        print(f"batch {batch:2d} read bandwidth {bandwidth / 1e9:.1f} GB/s: {read_op} over {args.bandwidth_mib} MiB "
+              f"fp32, median of {len(read_times[read_op])} timed between the runs (also {others} GB/s); a step "
+              f"reads {step_bytes / 1e6:.0f} MB, so at most {limit:.1f} tokens/s")
         for name, rate in rates.items():
             print(f"batch {batch:2d} {name:>13}: median {statistics.median(times[name]):7.3f} s | "
-                  f"{rate:8.1f} tokens/s")
+                  f"{rate:8.1f} tokens/s | {rate / limit:.2f} of the bandwidth limit")
         print(f"batch {batch:2d} ratio ours/transformers tokens/s: {rates['ours'] / rates['transformers']:.2f} "
               f"({agreement(outputs['ours'], outputs['transformers'])})")
 

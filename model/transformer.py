@@ -204,7 +204,9 @@ class Dropout(nn.Dropout):
         self.sequence_parallel = sequence_parallel
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel and self.training and self.p > 0:
+        if not self.training or self.p == 0:
+            return input_  # what nn.Dropout returns then, without its calls (one a layer per decoded token)
+        if self.sequence_parallel:
             with mpu.get_cuda_rng_tracker().fork():
                 return super().forward(input_)
         return super().forward(input_)
@@ -281,10 +283,8 @@ class ParallelSelfAttention(nn.Module):
                              "sequence_parallel=False")
         mixed = self.query_key_value(hidden_states)  # (b, s, 3h/p): the whole sequence, also under SP
         b, s, _ = mixed.shape
-        q, k, v = (
-            t.view(b, s, self.heads_per_partition, self.head_size).transpose(1, 2)  # (b, n/p, s, d)
-            for t in mpu.split_tensor_along_last_dim(mixed, 3)
-        )
+        # [Q_r, K_r, V_r] along the last dimension, each (b, n/p, s, d) after the permute
+        q, k, v = mixed.view(b, s, 3, self.heads_per_partition, self.head_size).permute(2, 0, 3, 1, 4)
         is_causal = self.causal and attention_mask is None
         if kv_cache is not None:
             past = kv_cache.length
@@ -292,6 +292,8 @@ class ParallelSelfAttention(nn.Module):
             if is_causal and past and s > 1:  # new token i sees the cache and new tokens 0..i
                 attention_mask = torch.ones(s, past + s, dtype=torch.bool, device=q.device).tril(past)
             is_causal = is_causal and not past  # one new token after a cache sees everything
+        # The fused attention kernel wants unit-stride heads; mpu.linear's small-batch form strides them.
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         dropout_p = self.attention_dropout if self.training else 0.0
         # Each rank owns different heads, so their dropout masks must differ: model-parallel stream.
         # Without dropout nothing is drawn, and decoding skips the fork's state swaps.

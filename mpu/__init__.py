@@ -47,6 +47,7 @@ from .layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_model_parallel_attributes,
+    linear,
     set_model_parallel_attributes,
 )
 from .mappings import (
@@ -128,6 +129,7 @@ __all__ = [
     "initialize_model_parallel",
     "is_rank_0",
     "layer_chunks",
+    "linear",
     "model_parallel_cuda_manual_seed",
     "model_parallel_is_initialized",
     "model_parallel_manual_seed",

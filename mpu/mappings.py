@@ -196,6 +196,8 @@ def copy_to_model_parallel_region(
     input_: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient in backward."""
+    if group_world_size(group) == 1:
+        return input_  # identity both ways: no autograd node (~10 us a call)
     return _CopyToModelParallelRegion.apply(input_, group)
 
 
@@ -203,6 +205,8 @@ def reduce_from_model_parallel_region(
     input_: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
     """All-reduce (sum) forward; identity backward."""
+    if group_world_size(group) == 1:
+        return input_  # identity both ways: no autograd node (~10 us a call)
     return _ReduceFromModelParallelRegion.apply(input_, group)
 
 
@@ -217,6 +221,8 @@ def gather_from_model_parallel_region(
     input_: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
     """All-gather along the last dimension; the gradient is sliced back in backward."""
+    if group_world_size(group) == 1:
+        return input_  # identity both ways: no autograd node (~10 us a call)
     return _GatherFromModelParallelRegion.apply(input_, group)
 
 
