@@ -163,13 +163,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     device = model.word_embeddings.weight.device
     limits = [min(max_new_tokens, context_length - n) for n in lengths]
     batch, width, steps = len(prompts), max(lengths), max(limits)
-    tokens, valid = _left_padded(prompts, device)
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (b, w): padding sits at position 0
-    mask = key_mask = None
-    if min(lengths) != width:
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        eye = torch.eye(width, dtype=torch.bool, device=device)
-        mask = ((causal & valid.unsqueeze(1)) | eye).unsqueeze(1)  # (b, 1, w, w): padding sees itself
+    tokens, valid, positions, mask = left_padded_prompts(prompts, device)
+    key_mask = None
+    if mask is not None:
         key_mask = torch.ones(batch, 1, 1, width + steps, dtype=torch.bool, device=device)
         key_mask[:, 0, 0, :width] = valid  # generated tokens are always visible
     cache = model.allocate_kv_cache(batch, width + steps)
