@@ -46,14 +46,16 @@ InitMethod = Callable[[torch.Tensor], object]
 def linear(input_: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(input_, weight, bias)``: ``Y = X W^T + b``, for ``X (..., in)`` and ``W (out, in)``.
 
-    With 4 to 48 rows (e.g. decoding a batch one token at a time) on the CPU and no gradient wanted,
+    With 4 to 48 rows (e.g. decoding a batch one token at a time) on the CPU under ``torch.inference_mode``,
     it multiplies ``W X^T`` instead and returns its transpose (a view: the rows are strided): MKL runs
     that form 1.3x to 1.7x faster there (GPT-2 small's 48 layer weights at 8 rows: 27-31 ms instead of 36-48 ms,
     its output layer 13-15 ms instead of 22-27 ms), while below 4 and above 48 rows ``F.linear`` is
     as fast or faster.
     """
     rows = input_.numel() // input_.shape[-1]
-    if not 4 <= rows <= 48 or input_.device.type != "cpu" or torch.is_grad_enabled():
+    # Only under torch.inference_mode (decoding): a strided result would change what follows it elsewhere,
+    # e.g. the order in which dropout draws its mask in activation checkpointing's no-grad forward.
+    if not 4 <= rows <= 48 or input_.device.type != "cpu" or not torch.is_inference_mode_enabled():
         return F.linear(input_, weight, bias)
     output = torch.mm(weight, input_.reshape(rows, -1).t()).t()  # (rows, out), strided: a copy costs more
     if bias is not None:

@@ -110,8 +110,8 @@ def _transposed_copy_worker(parallel_output: bool):
     mpu.model_parallel_cuda_manual_seed(3)
     model = GPT2Model(PADDED, parallel_output=parallel_output).eval()
     tokens = torch.randint(0, 59, (1, 9), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        full = model(tokens, _positions(1, 0, 9))  # the plain output layer: F.linear(H, E_r)
+    with torch.inference_mode():  # 9 rows: mpu.linear's small-batch (strided) form
+        full = model(tokens, _positions(1, 0, 9)).clone()  # the plain output layer: (E_r H^T)^T
     assert model.decoding_output_weight() is not None  # the path under test is taken on this machine
     decoded = _decode_one_by_one(model, tokens)
     copy = model.decoding_output_weight()
